@@ -1,0 +1,71 @@
+"""Chunked scoring gathers exactly what full-vocabulary logits would give, gradients included."""
+
+import pytest
+import torch
+
+from tropd_cli.engine.scoring import build_sequences, score_student, score_teacher
+from tropd_cli.toylab.models import new_toy_model
+
+PROMPTS = [[2, 5, 6, 7], [2, 9]]
+RESPONSES = [[10, 11, 1], [12, 13, 14, 15, 1]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return new_toy_model("teacher", seed=1).eval(), new_toy_model("student", seed=2)
+
+
+def test_sequences_are_right_padded_with_response_targets_marked():
+    batch = build_sequences(PROMPTS, RESPONSES, pad_token_id=0)
+    assert batch.input_ids.tolist() == [[2, 5, 6, 7, 10, 11, 1], [2, 9, 12, 13, 14, 15, 1]]
+    assert batch.attention_mask.tolist() == [[1] * 7, [1] * 7]
+    assert batch.loss_mask.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]]
+    assert batch.targets[batch.loss_mask.bool()].tolist() == [10, 11, 1, 12, 13, 14, 15, 1]
+    short = build_sequences([[2, 3]], [[4]], pad_token_id=0)
+    assert short.loss_mask.tolist() == [[0, 1]]
+
+
+def full_logprobs(model, batch):
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    return torch.log_softmax(logits.float(), -1)[batch.loss_mask.bool()]  # [tokens, vocab]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_teacher_stats_match_full_logits(pair, chunk):
+    teacher, _ = pair
+    batch = build_sequences(PROMPTS, RESPONSES, pad_token_id=0)
+    stats = score_teacher(teacher, batch, top_k=5, chunk_size=chunk)
+    with torch.no_grad():
+        reference = full_logprobs(teacher, batch)
+    targets = batch.targets[batch.loss_mask.bool()]
+    torch.testing.assert_close(stats.logprobs, reference.gather(-1, targets[:, None]).squeeze(-1))
+    values, ids = reference.topk(5, -1)
+    torch.testing.assert_close(stats.topk_logprobs, values)
+    assert torch.equal(stats.topk_ids, ids)
+    torch.testing.assert_close(stats.entropy, -(reference.exp() * reference).sum(-1))
+
+
+@pytest.mark.parametrize("chunk", [2, 1000])
+def test_student_logprobs_and_gradients_match_full_logits(pair, chunk):
+    _, student = pair
+    batch = build_sequences(PROMPTS, RESPONSES, pad_token_id=0)
+    topk_ids = torch.randint(0, student.config.vocab_size, (8, 4), generator=torch.Generator().manual_seed(0))
+    stats = score_student(student, batch, topk_ids, chunk_size=chunk)
+    (stats.logprobs.sum() + 0.5 * stats.topk_logprobs.sum()).backward()
+    chunked_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    reference = full_logprobs(student, batch)
+    targets = batch.targets[batch.loss_mask.bool()]
+    expected = reference.gather(-1, targets[:, None]).squeeze(-1)
+    (expected.sum() + 0.5 * reference.gather(-1, topk_ids).sum()).backward()
+    torch.testing.assert_close(stats.logprobs.detach(), expected.detach())
+    for chunked, full in zip(chunked_grads, (p.grad for p in student.parameters())):
+        torch.testing.assert_close(chunked, full, rtol=1e-4, atol=2e-5)
+    student.zero_grad()
+
+
+def test_right_padding_does_not_change_scores(pair):
+    teacher, _ = pair
+    alone = score_teacher(teacher, build_sequences(PROMPTS[:1], RESPONSES[:1], 0), top_k=3, chunk_size=4)
+    padded = score_teacher(teacher, build_sequences(PROMPTS, RESPONSES, 0), top_k=3, chunk_size=4)
+    torch.testing.assert_close(alone.logprobs, padded.logprobs[:3])

@@ -1,0 +1,114 @@
+"""The command line end to end: help, presets, a short distill, and one-line errors with exit code 2."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tropd_cli import cli
+from tropd_cli.engine.trainer import Trainer
+
+
+def pair_overrides(pair: Path, steps: int = 2) -> list[str]:
+    settings = [f"teacher.model={pair / 'teacher'}", f"student.model={pair / 'student'}",
+                f"train.steps={steps}", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8",
+                "eval.problems=4"]
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["distill", "--help"], ["presets", "--help"],
+                                  ["presets", "show", "--help"], ["toylab", "build", "--help"]])
+def test_help_pages(argv, capsys):
+    assert cli.main(argv) == 0
+    assert "Usage" in capsys.readouterr().out
+
+
+def test_presets_list_and_show(capsys):
+    assert cli.main(["presets", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "toylab" in out and "toylab:teacher" in out and "tropd" in out
+    assert cli.main(["presets", "show", "toylab", "--set", "rollout.n=7"]) == 0
+    assert "  n: 7\n" in capsys.readouterr().out
+
+
+def test_distill_writes_a_run_folder(random_pair_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["distill", "--preset", "toylab", *pair_overrides(random_pair_dir), "--out", str(out)])
+    assert code == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    for key in ("loss", "trust_fraction", "reward_trusted", "kl_k1", "grad_norm", "response_length",
+                "truncation_rate", "rollout_s", "score_s", "update_s"):
+        assert key in lines[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps_done"] == 2
+    assert {"teacher_accuracy", "student_accuracy_before", "student_accuracy_after"} <= set(summary)
+    assert (out / "student" / "model.safetensors").is_file()
+    assert (out / "student" / "tokenizer.json").is_file()
+    assert "steps: 2" in (out / "config.yaml").read_text()
+    assert "held-out accuracy" in capsys.readouterr().out
+
+
+def test_existing_run_folder_needs_overwrite(random_pair_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"output folder {out} is not empty; choose another --out or pass --overwrite" in err
+    assert (out / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["distill", "--preset", "nope"], "error: unknown preset 'nope'; known presets:"),
+    (["distill", "-p", "toylab", "--set", "train.stepz=3"], "error: unknown config key 'train.stepz'"),
+    (["distill", "-p", "toylab", "--set", "train.steps=many"], "error: invalid value for train.steps: 'many'"),
+    (["presets", "show", "nope"], "error: unknown preset 'nope'"),
+    (["distill"], "Missing option '--preset'"),
+])
+def test_bad_input_exits_2_with_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unwritable_output_folder(random_pair_dir, tmp_path, capsys):
+    if os.geteuid() == 0:
+        target = Path("/proc/tropd-run")  # not even root may create folders in /proc
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "run"
+    assert cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write to output folder {target}" in err and "Traceback" not in err
+
+
+def test_output_path_under_a_file_is_rejected(random_pair_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir),
+                     "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write to output folder {blocker / 'run'}" in err and "Traceback" not in err
+
+
+def test_ctrl_c_saves_the_student_and_metrics(random_pair_dir, tmp_path, monkeypatch, capsys):
+    real_step = Trainer.train_step
+
+    def interrupt_on_third(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_on_third)
+    out = tmp_path / "run"
+    code = cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir, steps=5), "--out", str(out)])
+    assert code == 130
+    assert f"interrupted at step 2; student and metrics saved in {out}" in capsys.readouterr().err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert (out / "student" / "model.safetensors").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -1,0 +1,87 @@
+"""The run configuration: presets, overrides, and one-line errors for bad keys and values."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tropd_cli.config import PRESETS_DIR, RunConfig, load_config, preset_names, to_yaml
+from tropd_cli.errors import TropdError
+
+
+def test_every_preset_loads_against_the_schema():
+    assert "toylab" in preset_names()
+    for name in preset_names():
+        config = load_config(name)
+        assert isinstance(config, RunConfig)
+        assert config.description
+
+
+def test_every_preset_header_gives_the_commands_to_run_it():
+    for path in PRESETS_DIR.glob("*.yaml"):
+        header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+        assert any(f"tropd distill --preset {path.stem}" in line for line in header), path
+
+
+def test_overrides_are_typed():
+    config = load_config("toylab", ["rollout.n=8", "train.lr=3e-4", "objective.name=opd",
+                                    "data.toylab.max_terms=6", "output.save_model=false"])
+    assert config.rollout.n == 8 and isinstance(config.rollout.n, int)
+    assert config.train.lr == 3e-4
+    assert config.objective.name == "opd"
+    assert config.data.toylab.max_terms == 6
+    assert config.output.save_model is False
+
+
+def test_defaults_live_in_the_schema():
+    config = RunConfig()
+    assert (config.train.steps, config.train.lr, config.rollout.n, config.objective.top_k) == (200, 5e-6, 4, 64)
+
+
+def test_resolved_yaml_round_trips(tmp_path: Path):
+    config = load_config("toylab", ["train.seed=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(config))
+    assert load_config(str(path)) == config
+    assert list(yaml.safe_load(to_yaml(config))) == ["description", "teacher", "student", "data", "rollout",
+                                                      "objective", "train", "eval", "output"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("rollout.nn=8", "unknown config key 'rollout.nn'; rollout has: n, prompts_per_step, max_new_tokens, "
+                     "temperature, top_p, batch_size"),
+    ("bogus.key=1", "unknown config key 'bogus.key'; the configuration has: description, teacher, student, "
+                    "data, rollout, objective, train, eval, output"),
+    ("rollout=3", "config key 'rollout' is a section; set one of: n, prompts_per_step, max_new_tokens, "
+                  "temperature, top_p, batch_size"),
+    ("rollout.n.x=3", "unknown config key 'rollout.n.x'; rollout.n is a value, not a section"),
+    ("rollout.n=abc", "invalid value for rollout.n: 'abc' (input should be a valid integer, unable to parse "
+                      "string as an integer)"),
+    ("rollout.n=0", "invalid value for rollout.n: 0 (input should be greater than or equal to 1)"),
+    ("objective.name=ppo", "invalid value for objective.name: 'ppo' (input should be 'opd' or 'tropd')"),
+    ("train.steps", "--set expects section.key=value, got 'train.steps'"),
+])
+def test_bad_overrides_give_one_line_naming_the_key(override, message):
+    with pytest.raises(TropdError) as error:
+        load_config("toylab", [override])
+    assert str(error.value) == message
+
+
+def test_unknown_key_in_a_preset_file_is_named(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(TropdError) as error:
+        load_config(str(path))
+    assert str(error.value).startswith(f"unknown config key 'train.stepz' in {path}; train has: steps, lr,")
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(TropdError, match=r"^unknown preset 'nope'; known presets: .*toylab"):
+        load_config("nope")
+
+
+def test_malformed_yaml_is_reported(tmp_path: Path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [\n")
+    with pytest.raises(TropdError, match=r"broken.yaml: not valid YAML"):
+        load_config(str(path))

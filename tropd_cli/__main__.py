@@ -1,0 +1,5 @@
+import sys
+
+from tropd_cli.cli import main
+
+sys.exit(main())

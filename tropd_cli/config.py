@@ -1,0 +1,207 @@
+"""The typed run configuration: one schema, every default defined once, presets and overrides.
+
+A run is described by `RunConfig` (sections teacher, student, data, rollout, objective, train, eval,
+output). Presets are YAML files in `presets/`; `--set section.key=value` overrides any field, parsed as
+a YAML scalar and validated by the schema. Unknown keys and bad values raise `TropdError` with one line
+that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tropd_cli.errors import TropdError
+from tropd_cli.toylab.tasks import Difficulty
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    model: str = Field(description="Hub id, local folder, or toylab:teacher / toylab:student.")
+    dtype: Dtype = Field("float32", description="Weight dtype when loading.")
+
+
+class TeacherConfig(ModelSection):
+    model: str = Field("toylab:teacher", description="Hub id, local folder, or toylab:teacher.")
+
+
+class StudentConfig(ModelSection):
+    model: str = Field("toylab:student", description="Hub id, local folder, or toylab:student.")
+
+
+class DataConfig(Section):
+    prompts: Literal["toylab"] = Field("toylab", description="Prompt source: the built-in toy tasks.")
+    toylab: Difficulty = Field(default_factory=Difficulty, description="Toy-task difficulty knobs.")
+
+
+class RolloutConfig(Section):
+    n: int = Field(4, ge=1, description="Rollouts sampled per prompt.")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per optimizer step.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest response sampled.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    batch_size: int = Field(256, ge=1, description="Most sequences per generate call.")
+
+
+class ObjectiveConfig(Section):
+    name: Literal["opd", "tropd"] = Field("tropd", description="The distillation objective.")
+    trust: Literal["bernoulli", "hard"] = Field(
+        "bernoulli", description="TrOPD trust test: M ~ Bernoulli(min(pi_T/pi_S, 1)) or [tau >= sbar].")
+    outlier: Literal["fkl"] = Field("fkl", description="TrOPD treatment of untrusted tokens.")
+    top_k: int = Field(64, ge=1, description="Teacher top-k for the forward-KL outlier advantage.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(200, ge=1, description="Optimizer steps (one rollout batch each).")
+    lr: float = Field(5e-6, gt=0, description="AdamW learning rate (constant).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed for prompts, sampling and the trust mask.")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per scoring/backward pass.")
+    logit_chunk_size: int = Field(1024, ge=1, description="Token positions per chunk of vocabulary logits.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+
+
+class EvalConfig(Section):
+    problems: int = Field(200, ge=0, description="Held-out toy problems graded before and after.")
+    every: int = Field(0, ge=0, description="Also evaluate every N steps (0: only before and after).")
+    k: int = Field(1, ge=1, description="Samples per problem (avg@k); 1 with temperature 0 is greedy.")
+    temperature: float = Field(0.0, ge=0, description="Evaluation sampling temperature (0: greedy).")
+    seed: int = Field(1234, description="Seed of the held-out problem draw and of eval sampling.")
+    teacher: bool = Field(True, description="Also report the teacher's accuracy.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/{preset}-{objective}-seed{seed}", description="Run folder (placeholders: "
+                     "{preset}, {objective}, {seed}).")
+    save_model: bool = Field(True, description="Save the final student in save_pretrained format.")
+
+
+class RunConfig(Section):
+    """Everything a distillation run needs; see `tropd presets show toylab` for an example."""
+
+    description: str = Field("", description="One line shown by `tropd presets list`.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def preset_path(name: str) -> Path:
+    """A preset's YAML file: a name from presets/ or a path to a .yaml file."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise TropdError(f"preset file not found: {candidate}")
+        return candidate
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(preset_names()) or "none"
+        raise TropdError(f"unknown preset '{name}'; known presets: {known}")
+    return path
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in presets/."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset, apply `section.key=value` overrides, and validate the result."""
+    path = preset_path(preset)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise TropdError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise TropdError(f"{path}: a preset must be a mapping of sections")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.key=value` in a raw config mapping; the value is read as a YAML scalar."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise TropdError(f"--set expects section.key=value, got '{override}'")
+    _check_key(key)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_key(key: str) -> None:
+    """Reject a dotted key that names no field, listing the fields that exist at that level."""
+    model: type[BaseModel] = RunConfig
+    walked = []
+    for part in key.split("."):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(walked) or "the configuration"
+            raise TropdError(f"unknown config key '{key}'; {where} has: {', '.join(fields)}")
+        walked.append(part)
+        annotation = fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif part != key.split(".")[-1]:
+            raise TropdError(f"unknown config key '{key}'; {'.'.join(walked)} is a value, not a section")
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        raise TropdError(f"config key '{key}' is a section; set one of: {', '.join(model.model_fields)}")
+
+
+def validate(raw: dict[str, Any], source: str) -> RunConfig:
+    """Validate a raw mapping into a RunConfig, turning the first error into one line."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in first["loc"][:-1])
+            raise TropdError(f"unknown config key '{key}' in {source}; "
+                             f"{parent or 'the configuration'} has: {', '.join(_fields_at(parent))}"
+                             ) from None
+        raise TropdError(f"invalid value for {key}: {first['input']!r} ({first['msg'].lower()})"
+                         ) from None
+
+
+def _fields_at(dotted: str) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in filter(None, dotted.split(".")):
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The fully resolved configuration as YAML, sections in schema order."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,129 @@
+"""Chunked forward passes that gather per-token quantities without full-vocabulary tensors.
+
+A batch of prompt+response sequences goes through each model's decoder once; the vocabulary head is then
+applied only to response positions, a chunk of positions at a time, and only what the objectives need is
+kept: the sampled token's log-prob, the teacher's top-k ids and log-probs, the student's log-probs at
+those ids, and entropies. Peak memory of the head therefore grows with the chunk size, not with
+batch x length x vocabulary. The student's chunks are recomputed in the backward pass (activation
+checkpointing), so its graph keeps hidden states, not logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded prompt+response sequences and where their response tokens are.
+
+    `targets[b, j]` is token j+1 of sequence b and `loss_mask[b, j]` is 1 when it is a response token,
+    so position j's logits predict it.
+    """
+
+    input_ids: torch.Tensor  # [batch, length]
+    attention_mask: torch.Tensor  # [batch, length]
+    targets: torch.Tensor  # [batch, length - 1]
+    loss_mask: torch.Tensor  # [batch, length - 1]
+
+    def to(self, device: torch.device) -> SequenceBatch:
+        return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
+                                                       self.targets, self.loss_mask)))
+
+
+def build_sequences(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int
+                    ) -> SequenceBatch:
+    """Concatenate each prompt with its response, pad on the right, mark the response targets."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(prompts), width - 1), dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, : lengths[row]] = torch.tensor(prompt + response, dtype=torch.long)
+        attention[row, : lengths[row]] = 1
+        loss_mask[row, len(prompt) - 1: lengths[row] - 1] = 1
+    return SequenceBatch(input_ids, attention, input_ids[:, 1:].clone(), loss_mask)
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (returning hidden states) and the vocabulary head of a causal LM.
+
+    Works through peft wrappers: LoRA layers live inside the body's modules.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def response_hidden_states(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """Final hidden states at the positions that predict response tokens: [tokens, hidden]."""
+    decoder, _ = decoder_and_head(model)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False).last_hidden_state  # [batch, length, hidden]
+    return hidden[:, :-1][batch.loss_mask.bool()]
+
+
+@dataclass
+class TeacherStats:
+    logprobs: torch.Tensor  # [tokens] tau_t
+    topk_ids: torch.Tensor  # [tokens, k]
+    topk_logprobs: torch.Tensor  # [tokens, k]
+    entropy: torch.Tensor  # [tokens]
+
+
+@torch.no_grad()
+def score_teacher(model: torch.nn.Module, batch: SequenceBatch, top_k: int, chunk_size: int
+                  ) -> TeacherStats:
+    """tau_t, the top-k ids and log-probs, and the entropy of the teacher at every response token."""
+    _, head = decoder_and_head(model)
+    hidden = response_hidden_states(model, batch)
+    targets = batch.targets[batch.loss_mask.bool()]
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = head(hidden[start:start + chunk_size]).float()  # [chunk, vocab]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        target_logprobs = logprobs.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1)
+        topk_logprobs, topk_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        parts.append((target_logprobs, topk_ids, topk_logprobs, entropy))
+    if not parts:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return TeacherStats(empty, targets.new_zeros((0, top_k)), empty.new_zeros((0, top_k)), empty)
+    return TeacherStats(*(torch.cat(column) for column in zip(*parts)))
+
+
+@dataclass
+class StudentStats:
+    logprobs: torch.Tensor  # [tokens] s_t, with gradient
+    topk_logprobs: torch.Tensor  # [tokens, k] log pi_S at the teacher's top-k ids, with gradient
+    entropy: torch.Tensor  # [tokens], no gradient
+
+
+def _student_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logprobs = torch.log_softmax(head(hidden).float(), dim=-1)  # [chunk, vocab]
+    entropy = -(logprobs.exp() * logprobs).sum(-1).detach()
+    return (logprobs.gather(-1, targets[:, None]).squeeze(-1), logprobs.gather(-1, topk_ids), entropy)
+
+
+def score_student(model: torch.nn.Module, batch: SequenceBatch, topk_ids: torch.Tensor,
+                  chunk_size: int) -> StudentStats:
+    """s_t and log pi_S at the teacher's top-k ids, differentiable, one checkpointed chunk at a time."""
+    _, head = decoder_and_head(model)
+    hidden = response_hidden_states(model, batch)
+    targets = batch.targets[batch.loss_mask.bool()]
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        args = (head, hidden[start:end], targets[start:end], topk_ids[start:end])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            parts.append(checkpoint(_student_chunk, *args, use_reentrant=False))
+        else:
+            parts.append(_student_chunk(*args))
+    if not parts:
+        empty = hidden.sum() * 0.0
+        return StudentStats(empty.reshape(0), empty.reshape(0, topk_ids.shape[-1]), empty.reshape(0))
+    return StudentStats(*(torch.cat(column) for column in zip(*parts)))

@@ -1,0 +1,5 @@
+"""The one exception type for user errors: caught once in the CLI and printed as a single line."""
+
+
+class TropdError(Exception):
+    """A problem with the user's input or environment (not a bug): printed without a traceback."""

@@ -1,0 +1,139 @@
+"""The one place that loads models and tokenizers: dtype, device, 4-/8-bit, LoRA.
+
+Model specs are hub ids, local folders, or `toylab:teacher` / `toylab:student` for the toy lab's
+shipped checkpoints. Loading 4-bit layers also neutralises a bitsandbytes CPU defect (see
+`disable_cpu_weight_repacking`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from tropd_cli.errors import TropdError
+
+TOYLAB_PREFIX = "toylab:"
+TOYLAB_ASSETS = Path(__file__).resolve().parent / "toylab" / "assets"
+# Our own progress bars and errors speak for loading and saving; transformers' would interleave with them.
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(spec: str) -> str:
+    """A loadable path or hub id for a model spec; `toylab:NAME` maps to the shipped checkpoint.
+
+    A spec written as a path (`/`, `./`, `../`) must name an existing folder.
+    """
+    if spec.startswith(TOYLAB_PREFIX):
+        name = spec[len(TOYLAB_PREFIX):]
+        path = TOYLAB_ASSETS / name
+        if not (path / "config.json").is_file():
+            known = sorted(p.name for p in TOYLAB_ASSETS.iterdir() if (p / "config.json").is_file()) \
+                if TOYLAB_ASSETS.is_dir() else []
+            shipped = ", ".join(TOYLAB_PREFIX + k for k in known) or "none (run tropd toylab build)"
+            raise TropdError(f"unknown toy-lab model '{spec}'; shipped: {shipped}")
+        return str(path)
+    if spec.startswith(("/", "./", "../")) and not Path(spec).is_dir():
+        # Otherwise transformers reports a missing folder as a malformed hub id.
+        raise TropdError(f"model folder '{spec}' does not exist")
+    return spec
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA when present, else CPU; `cuda` without a GPU is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TropdError("train.device is 'cuda' but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model spec, padding on the left (generation) with a pad token set."""
+    path = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise TropdError(f"cannot load the tokenizer of '{spec}': {_first_line(error)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (peft)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+
+
+def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str = "cpu",
+                   quantization: str = "none", lora: LoraSpec | None = None,
+                   trainable: bool = True) -> torch.nn.Module:
+    """Load a causal LM; frozen in eval mode unless `trainable`; LoRA adapters when `lora` is given."""
+    path = resolve_model_path(spec)
+    kwargs: dict = {"dtype": DTYPES[dtype]}
+    device = torch.device(device)
+    if quantization in ("4bit", "8bit"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype],
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    elif quantization != "none":
+        raise ValueError(f"unknown quantization {quantization!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise TropdError(f"cannot load model '{spec}': {_first_line(error)}") from None
+    disable_cpu_weight_repacking(model)
+    if quantization == "none":
+        model.to(device)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        ))
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights; return how many layers were changed.
+
+    bitsandbytes 0.49/0.50 on CPUs with AVX512-BF16 repack a `Linear4bit` weight in place on its first
+    eval-mode forward without gradients; afterwards training forwards compute wrong gradients and saves
+    are corrupt. Layers expose the switch as `support_avx512bf16_for_cpu` (older releases lack the path).
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

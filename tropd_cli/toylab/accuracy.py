@@ -1,0 +1,60 @@
+"""Toy-task accuracy: sample k answers per held-out problem (or one greedy answer) and grade them.
+
+One function used by the toy-lab builder, the demo, and the trainer's periodic evaluation, so that
+every number about the toy lab is measured the same way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
+from tropd_cli.toylab.tasks import Problem, Verdict, grade
+
+
+@dataclass
+class AccuracyReport:
+    """avg@k accuracy (mean correctness over every sample) and what the samples looked like."""
+
+    accuracy: float
+    k: int
+    problems: int
+    correct_per_problem: list[int] = field(repr=False)
+    verdicts: dict[str, int]
+    mean_response_tokens: float
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> list[int]:
+    """The chat-formatted prompt for a problem, ending with the assistant header."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": problem.prompt}], add_generation_prompt=True, tokenize=True
+    )
+    return list(encoded["input_ids"])
+
+
+def toy_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],
+                 k: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
+                 seed: int = 0, batch_size: int = 256) -> AccuracyReport:
+    """Grade `k` samples per problem (temperature 0: one greedy sample counted k times)."""
+    backend = HFGenerateBackend(model, tokenizer.pad_token_id, [tokenizer.eos_token_id], batch_size)
+    n = 1 if temperature == 0 else k
+    rollouts = backend.generate([prompt_token_ids(tokenizer, p) for p in problems], n,
+                                SamplingParams(max_new_tokens, temperature, top_p), seed)
+    texts = tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+    verdicts = [grade(text, problems[i].answer) for text, i in zip(texts, rollouts.prompt_index)]
+    correct = [0] * len(problems)
+    for verdict, i in zip(verdicts, rollouts.prompt_index):
+        correct[i] += verdict is Verdict.CORRECT
+    counts = Counter(v.value for v in verdicts)
+    return AccuracyReport(
+        accuracy=sum(correct) / (n * len(problems)),
+        k=n,
+        problems=len(problems),
+        correct_per_problem=correct,
+        verdicts={v.value: counts.get(v.value, 0) for v in Verdict},
+        mean_response_tokens=sum(len(r) for r in rollouts.response_ids) / len(rollouts.response_ids),
+    )

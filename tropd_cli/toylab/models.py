@@ -1,0 +1,41 @@
+"""Tiny models of a real transformers architecture (Qwen3) for the toy lab.
+
+The teacher and the student are `Qwen3ForCausalLM` with tied embeddings; only their sizes differ, so
+LoRA target modules, 4-bit loading and merging run the same code as with real Qwen3 checkpoints.
+"""
+
+from __future__ import annotations
+
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from tropd_cli.toylab.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+
+SIZES: dict[str, dict[str, int]] = {
+    "teacher": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+}
+
+
+def toy_config(size: str) -> Qwen3Config:
+    """The Qwen3 configuration of a toy model size ("teacher" or "student")."""
+    tokenizer = build_tokenizer()
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        bos_token_id=None,
+        **SIZES[size],
+    )
+
+
+def new_toy_model(size: str, seed: int) -> Qwen3ForCausalLM:
+    """A freshly initialised toy model (fp32, seeded)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(toy_config(size))

@@ -1,0 +1,146 @@
+"""Synthetic reasoning tasks with verifiable integer answers: chains of additions and subtractions.
+
+A problem is an expression such as `37+8-5+9`; its solution is a scratchpad of one line per step
+followed by a fixed final-answer line:
+
+    37+8=45
+    45-5=40
+    40+9=49
+    answer:49
+
+The generator is seeded and has difficulty knobs (number of terms, operand size, value range). A
+problem belongs to the held-out split iff a hash of its expression says so, so held-out problems never
+appear among training prompts, whatever the seed or the order of generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INSTRUCTION = "compute "
+ANSWER_PREFIX = "answer:"
+HELD_OUT_PER_MILLE = 100
+
+
+class Difficulty(BaseModel):
+    """Knobs of the task generator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_terms: int = Field(3, ge=2, description="Fewest numbers in an expression.")
+    max_terms: int = Field(5, ge=2, description="Most numbers in an expression.")
+    max_operand: int = Field(9, ge=1, description="Largest number added or subtracted after the first.")
+    max_value: int = Field(59, ge=2, le=999, description="Largest first term and intermediate result.")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance: the user prompt, the gold answer and the reference scratchpad."""
+
+    expression: str
+    answer: int
+    solution: str
+
+    @property
+    def prompt(self) -> str:
+        return INSTRUCTION + self.expression
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.expression.encode()).hexdigest()[:12]
+
+
+def is_held_out(expression: str) -> bool:
+    """True iff the expression belongs to the held-out split (a fixed 10% of all expressions)."""
+    digest = hashlib.sha256(expression.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 1000 < HELD_OUT_PER_MILLE
+
+
+def solve(first: int, steps: list[tuple[str, int]]) -> Problem:
+    """Build the problem and its scratchpad from a first term and (operator, operand) steps."""
+    lines = []
+    value = first
+    expression = str(first)
+    for op, operand in steps:
+        new_value = value + operand if op == "+" else value - operand
+        lines.append(f"{value}{op}{operand}={new_value}")
+        expression += f"{op}{operand}"
+        value = new_value
+    lines.append(f"{ANSWER_PREFIX}{value}")
+    return Problem(expression=expression, answer=value, solution="\n".join(lines))
+
+
+def random_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
+    """One problem whose every intermediate value stays in [0, max_value]."""
+    n_terms = rng.randint(difficulty.min_terms, difficulty.max_terms)
+    value = rng.randint(1, difficulty.max_value)
+    first = value
+    steps: list[tuple[str, int]] = []
+    for _ in range(n_terms - 1):
+        operand = rng.randint(1, difficulty.max_operand)
+        allowed = [op for op, v in (("+", value + operand), ("-", value - operand))
+                   if 0 <= v <= difficulty.max_value]
+        op = rng.choice(allowed) if allowed else "+"
+        if not allowed:
+            operand = difficulty.max_value - value
+            if operand == 0:
+                op, operand = "-", 1
+        value = value + operand if op == "+" else value - operand
+        steps.append((op, operand))
+    return solve(first, steps)
+
+
+def sample_problems(seed: int, count: int, difficulty: Difficulty, held_out: bool) -> list[Problem]:
+    """`count` distinct problems from one split, reproducible from `seed`."""
+    rng = random.Random(seed)
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(problems) < count:
+        attempts += 1
+        if attempts > 1000 * count + 10000:
+            raise ValueError(f"could not draw {count} distinct problems at difficulty {difficulty}")
+        problem = random_problem(rng, difficulty)
+        if is_held_out(problem.expression) != held_out or problem.expression in seen:
+            continue
+        seen.add(problem.expression)
+        problems.append(problem)
+    return problems
+
+
+class Verdict(str, Enum):
+    """How a response's final answer compares with the gold one."""
+
+    CORRECT = "correct"
+    WRONG = "wrong"
+    MALFORMED = "malformed"
+    MISSING = "missing"
+
+
+_ANSWER_LINE = re.compile(r"^answer:(.*)$", re.MULTILINE)
+
+
+def extract_answer(response: str) -> str | None:
+    """The text after the last `answer:` line start, stripped; None when there is no such line."""
+    matches = _ANSWER_LINE.findall(response)
+    return matches[-1].strip() if matches else None
+
+
+def grade(response: str, answer: int) -> Verdict:
+    """Grade a response against the gold integer answer.
+
+    Missing: no line starts with `answer:`. Malformed: the last such line does not hold exactly one
+    integer. Otherwise correct or wrong by integer equality.
+    """
+    extracted = extract_answer(response)
+    if extracted is None:
+        return Verdict.MISSING
+    if not re.fullmatch(r"-?\d+", extracted):
+        return Verdict.MALFORMED
+    return Verdict.CORRECT if int(extracted) == answer else Verdict.WRONG
