@@ -18,9 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/tropd demo
+	$(VENV)/bin/tropd distill --preset toylab --out runs/demo --overwrite
 
 test: install
+	$(VENV)/bin/ruff check tropd_cli tests
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -30,7 +31,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 lint: install
-	$(VENV)/bin/ruff check tropd_cli tests bench
+	$(VENV)/bin/ruff check tropd_cli tests
 
 toylab: install
 	$(VENV)/bin/tropd toylab build

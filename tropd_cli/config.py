@@ -63,7 +63,8 @@ class ObjectiveConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(200, ge=1, description="Optimizer steps (one rollout batch each).")
-    lr: float = Field(5e-6, gt=0, description="AdamW learning rate (constant).")
+    lr: float = Field(5e-6, gt=0, description="AdamW learning rate (constant after warmup).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup from lr/warmup_steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Seed for prompts, sampling and the trust mask.")

@@ -2,8 +2,17 @@
 
 import pytest
 
-from tropd_cli.toylab.tasks import Difficulty, Verdict, extract_answer, grade, is_held_out, random_problem, \
-    sample_problems, solve
+from tropd_cli.toylab.tasks import (
+    Difficulty,
+    Verdict,
+    extract_answer,
+    grade,
+    is_held_out,
+    noisy_scratchpad,
+    random_problem,
+    sample_problems,
+    solve,
+)
 
 
 def test_solution_is_a_scratchpad_ending_in_the_answer_line():
@@ -70,3 +79,36 @@ def test_impossible_draw_is_reported():
     tiny = Difficulty(min_terms=2, max_terms=2, max_operand=1, max_value=2)
     with pytest.raises(ValueError, match="could not draw"):
         sample_problems(0, 1000, tiny, held_out=True)
+
+
+def test_noisy_scratchpad_without_errors_is_the_solution():
+    import random
+
+    problem = solve(37, [("+", 8), ("-", 5), ("+", 9)])
+    pieces = noisy_scratchpad(problem, random.Random(0), error_rate=0.0)
+    assert "".join(text for text, _ in pieces) == problem.solution
+    assert all(supervised for _, supervised in pieces)
+
+
+def test_noisy_scratchpad_mistakes_are_unsupervised_and_later_lines_stay_consistent():
+    import random
+
+    rng = random.Random(1)
+    problems = sample_problems(0, 200, Difficulty(), held_out=False)
+    unsupervised = 0
+    for problem in problems:
+        pieces = noisy_scratchpad(problem, rng, error_rate=0.5)
+        text = "".join(t for t, _ in pieces)
+        lines = text.split("\n")
+        carried = None
+        for line in lines[:-1]:
+            left, result = line.split("=")
+            op = "+" if "+" in left else "-"
+            a, b = map(int, left.split(op))
+            assert carried is None or a == carried  # each line starts from the value written above
+            carried = int(result)
+        assert lines[-1] == f"answer:{carried}"
+        unsupervised += sum(not supervised for _, supervised in pieces)
+        for (piece, supervised) in pieces:
+            assert supervised or piece.isdigit()
+    assert unsupervised > 50

@@ -56,6 +56,9 @@ class Trainer:
             [p for p in models.student.parameters() if p.requires_grad],
             lr=config.train.lr, weight_decay=config.train.weight_decay,
         )
+        warmup = config.train.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.step = 0
 
     def train_step(self) -> dict[str, float]:
@@ -74,9 +77,11 @@ class Trainer:
         metrics, loss_value, score_s = self._accumulate(rollouts)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in models.student.parameters() if p.requires_grad], config.train.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
         if torch.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
         update_s = time.perf_counter() - started - score_s
 
         lengths = [len(r) for r in rollouts.response_ids]
@@ -85,6 +90,7 @@ class Trainer:
             "loss": loss_value,
             **{name: (num / den if den else float("nan")) for name, (num, den) in metrics.items()},
             "grad_norm": float(grad_norm),
+            "lr": lr,
             "response_length": sum(lengths) / len(lengths),
             "truncation_rate": 1 - sum(rollouts.finished) / len(rollouts.finished),
             "rollout_s": rollout_s,

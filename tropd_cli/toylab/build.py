@@ -33,8 +33,8 @@ from tropd_cli.toylab.tokenizer import build_tokenizer
 
 # How each shipped model is made. Changing any value changes the shipped checkpoints.
 RECIPES: dict[str, dict] = {
-    "teacher": dict(size="teacher", seed=0, steps=2500, batch_size=64, lr=3e-3, warmup=50),
-    "student": dict(size="student", seed=0, steps=300, batch_size=64, lr=3e-3, warmup=50),
+    "teacher": dict(size="teacher", seed=0, steps=2000, batch_size=64, lr=3e-3, warmup=50, error_rate=0.2),
+    "student": dict(size="student", seed=0, steps=700, batch_size=64, lr=3e-3, warmup=50, error_rate=0.0),
 }
 EVAL = dict(seed=1234, problems=500, max_new_tokens=48)
 IMPLAUSIBLE_LOGPROB = -5.0
@@ -70,8 +70,8 @@ def build_toylab(out: Path | None = None, only: str | None = None, console: Cons
                       console=console) as progress:
             task = progress.add_task(name, total=recipe["steps"], loss=float("nan"))
             train_sft(model, tokenizer, Difficulty(), recipe["steps"], recipe["batch_size"], recipe["lr"],
-                      recipe["seed"], warmup=recipe["warmup"],
-                      on_step=lambda step, loss: progress.update(task, advance=1, loss=loss))
+                      recipe["seed"], warmup=recipe["warmup"], error_rate=recipe["error_rate"],
+                      on_step=lambda step, loss, task=task: progress.update(task, advance=1, loss=loss))
         report = toy_accuracy(model, tokenizer, held_out, max_new_tokens=EVAL["max_new_tokens"])
 
         def fill(folder: Path, model: torch.nn.Module = model) -> None:

@@ -10,30 +10,43 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.toylab.accuracy import prompt_token_ids
-from tropd_cli.toylab.tasks import Difficulty, Problem, random_problem, is_held_out
+from tropd_cli.toylab.tasks import Difficulty, Problem, is_held_out, noisy_scratchpad, random_problem
 
 
-def sft_batch(tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + solution + EOS, with labels only on the response tokens."""
+def sft_batch(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], error_rate: float = 0.0,
+              rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + solution + EOS, with labels only on supervised response tokens.
+
+    With `error_rate` > 0 the solution is a `noisy_scratchpad`: injected mistakes carry no label.
+    """
     rows = []
     for problem in problems:
         prompt = prompt_token_ids(tokenizer, problem)
-        response = tokenizer(problem.solution, add_special_tokens=False)["input_ids"]
-        rows.append((prompt, response + [tokenizer.eos_token_id]))
-    width = max(len(p) + len(r) for p, r in rows)
+        if error_rate > 0:
+            pieces = noisy_scratchpad(problem, rng or random.Random(0), error_rate)
+        else:
+            pieces = [(problem.solution, True)]
+        response: list[int] = []
+        labels: list[int] = []
+        for text, supervised in pieces:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            response += ids
+            labels += ids if supervised else [-100] * len(ids)
+        rows.append((prompt, response + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]))
+    width = max(len(p) + len(r) for p, r, _ in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (prompt, response) in enumerate(rows):
+    for i, (prompt, response, response_labels) in enumerate(rows):
         sequence = torch.tensor(prompt + response)
         input_ids[i, : len(sequence)] = sequence
-        labels[i, len(prompt): len(sequence)] = torch.tensor(response)
+        labels[i, len(prompt): len(sequence)] = torch.tensor(response_labels)
         attention[i, : len(sequence)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
 def train_sft(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, difficulty: Difficulty,
-              steps: int, batch_size: int, lr: float, seed: int, warmup: int = 50,
+              steps: int, batch_size: int, lr: float, seed: int, warmup: int = 50, error_rate: float = 0.0,
               on_step: Callable[[int, float], None] | None = None) -> None:
     """AdamW with linear warmup and cosine decay on freshly drawn training-split problems."""
     rng = random.Random(seed)
@@ -52,7 +65,7 @@ def train_sft(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, diffic
             problem = random_problem(rng, difficulty)
             if not is_held_out(problem.expression):
                 problems.append(problem)
-        batch = sft_batch(tokenizer, problems)
+        batch = sft_batch(tokenizer, problems, error_rate, rng)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

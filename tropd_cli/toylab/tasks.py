@@ -76,6 +76,38 @@ def solve(first: int, steps: list[tuple[str, int]]) -> Problem:
     return Problem(expression=expression, answer=value, solution="\n".join(lines))
 
 
+def noisy_scratchpad(problem: Problem, rng: random.Random, error_rate: float) -> list[tuple[str, bool]]:
+    """The problem's scratchpad with injected mistakes, as (piece, supervised) pairs.
+
+    Each line, with probability `error_rate`, gets a wrong operand copy or a wrong result; the wrong
+    piece is not supervised, and later lines continue from the value actually written. A teacher
+    trained on such text predicts the locally correct next token after a student's mistake (the right
+    sum of the numbers on the line, the answer of the last line), as a real teacher would, instead of
+    whatever its perfect training data never showed it.
+    """
+    terms = re.findall(r"[+-]?\d+", problem.expression)
+    value = int(terms[0])
+    pieces: list[tuple[str, bool]] = []
+    for term in terms[1:]:
+        op, operand = term[0], int(term[1:])
+        written_operand, operand_ok = operand, True
+        if rng.random() < error_rate / 2:
+            written_operand = max(1, operand + rng.choice([-2, -1, 1, 2]))
+            if op == "-" and written_operand > value:  # keep every written value non-negative
+                written_operand = operand
+            operand_ok = written_operand == operand
+        result = value + written_operand if op == "+" else value - written_operand
+        written_result, result_ok = result, True
+        if rng.random() < error_rate / 2:
+            written_result, result_ok = max(0, result + rng.choice([-2, -1, 1, 2])), False
+            result_ok = written_result == result
+        pieces += [(str(value), True), (op, True), (str(written_operand), operand_ok), ("=", True),
+                   (str(written_result), result_ok), ("\n", True)]
+        value = written_result
+    pieces += [("answer", True), (":", True), (str(value), True)]
+    return pieces
+
+
 def random_problem(rng: random.Random, difficulty: Difficulty) -> Problem:
     """One problem whose every intermediate value stays in [0, max_value]."""
     n_terms = rng.randint(difficulty.min_terms, difficulty.max_terms)

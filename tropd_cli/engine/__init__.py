@@ -1,0 +1,1 @@
+"""The distillation engine: rollouts, scoring, objectives and the training loop."""
