@@ -1,11 +1,16 @@
 """`tropd toylab build`: train the toy teacher and the weaker toy student from scratch.
 
-The teacher (0.9M parameters) is trained by SFT on reference scratchpads to >= 90% held-out accuracy;
-the student (0.17M parameters, half the width and layers) gets a short SFT so that it knows the format
-but makes many mistakes, and samples tokens the teacher finds implausible. Both are written with the
-tokenizer and a manifest that records how they were made (command, seeds, steps, held-out accuracy,
-the fraction of student-sampled tokens with teacher log-prob below -5, sha256 of the weights), so the
-demo never retrains them.
+The teacher (0.9M parameters) is trained by SFT on scratchpads with injected, unsupervised mistakes, so
+that it reaches ~100% held-out accuracy and, like a real teacher, predicts the locally correct next token
+after a student's mistake. The student (0.17M parameters, half the width and layers) is trained briefly
+on a mix in which half of the solutions skip the scratchpad and give only the answer line: it often
+answers without working, is wrong more often than not, and its samples contain tokens the teacher finds
+implausible (an `answer` where the teacher would start a line, wrong sums). That is the kind of student
+on-policy distillation helps, and the kind whose outliers destabilise OPD.
+
+Both are written with the tokenizer and a manifest that records how they were made (command, recipes,
+held-out accuracy, the fraction of student-sampled tokens with teacher log-prob below -5, sha256 of the
+weights), so the demo never retrains them.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from tropd_cli.toylab.tokenizer import build_tokenizer
 
 # How each shipped model is made. Changing any value changes the shipped checkpoints.
 RECIPES: dict[str, dict] = {
-    "teacher": dict(size="teacher", seed=0, steps=2000, batch_size=64, lr=3e-3, warmup=50, error_rate=0.2),
-    "student": dict(size="student", seed=0, steps=700, batch_size=64, lr=3e-3, warmup=50, error_rate=0.0),
+    "teacher": dict(size="teacher", seed=0, steps=2000, batch_size=64, lr=3e-3, warmup=50, error_rate=0.2,
+                    shortcut_rate=0.0),
+    "student": dict(size="student", seed=0, steps=1200, batch_size=64, lr=3e-3, warmup=50, error_rate=0.0,
+                    shortcut_rate=0.5),
 }
 EVAL = dict(seed=1234, problems=500, max_new_tokens=48)
 IMPLAUSIBLE_LOGPROB = -5.0
@@ -71,6 +78,7 @@ def build_toylab(out: Path | None = None, only: str | None = None, console: Cons
             task = progress.add_task(name, total=recipe["steps"], loss=float("nan"))
             train_sft(model, tokenizer, Difficulty(), recipe["steps"], recipe["batch_size"], recipe["lr"],
                       recipe["seed"], warmup=recipe["warmup"], error_rate=recipe["error_rate"],
+                      shortcut_rate=recipe["shortcut_rate"],
                       on_step=lambda step, loss, task=task: progress.update(task, advance=1, loss=loss))
         report = toy_accuracy(model, tokenizer, held_out, max_new_tokens=EVAL["max_new_tokens"])
 

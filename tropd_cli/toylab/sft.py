@@ -14,16 +14,20 @@ from tropd_cli.toylab.tasks import Difficulty, Problem, is_held_out, noisy_scrat
 
 
 def sft_batch(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], error_rate: float = 0.0,
-              rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+              rng: random.Random | None = None, shortcut_rate: float = 0.0) -> dict[str, torch.Tensor]:
     """Right-padded prompt + solution + EOS, with labels only on supervised response tokens.
 
-    With `error_rate` > 0 the solution is a `noisy_scratchpad`: injected mistakes carry no label.
+    With `error_rate` > 0 the solution is a `noisy_scratchpad`: injected mistakes carry no label. With
+    `shortcut_rate` > 0 that fraction of solutions skips the scratchpad and gives only the answer line.
     """
+    rng = rng or random.Random(0)
     rows = []
     for problem in problems:
         prompt = prompt_token_ids(tokenizer, problem)
-        if error_rate > 0:
-            pieces = noisy_scratchpad(problem, rng or random.Random(0), error_rate)
+        if shortcut_rate > 0 and rng.random() < shortcut_rate:
+            pieces = [(problem.solution.split("\n")[-1], True)]
+        elif error_rate > 0:
+            pieces = noisy_scratchpad(problem, rng, error_rate)
         else:
             pieces = [(problem.solution, True)]
         response: list[int] = []
@@ -47,7 +51,7 @@ def sft_batch(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], error
 
 def train_sft(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, difficulty: Difficulty,
               steps: int, batch_size: int, lr: float, seed: int, warmup: int = 50, error_rate: float = 0.0,
-              on_step: Callable[[int, float], None] | None = None) -> None:
+              shortcut_rate: float = 0.0, on_step: Callable[[int, float], None] | None = None) -> None:
     """AdamW with linear warmup and cosine decay on freshly drawn training-split problems."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -65,7 +69,7 @@ def train_sft(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, diffic
             problem = random_problem(rng, difficulty)
             if not is_held_out(problem.expression):
                 problems.append(problem)
-        batch = sft_batch(tokenizer, problems, error_rate, rng)
+        batch = sft_batch(tokenizer, problems, error_rate, rng, shortcut_rate)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
