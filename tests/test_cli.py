@@ -112,3 +112,38 @@ def test_ctrl_c_saves_the_student_and_metrics(random_pair_dir, tmp_path, monkeyp
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert (out / "student" / "model.safetensors").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tropd_cli", "--version"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("tropd ")
+
+
+def test_sigint_during_distill_saves_and_exits_130(random_pair_dir, tmp_path):
+    """A real Ctrl-C (SIGINT to the process) mid-run: exit 130, student and metrics saved."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tropd_cli", "distill", "-p", "toylab",
+         *pair_overrides(random_pair_dir, steps=10_000), "--set", "eval.problems=0", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "student and metrics saved in" in err and "Traceback" not in err
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert (out / "student" / "model.safetensors").is_file()
+    lines = metrics.read_text().splitlines()
+    assert len(lines) >= 2 and all(json.loads(line)["step"] for line in lines)
