@@ -58,7 +58,10 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
     ("rollout.n=abc", "invalid value for rollout.n: 'abc' (input should be a valid integer, unable to parse "
                       "string as an integer)"),
     ("rollout.n=0", "invalid value for rollout.n: 0 (input should be greater than or equal to 1)"),
-    ("objective.name=ppo", "invalid value for objective.name: 'ppo' (input should be 'opd' or 'tropd')"),
+    ("objective.name=ppo", "invalid value for objective.name: 'ppo' (input should be 'tropd', 'opd', 'eopd', "
+                           "'reopold', 'entropy_opd', 'gkd' or 'fkl_topk')"),
+    ("objective.outlier=drop", "invalid value for objective.outlier: 'drop' (input should be 'fkl', 'fkl_grad', "
+                               "'mask' or 'clip')"),
     ("train.steps", "--set expects section.key=value, got 'train.steps'"),
 ])
 def test_bad_overrides_give_one_line_naming_the_key(override, message):

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from tropd_cli import __version__
 from tropd_cli.errors import TropdError
+from tropd_cli.evaluation.settings import EvalSettings
 
 app = typer.Typer(help="Trust Region On-Policy Distillation (TrOPD) and its baselines.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -28,6 +29,11 @@ SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config field: section.key=value (repeatable).")]
 
 
+def default_of(name: str) -> str:
+    """`(default: X)` for an EvalSettings field, so that help texts never restate a default."""
+    return f"(default: {getattr(EvalSettings, name)})."
+
+
 @app.command()
 def distill(
     preset: PresetOption,
@@ -41,6 +47,45 @@ def distill(
 
     config = load_config(preset, set_)
     run_distill(config, preset, out=out, overwrite=overwrite, console=console)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Hub id, model/adapter/run folder, or "
+                                             "toylab:teacher / toylab:student (repeat to compare).")],
+    benchmark: Annotated[list[str], typer.Option("--benchmark", "-b", help="gsm8k, math500, aime24, aime25, "
+                                                 "amc23, gpqa-diamond, toylab or custom (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and samples.jsonl.")],
+    data: Annotated[Path | None, typer.Option(help="Local JSONL copy of the benchmark (its registry fields).")]
+    = None,
+    k: Annotated[int | None, typer.Option("-k", help="Samples per problem when temperature > 0 "
+                                          + default_of("k"))] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 is greedy " + default_of("temperature"))] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass " + default_of("top_p"))] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Response budget (default: the benchmark's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Generation, shuffling and toy-lab seed " + default_of("seed"))]
+    = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N problems of each benchmark.")] = None,
+    thinking: Annotated[bool | None, typer.Option("--thinking/--no-thinking", help="Set enable_thinking in "
+                                                  "the chat template (default: the template's).")] = None,
+    greedy: Annotated[bool | None, typer.Option("--greedy", help="When sampling, also report greedy "
+                                                "accuracy.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per generate call " + default_of("batch_size"))]
+    = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda " + default_of("device"))] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 " + default_of("dtype"))] = None,
+    markdown: Annotated[bool | None, typer.Option("--markdown", help="Also write report.md.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a non-empty --out.")] = None,
+) -> None:
+    """Evaluate models side by side on math, science, toy-lab or custom benchmarks (avg@k, pass@k, maj@k)."""
+    from tropd_cli.evaluation.runner import evaluate as run_evaluate
+
+    given = dict(data=data, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                 limit=limit, thinking=thinking, greedy=greedy, batch_size=batch_size, device=device, dtype=dtype,
+                 markdown=markdown, overwrite=overwrite)
+    settings = EvalSettings(models=model, benchmarks=benchmark, out=out,
+                            **{key: value for key, value in given.items() if value is not None})
+    run_evaluate(settings, console=console)
 
 
 @presets_app.command("list")

@@ -53,20 +53,47 @@ class RolloutConfig(Section):
     batch_size: int = Field(256, ge=1, description="Most sequences per generate call.")
 
 
+ObjectiveName = Literal["tropd", "opd", "eopd", "reopold", "entropy_opd", "gkd", "fkl_topk"]
+
+
 class ObjectiveConfig(Section):
-    name: Literal["opd", "tropd"] = Field("tropd", description="The distillation objective.")
+    """The loss; fields prefixed with an objective's name only apply to that objective."""
+
+    name: ObjectiveName = Field("tropd", description="The distillation objective.")
     trust: Literal["bernoulli", "hard"] = Field(
         "bernoulli", description="TrOPD trust test: M ~ Bernoulli(min(pi_T/pi_S, 1)) or [tau >= sbar].")
-    outlier: Literal["fkl"] = Field("fkl", description="TrOPD treatment of untrusted tokens.")
-    top_k: int = Field(64, ge=1, description="Teacher top-k for the forward-KL outlier advantage.")
+    outlier: Literal["fkl", "fkl_grad", "mask", "clip"] = Field(
+        "fkl", description="TrOPD treatment of untrusted tokens: detached top-k forward-KL advantage, "
+        "differentiable top-k forward KL, no signal, or the reward floored at log(lambda/(1-lambda)).")
+    top_k: int = Field(64, ge=1, description="Teacher top-k for the forward-KL terms (tropd, fkl_topk).")
+    clip_lambda: float = Field(0.2, gt=0, lt=1, description="lambda of the reward floor "
+                               "c = log(lambda/(1-lambda)) (tropd clip outliers, reopold).")
+    eopd_top_k: int = Field(16, ge=1, description="eopd: teacher top-k of its forward-KL term.")
+    eopd_entropy_min: float = Field(0.8, ge=0, description="eopd: teacher entropy (nats) above which a "
+                                    "token gets the forward-KL term.")
+    reopold_beta: float = Field(0.5, gt=0, le=1, description="reopold: fraction of tokens kept by student "
+                                "entropy from reopold_switch_step on.")
+    reopold_switch_step: int = Field(100, ge=0, description="reopold: T_switch, the step (0-based) from "
+                                     "which tokens are kept by entropy instead of by the reward floor.")
+    entropy_top_fraction: float = Field(0.2, gt=0, le=1, description="entropy_opd: fraction of tokens, "
+                                        "highest student entropy first, that carry the OPD loss.")
+    gkd_beta: float = Field(0.5, ge=0, le=1, description="gkd: generalized JSD interpolation (0 forward KL, "
+                            "1 reverse KL).")
+    gkd_lambda: float = Field(0.5, ge=0, le=1, description="gkd: fraction of steps trained on student "
+                              "rollouts; the others on teacher-sampled responses.")
 
 
 class TrainConfig(Section):
-    steps: int = Field(200, ge=1, description="Optimizer steps (one rollout batch each).")
+    steps: int = Field(200, ge=1, description="Rollout batches (each gets updates_per_batch optimizer steps).")
     lr: float = Field(5e-6, gt=0, description="AdamW learning rate (constant after warmup).")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup from lr/warmup_steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    updates_per_batch: int = Field(1, ge=1, description="Optimizer steps per rollout batch; after the first, "
+                                   "rho = exp(s - sbar) departs from 1.")
+    clip_epsilon: float | None = Field(0.2, gt=0, lt=1, description="PPO clip of rho to [1-eps, 1+eps] in "
+                                       "policy-gradient objectives (null: no clip; inactive on the first "
+                                       "update).")
     seed: int = Field(0, description="Seed for prompts, sampling and the trust mask.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per scoring/backward pass.")
     logit_chunk_size: int = Field(1024, ge=1, description="Token positions per chunk of vocabulary logits.")

@@ -97,8 +97,9 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
     student = load_causal_lm(config.student.model, config.student.dtype, device, trainable=True)
     eos_ids = [tokenizer.eos_token_id]
     backend = HFGenerateBackend(student, tokenizer.pad_token_id, eos_ids, config.rollout.batch_size)
+    teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, eos_ids, config.rollout.batch_size)
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
-                      toylab_prompts(config, tokenizer))
+                      toylab_prompts(config, tokenizer), teacher_backend=teacher_backend)
 
     held_out = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab, held_out=True)
 

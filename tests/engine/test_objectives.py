@@ -34,7 +34,7 @@ def stats(student=STUDENT, teacher=TEACHER, mask=(1.0, 1.0, 1.0)) -> TokenStats:
 
 
 def loss_and_grad(output: objectives.ObjectiveOutput, token_stats: TokenStats):
-    loss = output.mean_loss(token_stats.mask)
+    loss = output.mean_loss()
     loss.backward()
     return float(loss.detach()), token_stats.student_logprobs.grad.tolist()
 
@@ -51,7 +51,7 @@ def test_opd_reward_goes_large_and_negative_when_teacher_probability_vanishes():
     output = objectives.opd(token_stats)
     num, den = output.metrics["reward_trusted"]
     assert den == 3.0 and num / den < -19
-    assert float(output.mean_loss(token_stats.mask)) > 19
+    assert float(output.mean_loss().detach()) > 19
 
 
 def test_tropd_hard_trust_uses_fkl_advantage_on_outliers():
@@ -106,7 +106,7 @@ def test_tropd_with_everything_trusted_equals_opd():
 def test_identical_teacher_and_student_give_zero_loss_and_full_trust():
     token_stats = stats(teacher=STUDENT)
     output = objectives.tropd(token_stats, generator=torch.Generator().manual_seed(0))
-    assert float(output.mean_loss(token_stats.mask)) == 0.0
+    assert float(output.mean_loss().detach()) == 0.0
     assert output.metrics["trust_fraction"] == (3.0, 3.0)
 
 
@@ -132,7 +132,7 @@ def test_empty_response_gives_zero_loss():
                        mask=torch.zeros(0), teacher_topk_logprobs=torch.zeros(0, 2),
                        student_topk_logprobs=torch.zeros(0, 2))
     output = objectives.tropd(empty, generator=torch.Generator().manual_seed(0))
-    assert float(output.mean_loss(empty.mask)) == 0.0
+    assert float(output.mean_loss().detach()) == 0.0
 
 
 def test_unknown_trust_or_outlier_is_rejected():
@@ -140,3 +140,150 @@ def test_unknown_trust_or_outlier_is_rejected():
         objectives.trust_mask(stats(), "soft", None)
     with pytest.raises(ValueError, match="outlier strategy"):
         objectives.tropd(stats(), outlier="drop")
+
+
+# Top-2 forward KL per token, sum q (log q - log p_S): token 1 (and 2) 0.5187..., token 3 unclamped (p_S 1e-12).
+FKL = [0.5187311326384293, 0.5187311326384293, 18.5516949399889]
+Q = [2 / 3, 1 / 3]
+
+
+def stats_with_topk_grad(**kwargs) -> TokenStats:
+    token_stats = stats(**kwargs)
+    token_stats.student_topk_logprobs.requires_grad_(True)
+    return token_stats
+
+
+def test_tropd_mask_outliers_carry_no_signal_but_count_in_the_mean():
+    token_stats = stats()
+    output = objectives.tropd(token_stats, trust="hard", outlier="mask")
+    loss, grad = loss_and_grad(output, token_stats)
+    # Only token 2 is trusted: loss = -r_2 / 3 = -log 2 / 3.
+    assert loss == pytest.approx(-0.23104906018664842, abs=1e-12)
+    assert grad == pytest.approx([0.0, -0.23104906018664842, 0.0], abs=1e-12)
+    assert output.metrics["outlier_fraction"] == (2.0, 3.0)
+    assert output.metrics["loss_token_fraction"] == (1.0, 3.0)
+
+
+def test_tropd_clip_outliers_floor_the_reward_at_log_lambda_over_one_minus_lambda():
+    token_stats = stats()
+    output = objectives.tropd(token_stats, trust="hard", outlier="clip", clip_lambda=0.2)
+    loss, grad = loss_and_grad(output, token_stats)
+    # c = log(0.2 / 0.8) = log 0.25; outliers: max(log .5, c) = log .5, max(log .0125, c) = log .25.
+    assert loss == pytest.approx(0.46209812037329684, abs=1e-12)
+    assert grad == pytest.approx([0.23104906018664842, -0.23104906018664842, 0.46209812037329684], abs=1e-12)
+
+
+def test_tropd_fkl_grad_differentiates_through_the_student_top_k():
+    token_stats = stats_with_topk_grad()
+    output = objectives.tropd(token_stats, trust="hard", outlier="fkl_grad")
+    loss, grad = loss_and_grad(output, token_stats)
+    # loss = (FKL_1 - log 2 + FKL_3) / 3; d/d log p_S(v) = -q(v) / 3 on the outliers only.
+    assert loss == pytest.approx(6.125759630689128, abs=1e-12)
+    assert grad == pytest.approx([0.0, -0.23104906018664842, 0.0], abs=1e-12)
+    topk_grad = token_stats.student_topk_logprobs.grad.flatten().tolist()
+    assert topk_grad == pytest.approx([-Q[0] / 3, -Q[1] / 3, 0.0, 0.0, -Q[0] / 3, -Q[1] / 3], abs=1e-12)
+
+
+@pytest.mark.parametrize("outlier", ["fkl", "fkl_grad", "mask", "clip"])
+def test_teacher_probability_near_zero_gives_finite_loss_for_every_outlier_strategy(outlier):
+    token_stats = stats_with_topk_grad(teacher=[LOG(0.25), LOG(0.5), -1e4])
+    loss, grad = loss_and_grad(objectives.tropd(token_stats, trust="hard", outlier=outlier), token_stats)
+    assert math.isfinite(loss) and all(math.isfinite(g) for g in grad)
+    assert abs(loss) < 10 or outlier in ("fkl", "fkl_grad")
+
+
+@pytest.mark.parametrize("outlier", ["fkl", "fkl_grad", "mask", "clip"])
+def test_every_token_an_outlier(outlier):
+    token_stats = stats(teacher=[LOG(0.25), LOG(0.1), LOG(0.01)])
+    output = objectives.tropd(token_stats, trust="hard", outlier=outlier)
+    loss, grad = loss_and_grad(output, token_stats)
+    assert output.metrics["trust_fraction"] == (0.0, 3.0) and output.metrics["outlier_fraction"] == (3.0, 3.0)
+    # fkl: -(A_1 + A_2 + A_3) / 3 with A_t = -FKL_t (token 3 clamped, hence ADVANTAGE); fkl_grad: unclamped FKL.
+    expected = {"fkl": -sum(ADVANTAGE) / 3, "fkl_grad": sum(FKL) / 3, "mask": 0.0,
+                "clip": -(LOG(0.5) + LOG(0.4) + LOG(0.25)) / 3}[outlier]
+    assert loss == pytest.approx(expected, abs=1e-12)
+    if outlier == "mask":
+        assert grad == [0.0, 0.0, 0.0] and output.metrics["loss_token_fraction"] == (0.0, 3.0)
+
+
+@pytest.mark.parametrize("outlier", ["fkl", "fkl_grad", "mask", "clip"])
+def test_identical_teacher_and_student_give_zero_loss_for_every_outlier_strategy(outlier):
+    token_stats = stats(teacher=STUDENT)
+    output = objectives.tropd(token_stats, outlier=outlier, generator=torch.Generator().manual_seed(0))
+    assert float(output.mean_loss().detach()) == 0.0
+    assert output.metrics["trust_fraction"] == (3.0, 3.0)
+
+
+def test_top_k_equal_to_the_vocabulary_is_the_full_forward_kl():
+    # Vocabulary of 3: teacher (0.5, 0.3, 0.2), student (0.2, 0.3, 0.5); KL(T || S) = .5 log 2.5 + .2 log .4.
+    teacher = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64).log()
+    student = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64).log()
+    token_stats = TokenStats(student_logprobs=torch.tensor([LOG(0.2)], dtype=torch.float64),
+                             teacher_logprobs=torch.tensor([LOG(0.5)], dtype=torch.float64),
+                             mask=torch.ones(1, dtype=torch.float64), teacher_topk_logprobs=teacher,
+                             student_topk_logprobs=student)
+    assert float(objectives.topk_forward_kl(token_stats)[0]) == pytest.approx(0.27488721956224654, abs=1e-12)
+    assert float(objectives.topk_forward_kl_advantage(token_stats)[0]) == pytest.approx(-0.27488721956224654)
+
+
+@pytest.mark.parametrize("outlier", ["fkl", "fkl_grad", "mask", "clip"])
+def test_padded_positions_are_ignored_even_when_they_hold_garbage(outlier):
+    clean = stats_with_topk_grad(mask=(1.0, 0.0, 1.0))
+    dirty = stats_with_topk_grad(mask=(1.0, 0.0, 1.0))
+    with torch.no_grad():
+        dirty.teacher_logprobs[1] = -math.inf
+        dirty.teacher_topk_logprobs[1] = torch.tensor([math.nan, -math.inf])
+    clean_loss, clean_grad = loss_and_grad(objectives.tropd(clean, trust="hard", outlier=outlier), clean)
+    dirty_loss, dirty_grad = loss_and_grad(objectives.tropd(dirty, trust="hard", outlier=outlier), dirty)
+    assert dirty_loss == pytest.approx(clean_loss, abs=1e-12) and math.isfinite(dirty_loss)
+    assert dirty_grad == pytest.approx(clean_grad, abs=1e-12) and dirty_grad[1] == 0.0
+
+
+def ppo_stats() -> TokenStats:
+    # sbar from the sampling policy; s from the current one: rho = 1.25, 0.7, 1.1; r = log 2, log .5, log .5.
+    return TokenStats(
+        student_logprobs=torch.tensor([LOG(0.5), LOG(0.35), LOG(0.55)], dtype=torch.float64, requires_grad=True),
+        teacher_logprobs=torch.tensor([LOG(0.8), LOG(0.25), LOG(0.25)], dtype=torch.float64),
+        mask=torch.ones(3, dtype=torch.float64),
+        old_logprobs=torch.tensor([LOG(0.4), LOG(0.5), LOG(0.5)], dtype=torch.float64),
+    )
+
+
+def test_ppo_clip_freezes_tokens_whose_ratio_left_the_trust_interval():
+    token_stats = ppo_stats()
+    output = objectives.opd(token_stats, clip_epsilon=0.2)
+    loss, grad = loss_and_grad(output, token_stats)
+    # Token 1: A > 0, rho 1.25 > 1.2 -> -1.2 log 2; token 2: A < 0, rho .7 < .8 -> .8 log 2; token 3 free.
+    assert loss == pytest.approx(0.7 * LOG(2) / 3, abs=1e-12)
+    assert grad == pytest.approx([0.0, 0.0, 1.1 * LOG(2) / 3], abs=1e-12)
+    assert output.metrics["clip_fraction"] == (2.0, 3.0)
+
+
+def test_without_clip_the_ratio_weights_the_reward():
+    token_stats = ppo_stats()
+    loss, grad = loss_and_grad(objectives.opd(token_stats, clip_epsilon=None), token_stats)
+    assert loss == pytest.approx(0.55 * LOG(2) / 3, abs=1e-12)
+    assert grad == pytest.approx([-1.25 * LOG(2) / 3, 0.7 * LOG(2) / 3, 1.1 * LOG(2) / 3], abs=1e-12)
+
+
+def test_clip_is_inactive_on_the_first_update():
+    token_stats = stats()
+    clipped_loss, clipped_grad = loss_and_grad(objectives.tropd(token_stats, trust="hard", clip_epsilon=0.2),
+                                               token_stats)
+    assert clipped_loss == pytest.approx(4.079017325805532, abs=1e-12)
+    assert clipped_grad == pytest.approx([0.1729103775461431, -0.23104906018664842, 4.137156008446038], abs=1e-12)
+
+
+def test_telemetry_names_and_values():
+    token_stats = stats()
+    token_stats.teacher_entropy = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    token_stats.student_entropy = torch.tensor([0.3, 1.2, 0.9], dtype=torch.float64)
+    output = objectives.tropd(token_stats, trust="hard")
+    means = {name: num / den for name, (num, den) in output.metrics.items()}
+    assert means["reward_mean"] == pytest.approx(sum(REWARD) / 3, abs=1e-12)
+    assert means["kl_k1"] == pytest.approx(-sum(REWARD) / 3, abs=1e-12)
+    assert means["fkl_topk"] == pytest.approx(-sum(ADVANTAGE) / 3, abs=1e-12)
+    assert means["teacher_entropy"] == pytest.approx(3.5 / 3) and means["student_entropy"] == pytest.approx(2.4 / 3)
+    assert means["trust_fraction"] == pytest.approx(1 / 3) and means["outlier_fraction"] == pytest.approx(2 / 3)
+    assert means["clip_fraction"] == 0.0 and means["loss_token_fraction"] == 1.0
+    assert output.minimums["reward_min"] == pytest.approx(REWARD[2], abs=1e-12)

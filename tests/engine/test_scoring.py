@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tropd_cli.engine.scoring import build_sequences, score_student, score_teacher
+from tropd_cli.engine.baselines import generalized_jsd
+from tropd_cli.engine.scoring import Divergence, build_sequences, score_student, score_teacher
 from tropd_cli.toylab.models import new_toy_model
 
 PROMPTS = [[2, 5, 6, 7], [2, 9]]
@@ -69,3 +70,26 @@ def test_right_padding_does_not_change_scores(pair):
     alone = score_teacher(teacher, build_sequences(PROMPTS[:1], RESPONSES[:1], 0), top_k=3, chunk_size=4)
     padded = score_teacher(teacher, build_sequences(PROMPTS, RESPONSES, 0), top_k=3, chunk_size=4)
     torch.testing.assert_close(alone.logprobs, padded.logprobs[:3])
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_chunked_divergence_matches_full_logits(pair, chunk):
+    teacher, student = pair
+    batch = build_sequences(PROMPTS, RESPONSES, pad_token_id=0)
+    teacher_stats = score_teacher(teacher, batch, top_k=2, chunk_size=chunk, keep_hidden=True)
+    divergence = Divergence(lambda s, t: generalized_jsd(s, t, 0.5), teacher_stats.hidden,
+                            teacher.get_output_embeddings())
+    stats = score_student(student, batch, teacher_stats.topk_ids, chunk_size=chunk, divergence=divergence)
+    stats.divergence.sum().backward()
+    chunked_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    student_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    keep = batch.loss_mask.bool()
+    expected = generalized_jsd(student_logits[keep], teacher_logits[keep], 0.5)
+    expected.sum().backward()
+    torch.testing.assert_close(stats.divergence.detach(), expected.detach())
+    for chunked, full in zip(chunked_grads, (p.grad for p in student.parameters())):
+        torch.testing.assert_close(chunked, full, rtol=1e-4, atol=2e-5)
+    student.zero_grad()

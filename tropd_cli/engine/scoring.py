@@ -10,6 +10,7 @@ checkpointing), so its graph keeps hidden states, not logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +73,17 @@ class TeacherStats:
     topk_ids: torch.Tensor  # [tokens, k]
     topk_logprobs: torch.Tensor  # [tokens, k]
     entropy: torch.Tensor  # [tokens]
+    hidden: torch.Tensor | None = None  # [tokens, hidden] final hidden states, kept for full-vocab losses
 
 
 @torch.no_grad()
-def score_teacher(model: torch.nn.Module, batch: SequenceBatch, top_k: int, chunk_size: int
-                  ) -> TeacherStats:
-    """tau_t, the top-k ids and log-probs, and the entropy of the teacher at every response token."""
+def score_teacher(model: torch.nn.Module, batch: SequenceBatch, top_k: int, chunk_size: int,
+                  keep_hidden: bool = False) -> TeacherStats:
+    """tau_t, the top-k ids and log-probs, and the entropy of the teacher at every response token.
+
+    `keep_hidden` also returns the final hidden states, from which `score_student` recomputes the
+    teacher's full-vocabulary logits one chunk at a time for a divergence.
+    """
     _, head = decoder_and_head(model)
     hidden = response_hidden_states(model, batch)
     targets = batch.targets[batch.loss_mask.bool()]
@@ -91,8 +97,9 @@ def score_teacher(model: torch.nn.Module, batch: SequenceBatch, top_k: int, chun
         parts.append((target_logprobs, topk_ids, topk_logprobs, entropy))
     if not parts:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
-        return TeacherStats(empty, targets.new_zeros((0, top_k)), empty.new_zeros((0, top_k)), empty)
-    return TeacherStats(*(torch.cat(column) for column in zip(*parts)))
+        return TeacherStats(empty, targets.new_zeros((0, top_k)), empty.new_zeros((0, top_k)), empty,
+                            hidden if keep_hidden else None)
+    return TeacherStats(*(torch.cat(column) for column in zip(*parts)), hidden if keep_hidden else None)
 
 
 @dataclass
@@ -100,30 +107,54 @@ class StudentStats:
     logprobs: torch.Tensor  # [tokens] s_t, with gradient
     topk_logprobs: torch.Tensor  # [tokens, k] log pi_S at the teacher's top-k ids, with gradient
     entropy: torch.Tensor  # [tokens], no gradient
+    divergence: torch.Tensor | None = None  # [tokens] full-vocabulary divergence from the teacher, with gradient
+
+
+@dataclass
+class Divergence:
+    """A full-vocabulary divergence to compute chunk by chunk: `fn(student_logits, teacher_logits)`."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    teacher_hidden: torch.Tensor  # [tokens, hidden_T], from score_teacher(keep_hidden=True)
+    teacher_head: torch.nn.Module
 
 
 def _student_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logprobs = torch.log_softmax(head(hidden).float(), dim=-1)  # [chunk, vocab]
+                   topk_ids: torch.Tensor, divergence: Divergence | None, start: int
+                   ) -> tuple[torch.Tensor, ...]:
+    logits = head(hidden).float()  # [chunk, vocab]
+    logprobs = torch.log_softmax(logits, dim=-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1).detach()
-    return (logprobs.gather(-1, targets[:, None]).squeeze(-1), logprobs.gather(-1, topk_ids), entropy)
+    gathered = (logprobs.gather(-1, targets[:, None]).squeeze(-1), logprobs.gather(-1, topk_ids), entropy)
+    if divergence is None:
+        return gathered
+    with torch.no_grad():
+        teacher_hidden = divergence.teacher_hidden[start:start + hidden.shape[0]]
+        teacher_logits = divergence.teacher_head(teacher_hidden).float()  # [chunk, vocab]
+    return (*gathered, divergence.fn(logits, teacher_logits))
 
 
 def score_student(model: torch.nn.Module, batch: SequenceBatch, topk_ids: torch.Tensor,
-                  chunk_size: int) -> StudentStats:
-    """s_t and log pi_S at the teacher's top-k ids, differentiable, one checkpointed chunk at a time."""
+                  chunk_size: int, divergence: Divergence | None = None) -> StudentStats:
+    """s_t and log pi_S at the teacher's top-k ids, differentiable, one checkpointed chunk at a time.
+
+    With `divergence`, also its per-token value against the teacher's full-vocabulary logits, which are
+    recomputed per chunk from the teacher's hidden states (so neither model's [tokens, vocab] logits
+    exist for more than one chunk).
+    """
     _, head = decoder_and_head(model)
     hidden = response_hidden_states(model, batch)
     targets = batch.targets[batch.loss_mask.bool()]
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         end = start + chunk_size
-        args = (head, hidden[start:end], targets[start:end], topk_ids[start:end])
+        args = (head, hidden[start:end], targets[start:end], topk_ids[start:end], divergence, start)
         if torch.is_grad_enabled() and hidden.requires_grad:
             parts.append(checkpoint(_student_chunk, *args, use_reentrant=False))
         else:
             parts.append(_student_chunk(*args))
     if not parts:
         empty = hidden.sum() * 0.0
-        return StudentStats(empty.reshape(0), empty.reshape(0, topk_ids.shape[-1]), empty.reshape(0))
+        return StudentStats(empty.reshape(0), empty.reshape(0, topk_ids.shape[-1]), empty.reshape(0),
+                            None if divergence is None else empty.reshape(0))
     return StudentStats(*(torch.cat(column) for column in zip(*parts)))

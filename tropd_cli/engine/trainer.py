@@ -1,10 +1,14 @@
 """The distillation loop: rollouts, scoring, objective, update, telemetry.
 
 One step: draw `prompts_per_step` prompts, sample `n` student rollouts per prompt through the rollout
-backend, score prompt+response in micro-batches (one teacher and one student forward each), compute the
-objective, accumulate gradients over the micro-batches so that one optimizer step sees the whole rollout
-batch with a token-mean loss, clip, and step AdamW. Knows nothing about files except the metrics
-stream it is handed, and nothing about the command line.
+backend (gkd: teacher-sampled responses on a seeded 1 - gkd_lambda fraction of steps), score
+prompt+response in micro-batches (one teacher forward, cached, and one student forward per update),
+compute the objective, accumulate gradients over the micro-batches, divide them by the objective's
+normaliser summed over the whole rollout batch (so one optimizer step sees the batch's token-mean loss),
+clip, and step AdamW; `updates_per_batch` such updates reuse the batch with rho_t = exp(s_t - sbar_t),
+sbar_t fixed at the sampling policy. Objectives that select tokens by student entropy over the batch get
+a no-grad student pass first. Knows nothing about files except the metrics stream it is handed, and
+nothing about the command line.
 """
 
 from __future__ import annotations
@@ -16,9 +20,19 @@ from dataclasses import dataclass
 import torch
 
 from tropd_cli.config import RunConfig
-from tropd_cli.engine import objectives
+from tropd_cli.engine import baselines, objectives
 from tropd_cli.engine.rollout import RolloutBackend, Rollouts, SamplingParams
-from tropd_cli.engine.scoring import build_sequences, score_student, score_teacher
+from tropd_cli.engine.scoring import (
+    Divergence,
+    SequenceBatch,
+    StudentStats,
+    TeacherStats,
+    build_sequences,
+    decoder_and_head,
+    score_student,
+    score_teacher,
+)
+from tropd_cli.errors import TropdError
 
 
 @dataclass
@@ -34,62 +48,138 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1)
 
 
-def compute_objective(config: RunConfig, stats: objectives.TokenStats,
-                      generator: torch.Generator) -> objectives.ObjectiveOutput:
-    """Dispatch to the configured objective."""
+def scored_top_k(config: RunConfig) -> int:
+    """How many teacher top-k ids scoring gathers for the configured objective."""
     objective = config.objective
-    if objective.name == "opd":
-        return objectives.opd(stats)
-    return objectives.tropd(stats, trust=objective.trust, outlier=objective.outlier, generator=generator)
+    return objective.eopd_top_k if objective.name == "eopd" else objective.top_k
+
+
+def entropy_selection(config: RunConfig, step: int) -> float | None:
+    """The top fraction of tokens by student entropy that the objective keeps at `step`, if any."""
+    objective = config.objective
+    if objective.name == "entropy_opd":
+        return objective.entropy_top_fraction
+    if objective.name == "reopold" and step >= objective.reopold_switch_step:
+        return objective.reopold_beta
+    return None
+
+
+def check_objective(config: RunConfig, vocab_size: int, has_teacher_backend: bool) -> None:
+    """Reject invalid combinations before the first step, in one line."""
+    top_k = scored_top_k(config)
+    if top_k > vocab_size:
+        field = "eopd_top_k" if config.objective.name == "eopd" else "top_k"
+        raise TropdError(f"objective.{field}={top_k} is larger than the vocabulary ({vocab_size} tokens)")
+    if config.objective.name == "gkd" and config.objective.gkd_lambda < 1 and not has_teacher_backend:
+        raise TropdError("objective.gkd_lambda < 1 needs teacher responses, but no teacher sampler was given; "
+                         "set objective.gkd_lambda=1")
+
+
+def compute_objective(config: RunConfig, stats: objectives.TokenStats, generator: torch.Generator,
+                      step: int, threshold: float | None, divergence: torch.Tensor | None
+                      ) -> objectives.ObjectiveOutput:
+    """Dispatch to the configured objective with its options."""
+    objective, epsilon = config.objective, config.train.clip_epsilon
+    name = objective.name
+    if name == "opd":
+        return objectives.opd(stats, clip_epsilon=epsilon)
+    if name == "eopd":
+        return baselines.eopd(stats, entropy_min=objective.eopd_entropy_min, clip_epsilon=epsilon)
+    if name == "reopold":
+        return baselines.reopold(stats, lam=objective.clip_lambda, beta=objective.reopold_beta,
+                                 after_switch=step >= objective.reopold_switch_step, threshold=threshold,
+                                 clip_epsilon=epsilon)
+    if name == "entropy_opd":
+        return baselines.entropy_opd(stats, top_fraction=objective.entropy_top_fraction, threshold=threshold,
+                                     clip_epsilon=epsilon)
+    if name == "fkl_topk":
+        return baselines.fkl_topk(stats)
+    if name == "gkd":
+        assert divergence is not None
+        return baselines.gkd(stats, divergence)
+    return objectives.tropd(stats, trust=objective.trust, outlier=objective.outlier,
+                            clip_lambda=objective.clip_lambda, generator=generator, clip_epsilon=epsilon)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a rollout batch, with what stays fixed across its updates."""
+
+    sequences: SequenceBatch
+    teacher: TeacherStats | None = None
+    sampled: StudentStats | None = None  # detached student stats of the sampling policy (sbar_t, entropy)
 
 
 class Trainer:
     """Runs optimizer steps on a student against a frozen teacher."""
 
     def __init__(self, config: RunConfig, models: Models, backend: RolloutBackend,
-                 prompts: Iterator[list[list[int]]]) -> None:
+                 prompts: Iterator[list[list[int]]], teacher_backend: RolloutBackend | None = None) -> None:
         self.config = config
         self.models = models
         self.backend = backend
+        self.teacher_backend = teacher_backend
         self.prompts = prompts
-        self.optimizer = torch.optim.AdamW(
-            [p for p in models.student.parameters() if p.requires_grad],
-            lr=config.train.lr, weight_decay=config.train.weight_decay,
-        )
+        _, head = decoder_and_head(models.student)
+        check_objective(config, head.weight.shape[0], teacher_backend is not None)
+        self.trainable = [p for p in models.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr,
+                                           weight_decay=config.train.weight_decay)
         warmup = config.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.step = 0
 
+    def _rollouts(self, prompt_ids: list[list[int]]) -> tuple[Rollouts, bool]:
+        """Student rollouts, or (gkd, off-policy steps) teacher samples; also whether on-policy."""
+        config = self.config
+        params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
+        seed = step_seed(config.train.seed, self.step, 0)
+        on_policy = True
+        if config.objective.name == "gkd":
+            coin = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, 2))
+            on_policy = float(torch.rand((), generator=coin)) < config.objective.gkd_lambda
+        backend = self.backend if on_policy else self.teacher_backend
+        assert backend is not None
+        return backend.generate(prompt_ids, config.rollout.n, params, seed), on_policy
+
     def train_step(self) -> dict[str, float]:
-        """One rollout batch and one optimizer step; returns the step's telemetry."""
+        """One rollout batch and `updates_per_batch` optimizer steps; returns the step's telemetry."""
         config, models = self.config, self.models
         started = time.perf_counter()
-        prompt_ids = next(self.prompts)
-        rollouts = self.backend.generate(
-            prompt_ids, config.rollout.n,
-            SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p),
-            step_seed(config.train.seed, self.step, 0),
-        )
+        rollouts, on_policy = self._rollouts(next(self.prompts))
         rollout_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        metrics, loss_value, score_s = self._accumulate(rollouts)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in models.student.parameters() if p.requires_grad], config.train.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        prompts = [rollouts.prompt_ids[i] for i in rollouts.prompt_index]
+        size = config.train.micro_batch_size
+        micro = [MicroBatch(build_sequences(prompts[i:i + size], rollouts.response_ids[i:i + size],
+                                            models.pad_token_id).to(models.device))
+                 for i in range(0, len(prompts), size)]
+        fraction = entropy_selection(config, self.step)
+        threshold = self._entropy_threshold(micro, fraction) if fraction is not None else None
+        metrics: objectives.Metrics = {}
+        minimums: dict[str, float] = {}
+        losses, grad_norms, lr, score_s = [], [], self.scheduler.get_last_lr()[0], 0.0
+        for _ in range(config.train.updates_per_batch):
+            loss_value, seconds = self._accumulate(micro, threshold, metrics, minimums)
+            score_s += seconds
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.train.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_value)
+            grad_norms.append(float(grad_norm))
         self.scheduler.step()
         update_s = time.perf_counter() - started - score_s
 
         lengths = [len(r) for r in rollouts.response_ids]
         record = {
             "step": self.step + 1,
-            "loss": loss_value,
+            "loss": sum(losses) / len(losses),
             **{name: (num / den if den else float("nan")) for name, (num, den) in metrics.items()},
-            "grad_norm": float(grad_norm),
+            **minimums,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": lr,
             "response_length": sum(lengths) / len(lengths),
             "truncation_rate": 1 - sum(rollouts.finished) / len(rollouts.finished),
@@ -97,44 +187,78 @@ class Trainer:
             "score_s": score_s,
             "update_s": update_s,
         }
+        if config.objective.name == "gkd":
+            record["on_policy"] = float(on_policy)
         self.step += 1
         return record
 
-    def _accumulate(self, rollouts: Rollouts) -> tuple[objectives.Metrics, float, float]:
-        """Score and backpropagate micro-batches; gradients sum to those of the token-mean loss."""
+    def _score_teacher(self, item: MicroBatch) -> TeacherStats:
+        if item.teacher is None:
+            config = self.config
+            item.teacher = score_teacher(self.models.teacher, item.sequences, scored_top_k(config),
+                                         config.train.logit_chunk_size,
+                                         keep_hidden=config.objective.name == "gkd")
+        return item.teacher
+
+    @torch.no_grad()
+    def _entropy_threshold(self, micro: list[MicroBatch], fraction: float) -> float:
+        """Score the sampling policy without gradients; the batch-wide student-entropy threshold."""
+        entropies = []
+        self.models.student.train()
+        for item in micro:
+            teacher = self._score_teacher(item)
+            item.sampled = score_student(self.models.student, item.sequences, teacher.topk_ids,
+                                         self.config.train.logit_chunk_size)
+            entropies.append(item.sampled.entropy)
+        entropy = torch.cat(entropies)
+        return baselines.entropy_threshold(entropy, torch.ones_like(entropy), fraction)
+
+    def _accumulate(self, micro: list[MicroBatch], threshold: float | None, metrics: objectives.Metrics,
+                    minimums: dict[str, float]) -> tuple[float, float]:
+        """One update's gradients: backpropagate each micro-batch's summed loss, then divide by the
+        batch's normaliser. Adds the metrics to `metrics`/`minimums`; returns (loss, scoring seconds)."""
         config, models = self.config, self.models
-        prompts = [rollouts.prompt_ids[i] for i in rollouts.prompt_index]
-        total_tokens = sum(len(r) for r in rollouts.response_ids)
         generator = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, 1))
-        metrics: objectives.Metrics = {}
-        loss_value = 0.0
-        score_s = 0.0
+        jsd = None
+        if config.objective.name == "gkd":
+            beta = config.objective.gkd_beta
+            jsd = lambda student, teacher: baselines.generalized_jsd(student, teacher, beta)  # noqa: E731
+        loss_sum, normaliser, score_s = 0.0, 0.0, 0.0
         models.student.train()
-        size = config.train.micro_batch_size
-        for start in range(0, len(prompts), size):
+        for item in micro:
             began = time.perf_counter()
-            batch = build_sequences(prompts[start:start + size], rollouts.response_ids[start:start + size],
-                                    models.pad_token_id).to(models.device)
-            teacher = score_teacher(models.teacher, batch, config.objective.top_k,
-                                    config.train.logit_chunk_size)
-            student = score_student(models.student, batch, teacher.topk_ids, config.train.logit_chunk_size)
+            teacher = self._score_teacher(item)
+            divergence = None
+            if jsd is not None:
+                divergence = Divergence(jsd, teacher.hidden, decoder_and_head(models.teacher)[1])
+            student = score_student(models.student, item.sequences, teacher.topk_ids,
+                                    config.train.logit_chunk_size, divergence)
+            if item.sampled is None:
+                item.sampled = StudentStats(student.logprobs.detach(), student.topk_logprobs.detach(),
+                                            student.entropy)
             stats = objectives.TokenStats(
                 student_logprobs=student.logprobs, teacher_logprobs=teacher.logprobs,
                 mask=torch.ones_like(teacher.logprobs), teacher_topk_logprobs=teacher.topk_logprobs,
-                student_topk_logprobs=student.topk_logprobs,
+                student_topk_logprobs=student.topk_logprobs, old_logprobs=item.sampled.logprobs,
+                teacher_entropy=teacher.entropy, student_entropy=item.sampled.entropy,
             )
-            output = compute_objective(config, stats, generator)
-            loss = output.per_token_loss.sum() / max(total_tokens, 1)
+            output = compute_objective(config, stats, generator, self.step, threshold, student.divergence)
+            loss = output.per_token_loss.sum()
             score_s += time.perf_counter() - began
-            loss.backward()
-            loss_value += float(loss.detach())
+            if loss.requires_grad:
+                loss.backward()
+            loss_sum += float(loss.detach())
+            normaliser += output.normaliser
             for name, (num, den) in output.metrics.items():
                 old_num, old_den = metrics.get(name, (0.0, 0.0))
                 metrics[name] = (old_num + num, old_den + den)
-            metrics.setdefault("teacher_entropy", (0.0, 0.0))
-            metrics["teacher_entropy"] = (metrics["teacher_entropy"][0] + float(teacher.entropy.sum()),
-                                          metrics["teacher_entropy"][1] + teacher.entropy.numel())
-        return metrics, loss_value, score_s
+            for name, value in output.minimums.items():
+                minimums[name] = min(value, minimums.get(name, value))
+        scale = 1.0 / max(normaliser, 1.0)
+        for parameter in self.trainable:
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale)
+        return loss_sum * scale, score_s
 
 
 def run_steps(trainer: Trainer, steps: int, on_step: Callable[[dict[str, float]], None]) -> None:

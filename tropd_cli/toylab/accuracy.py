@@ -1,18 +1,20 @@
 """Toy-task accuracy: sample k answers per held-out problem (or one greedy answer) and grade them.
 
 One function used by the toy-lab builder, the demo, and the trainer's periodic evaluation, so that
-every number about the toy lab is measured the same way.
+every number about the toy lab is measured the same way. `chat_prompt_ids` and `generate_texts` are
+the two steps it shares with `tropd evaluate`, which must reproduce the manifest's accuracies.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
+from tropd_cli.engine.rollout import HFGenerateBackend, Rollouts, SamplingParams
 from tropd_cli.toylab.tasks import Problem, Verdict, grade
 
 
@@ -28,23 +30,37 @@ class AccuracyReport:
     mean_response_tokens: float
 
 
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> list[int]:
-    """The chat-formatted prompt for a problem, ending with the assistant header."""
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, content: str, **template_kwargs: Any) -> list[int]:
+    """One user message in the tokenizer's chat template, ending with the assistant header.
+
+    `template_kwargs` reach the template (e.g. `enable_thinking`); templates ignore unknown ones.
+    """
     encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": problem.prompt}], add_generation_prompt=True, tokenize=True
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, **template_kwargs
     )
     return list(encoded["input_ids"])
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> list[int]:
+    """The chat-formatted prompt for a problem, ending with the assistant header."""
+    return chat_prompt_ids(tokenizer, problem.prompt)
+
+
+def generate_texts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
+                   n: int, params: SamplingParams, seed: int, batch_size: int = 256) -> tuple[Rollouts, list[str]]:
+    """`n` responses per prompt through the batched backend, and their decoded texts (special tokens dropped)."""
+    backend = HFGenerateBackend(model, tokenizer.pad_token_id, [tokenizer.eos_token_id], batch_size)
+    rollouts = backend.generate(prompt_ids, n, params, seed)
+    return rollouts, tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
 
 
 def toy_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],
                  k: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
                  seed: int = 0, batch_size: int = 256) -> AccuracyReport:
     """Grade `k` samples per problem (temperature 0: one greedy sample counted k times)."""
-    backend = HFGenerateBackend(model, tokenizer.pad_token_id, [tokenizer.eos_token_id], batch_size)
     n = 1 if temperature == 0 else k
-    rollouts = backend.generate([prompt_token_ids(tokenizer, p) for p in problems], n,
-                                SamplingParams(max_new_tokens, temperature, top_p), seed)
-    texts = tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+    rollouts, texts = generate_texts(model, tokenizer, [prompt_token_ids(tokenizer, p) for p in problems], n,
+                                     SamplingParams(max_new_tokens, temperature, top_p), seed, batch_size)
     verdicts = [grade(text, problems[i].answer) for text, i in zip(texts, rollouts.prompt_index)]
     correct = [0] * len(problems)
     for verdict, i in zip(verdicts, rollouts.prompt_index):

@@ -1,0 +1,126 @@
+"""`tropd evaluate` end to end on the toy models: side by side, every benchmark kind via --data, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tropd_cli import cli
+from tropd_cli.models import load_causal_lm, load_tokenizer
+from tropd_cli.toylab.accuracy import toy_accuracy
+from tropd_cli.toylab.tasks import Difficulty, sample_problems
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SAMPLE_FIELDS = {"prompt", "answer", "response", "extracted", "correct"}
+
+
+def read_samples(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_two_toy_models_side_by_side_match_toy_accuracy(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", "toylab:teacher", "--model", "toylab:student", "--benchmark", "toylab",
+            "--limit", "24", "--out", str(out), "--markdown"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "toylab:teacher" in printed and "Δ toylab:student" in printed and "greedy" in printed
+    report = json.loads((out / "report.json").read_text())
+    protocol = report["protocol"]
+    assert (protocol["k"], protocol["temperature"], protocol["top_p"], protocol["seed"]) == (1, 0.0, 1.0, 1234)
+    entry = report["benchmarks"]["toylab"]
+    assert entry["max_new_tokens"] == 48 and entry["problems"] == 24 and len(entry["fingerprint"]) == 16
+    problems = sample_problems(1234, 24, Difficulty(), held_out=True)
+    student = toy_accuracy(load_causal_lm("toylab:student", trainable=False), load_tokenizer("toylab:student"),
+                           problems, max_new_tokens=48)
+    assert entry["results"]["toylab:student"]["greedy"] == student.accuracy
+    assert entry["results"]["toylab:teacher"]["greedy"] == 1.0  # the teacher solves every held-out problem
+    samples = read_samples(out)
+    assert len(samples) == 48 and SAMPLE_FIELDS <= set(samples[0])
+    assert samples[0]["prompt"] == problems[0].prompt and samples[0]["answer"] == str(problems[0].answer)
+    markdown = (out / "report.md").read_text()
+    assert "| toylab | greedy | 100.0 ± 0.0 |" in markdown
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(("benchmark", "fixture", "graders"), [
+    ("gsm8k", "gsm8k.jsonl", ["gsm8k"]),
+    ("math500", "math500.jsonl", ["math"]),
+    ("aime24", "aime24.jsonl", ["math"]),
+    ("amc23", "amc23.jsonl", ["math"]),
+    ("gpqa-diamond", "gpqa-diamond.jsonl", ["choice"]),
+    ("custom", "custom.jsonl", ["choice", "math"]),
+])
+def test_benchmarks_from_local_copies_with_sampling(benchmark, fixture, graders, tmp_path):
+    out = tmp_path / benchmark
+    argv = ["evaluate", "-m", "toylab:student", "-b", benchmark, "--data", str(FIXTURES / fixture), "-k", "4",
+            "--temperature", "1.0", "--top-p", "0.95", "--max-new-tokens", "6", "--greedy", "--out", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["k"] == 4 and report["protocol"]["top_p"] == 0.95
+    entry = report["benchmarks"][benchmark]
+    assert entry["graders"] == graders and entry["max_new_tokens"] == 6 and fixture in entry["source"]
+    metrics = entry["results"]["toylab:student"]
+    for name in ("avg@4", "pass@1", "pass@2", "pass@4", "maj@4", "greedy", "avg@4_stderr"):
+        assert name in metrics
+    assert 0.0 <= metrics["pass@1"] <= metrics["pass@2"] <= metrics["pass@4"] <= 1.0
+    samples = read_samples(out)
+    assert len(samples) == entry["problems"] * 5  # 4 sampled + 1 greedy per problem
+    assert all(SAMPLE_FIELDS <= set(sample) for sample in samples)
+
+
+def test_run_folder_and_adapter_folder_are_models(random_pair_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "run"
+    shutil.copytree(random_pair_dir / "student", run / "student")
+    adapter = tmp_path / "adapter"
+    base = load_causal_lm(str(random_pair_dir / "student"))
+    get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(adapter)
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "-m", str(run), "-m", str(adapter), "-b", "toylab", "--limit", "4",
+                     "--max-new-tokens", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"][0]["model"] == str(run / "student")
+    assert report["models"][1]["adapter"] == str(adapter)
+    assert report["models"][1]["model"] == str(random_pair_dir / "student")
+    assert set(report["benchmarks"]["toylab"]["results"]) == {str(run), str(adapter)}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-b", "gsm9k"], "error: unknown benchmark 'gsm9k'; known benchmarks: gsm8k, math500, aime24"),
+    (["-b", "custom", "--data", str(FIXTURES / "custom-malformed.jsonl")],
+     f"error: {FIXTURES / 'custom-malformed.jsonl'}:2: not valid JSON"),
+    (["-b", "custom"], "error: the custom benchmark reads a local file: pass --data PATH"),
+    (["-b", "toylab", "-k", "4"], "error: greedy decoding (--temperature 0) gives one response per problem"),
+    (["-b", "toylab", "-b", "gsm8k", "--data", "x.jsonl"], "error: --data is a copy of one benchmark"),
+    (["-b", "gsm8k"], "error: cannot load hub openai/gsm8k (main) split test:"),
+])
+def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
+    assert cli.main(["evaluate", "-m", "toylab:student", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_model_folder_without_a_tokenizer(random_pair_dir, tmp_path, capsys):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(random_pair_dir / "student" / name, folder / name)
+    assert cli.main(["evaluate", "-m", str(folder), "-b", "toylab", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: model folder '{folder}' has no tokenizer" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are known to be good
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert cli.main(["evaluate", "-m", str(tmp_path / "nope"), "-b", "toylab", "--out", str(tmp_path / "o")]) == 2
+    assert f"error: model folder '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
+
+
+def test_help_page(capsys):
+    assert cli.main(["evaluate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--benchmark" in out and "(default: 1234)" in out
