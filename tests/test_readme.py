@@ -32,6 +32,8 @@ def test_readme_command_runs(command, tmp_path, monkeypatch):
     argv = shlex.split(command)[1:]
     if "--out" in argv:
         argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    if argv[0] == "evaluate":
+        argv += ["--limit", "8"]
     if argv[0] == "distill":
         argv += TINY + ([] if "--out" in argv else ["--out", str(tmp_path / "run")])
     if argv[:2] == ["toylab", "build"]:
