@@ -59,7 +59,7 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
                       "string as an integer)"),
     ("rollout.n=0", "invalid value for rollout.n: 0 (input should be greater than or equal to 1)"),
     ("objective.name=ppo", "invalid value for objective.name: 'ppo' (input should be 'tropd', 'opd', 'eopd', "
-                           "'reopold', 'entropy_opd', 'gkd' or 'fkl_topk')"),
+                           "'reopold', 'entropy_opd', 'gkd', 'fkl_topk', 'sft' or 'seqkd')"),
     ("objective.outlier=drop", "invalid value for objective.outlier: 'drop' (input should be 'fkl', 'fkl_grad', "
                                "'mask' or 'clip')"),
     ("train.steps", "--set expects section.key=value, got 'train.steps'"),

@@ -66,7 +66,8 @@ def undo_guard(model: torch.nn.Module) -> None:
 
 def load_lora_student(path: str) -> torch.nn.Module:
     """A fresh 4-bit + LoRA student whose adapters hold the same seeded non-zero values on every load."""
-    model = load_causal_lm(path, "float32", "cpu", quantization="4bit", lora=LoraSpec(r=4, alpha=8))
+    lora = LoraSpec(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    model = load_causal_lm(path, "float32", "cpu", quantization="4bit", lora=lora)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

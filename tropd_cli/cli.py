@@ -50,6 +50,15 @@ def distill(
 
 
 @app.command()
+def doctor(preset: PresetOption, set_: SetOption = None) -> None:
+    """Check a run before starting it: tokenizers, EOS/pad, chat template, and a rough memory estimate."""
+    from tropd_cli.config import load_config
+    from tropd_cli.preflight import doctor as run_doctor
+
+    run_doctor(load_config(preset, set_), console)
+
+
+@app.command()
 def evaluate(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Hub id, model/adapter/run folder, or "
                                              "toylab:teacher / toylab:student (repeat to compare).")],

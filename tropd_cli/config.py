@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tropd_cli.errors import TropdError
 from tropd_cli.toylab.tasks import Difficulty
@@ -32,11 +32,43 @@ class ModelSection(Section):
 
 
 class TeacherConfig(ModelSection):
+    """The frozen teacher, loaded in eval mode without gradients."""
+
     model: str = Field("toylab:teacher", description="Hub id, local folder, or toylab:teacher.")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="bitsandbytes weight quantization: 4bit (nf4, double quant, compute in dtype) or "
+        "8bit (LLM.int8; works on CPU too with bitsandbytes >= 0.49).")
+
+
+class LoraConfig(Section):
+    """LoRA adapters (peft) on the student: only the adapters train; the run saves the adapter."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: all-linear (every linear layer but the output "
+        "head), a list of module-name suffixes (q_proj, v_proj, ...) or a regex over full module names.")
 
 
 class StudentConfig(ModelSection):
+    """The trained student: every weight, LoRA adapters, or LoRA on a 4-bit base (QLoRA)."""
+
     model: str = Field("toylab:student", description="Hub id, local folder, or toylab:student.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit: frozen nf4 base (double quant, compute in dtype) under LoRA adapters "
+        "(QLoRA); needs lora.enabled.")
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantized_student_needs_lora(cls, value: str, info: ValidationInfo) -> str:
+        lora = info.data.get("lora")
+        if value != "none" and lora is not None and not lora.enabled:
+            raise ValueError("a 4-bit student trains through LoRA adapters (QLoRA): also set "
+                             "student.lora.enabled=true")
+        return value
 
 
 class DataConfig(Section):
@@ -53,7 +85,7 @@ class RolloutConfig(Section):
     batch_size: int = Field(256, ge=1, description="Most sequences per generate call.")
 
 
-ObjectiveName = Literal["tropd", "opd", "eopd", "reopold", "entropy_opd", "gkd", "fkl_topk"]
+ObjectiveName = Literal["tropd", "opd", "eopd", "reopold", "entropy_opd", "gkd", "fkl_topk", "sft", "seqkd"]
 
 
 class ObjectiveConfig(Section):
@@ -81,6 +113,11 @@ class ObjectiveConfig(Section):
                             "1 reverse KL).")
     gkd_lambda: float = Field(0.5, ge=0, le=1, description="gkd: fraction of steps trained on student "
                               "rollouts; the others on teacher-sampled responses.")
+    guidance: bool = Field(False, description="tropd: off-policy guidance; rollouts start from a cached "
+                           "teacher response's first l_i tokens, l_i shrinking from all to none on a cosine "
+                           "schedule over train.steps.")
+    guidance_beta: float = Field(0.001, ge=0, description="tropd with guidance: beta of the imitation term "
+                                 "beta * CE(pi_S, y[:l_i]) on the prefix tokens.")
 
 
 class TrainConfig(Section):

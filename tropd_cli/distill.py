@@ -1,9 +1,10 @@
 """`tropd distill`: load the pair, evaluate, run the loop, save the run folder.
 
 The run folder holds config.yaml (resolved configuration), metrics.jsonl (one line per step, plus
-`eval` lines), student/ (the final student in save_pretrained format, with its tokenizer) and
-summary.json (accuracies before and after, the teacher's, and how the run ended). Ctrl-C saves the
-current student and the summary so far before stopping.
+`eval` lines), student/ (the final student in save_pretrained format with its tokenizer: the whole model,
+or only the peft adapter when student.lora is enabled) and summary.json (accuracies before and after, the
+teacher's, how the run ended, and the student's base model and format). Ctrl-C saves the current student
+and the summary so far before stopping. The preflight checks of `tropd doctor` run first.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from rich.table import Table
 
 from tropd_cli import __version__
 from tropd_cli.config import RunConfig, to_yaml
-from tropd_cli.engine.rollout import HFGenerateBackend
+from tropd_cli.engine.guidance import InRunTeacherResponses, TeacherResponses
+from tropd_cli.engine.rollout import HFGenerateBackend, RolloutBackend, SamplingParams
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
-from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device
+from tropd_cli.models import LoraSpec, load_causal_lm, load_tokenizer, pick_device
+from tropd_cli.preflight import check_before_distill
 from tropd_cli.toylab.accuracy import prompt_token_ids, toy_accuracy
 from tropd_cli.toylab.tasks import is_held_out, random_problem, sample_problems
 
@@ -55,15 +58,12 @@ def run_dir_for(config: RunConfig, preset: str, out: str | None) -> Path:
                                 seed=config.train.seed))
 
 
-def check_tokenizers(teacher_spec: str, student_spec: str) -> None:
-    """Teacher and student must share the vocabulary and EOS token (a fuller preflight is `doctor`)."""
-    teacher, student = load_tokenizer(teacher_spec), load_tokenizer(student_spec)
-    if teacher.get_vocab() != student.get_vocab():
-        raise TropdError(f"teacher and student tokenizers differ: {len(teacher)} vs {len(student)} tokens "
-                         f"({teacher_spec} vs {student_spec})")
-    if teacher.eos_token != student.eos_token:
-        raise TropdError(f"teacher and student EOS tokens differ: {teacher.eos_token!r} vs "
-                         f"{student.eos_token!r}")
+def student_lora(config: RunConfig) -> LoraSpec | None:
+    """The student's LoRA adapter settings, or None when every weight trains."""
+    lora = config.student.lora
+    if not lora.enabled:
+        return None
+    return LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
 
 
 def toylab_prompts(config: RunConfig, tokenizer) -> Iterator[list[list[int]]]:
@@ -78,10 +78,17 @@ def toylab_prompts(config: RunConfig, tokenizer) -> Iterator[list[list[int]]]:
         yield batch
 
 
+def teacher_response_source(config: RunConfig, teacher_backend: RolloutBackend) -> TeacherResponses:
+    """Where guidance and `sft` get their one teacher response per prompt: sampled in the run and cached."""
+    params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
+    return InRunTeacherResponses(teacher_backend, params, config.train.seed)
+
+
 def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: bool = False,
             console: Console | None = None) -> RunResult:
     """Run a distillation described by `config` and write its run folder."""
     console = console or Console()
+    check_before_distill(config, console)
     run_dir = run_dir_for(config, preset, out)
     prepare_output_dir(run_dir, overwrite)
     atomic_write_text(run_dir / "config.yaml", f"# tropd {__version__}, preset {preset}\n" + to_yaml(config))
@@ -91,15 +98,17 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
     random.seed(config.train.seed)
 
     device = pick_device(config.train.device)
-    check_tokenizers(config.teacher.model, config.student.model)
     tokenizer = load_tokenizer(config.student.model)
-    teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device, trainable=False)
-    student = load_causal_lm(config.student.model, config.student.dtype, device, trainable=True)
+    teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
+                             quantization=config.teacher.quantization, trainable=False)
+    student = load_causal_lm(config.student.model, config.student.dtype, device,
+                             quantization=config.student.quantization, lora=student_lora(config), trainable=True)
     eos_ids = [tokenizer.eos_token_id]
     backend = HFGenerateBackend(student, tokenizer.pad_token_id, eos_ids, config.rollout.batch_size)
     teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, eos_ids, config.rollout.batch_size)
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
-                      toylab_prompts(config, tokenizer), teacher_backend=teacher_backend)
+                      toylab_prompts(config, tokenizer), teacher_backend=teacher_backend,
+                      teacher_responses=teacher_response_source(config, teacher_backend))
 
     held_out = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab, held_out=True)
 
@@ -109,7 +118,9 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
                             batch_size=config.rollout.batch_size).accuracy
 
     summary: dict = {"preset": preset, "objective": config.objective.name, "seed": config.train.seed,
-                     "steps_done": 0, "steps": config.train.steps, "status": "running"}
+                     "steps_done": 0, "steps": config.train.steps, "status": "running",
+                     "student_base_model": config.student.model,
+                     "student_format": "adapter" if config.student.lora.enabled else "full"}
     metrics_path = run_dir / "metrics.jsonl"
     with console.status("evaluating before training"):
         if config.eval.problems:

@@ -7,12 +7,13 @@ shipped checkpoints. Loading 4-bit layers also neutralises a bitsandbytes CPU de
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tropd_cli.errors import TropdError
@@ -22,6 +23,8 @@ TOYLAB_ASSETS = Path(__file__).resolve().parent / "toylab" / "assets"
 # Our own progress bars and errors speak for loading and saving; transformers' would interleave with them.
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
+# LLM.int8 layers cast float32 inputs to float16 on every call and warn each time; the cast is expected.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,12 +79,12 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
 @dataclass
 class LoraSpec:
-    """LoRA adapter settings (peft)."""
+    """LoRA adapter settings (peft); the defaults live in the config schema (`student.lora`)."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str] | str
 
 
 def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str = "cpu",
@@ -122,6 +125,22 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def load_model_config(spec: str) -> PretrainedConfig:
+    """The transformers configuration of a model spec (no weights are read)."""
+    path = resolve_model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise TropdError(f"cannot load the config of model '{spec}': {_first_line(error)}") from None
+
+
+def empty_model(spec: str) -> torch.nn.Module:
+    """The model of a spec on the meta device: its modules and parameter shapes, no memory, no weights."""
+    config = load_model_config(spec)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tropd_cli import cli
+from tropd_cli import cli, distill
 
 
 def tiny_run(pair, out, *settings: str) -> list[str]:
@@ -29,6 +29,9 @@ RUNS = {
     "gkd": (["objective.name=gkd"], ["gkd_divergence", "on_policy"]),
     "gkd-off-policy": (["objective.name=gkd", "objective.gkd_lambda=0", "objective.gkd_beta=1"], ["on_policy"]),
     "fkl_topk": (["objective.name=fkl_topk"], ["fkl_topk"]),
+    "tropd-guidance": (["objective.guidance=true"], ["prefix_length", "prefix_loss", "prefix_ce"]),
+    "sft": (["objective.name=sft"], []),
+    "seqkd": (["objective.name=seqkd"], []),
 }
 COMMON = ["loss", "grad_norm", "reward_mean", "reward_min", "kl_k1", "teacher_entropy", "student_entropy",
           "loss_token_fraction"]
@@ -51,6 +54,7 @@ def test_every_objective_runs_end_to_end_with_finite_metrics(run, random_pair_di
     (["objective.name=eopd", "objective.eopd_top_k=100000"], "error: objective.eopd_top_k=100000 is larger"),
     (["objective.outlier=drop"], "error: invalid value for objective.outlier: 'drop'"),
     (["objective.name=ppo"], "error: invalid value for objective.name: 'ppo'"),
+    (["objective.name=sft", "objective.guidance=true"], "error: objective.guidance applies to objective.name=tropd"),
 ])
 def test_invalid_combinations_fail_before_the_first_step(settings, message, random_pair_dir, tmp_path, capsys):
     out = tmp_path / "run"
@@ -58,3 +62,17 @@ def test_invalid_combinations_fail_before_the_first_step(settings, message, rand
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (["objective.guidance=true"], "error: objective.guidance=true needs teacher responses"),
+    (["objective.name=sft"], "error: objective.name=sft needs teacher responses"),
+])
+def test_teacher_responses_without_a_source_fail_before_the_first_step(settings, message, random_pair_dir,
+                                                                      tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(distill, "teacher_response_source", lambda config, backend: None)
+    out = tmp_path / "run"
+    assert cli.main(tiny_run(random_pair_dir, out, *settings)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "metrics.jsonl").exists()

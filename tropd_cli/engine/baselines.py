@@ -108,6 +108,21 @@ def fkl_topk(stats: TokenStats) -> ObjectiveOutput:
     return telemetry(stats, ObjectiveOutput(loss, float(mask.sum())), mask)
 
 
+def teacher_cross_entropy(stats: TokenStats) -> ObjectiveOutput:
+    """`sft` and `seqkd`: loss_t = -s_t, the cross-entropy of the student on teacher-generated tokens.
+
+    Off-policy reference points: the tokens come from the teacher, not the student, so r_t and rho_t play
+    no part (the shared telemetry is still reported, on teacher tokens). The objectives differ only in
+    their data, which the trainer chooses: `seqkd` (sequence-level KD, Kim & Rush 2016, as TRL's
+    `GKDTrainer(seq_kd=True)`) samples fresh teacher responses every step, n per prompt at the rollout
+    temperature; `sft` trains on one fixed teacher response per prompt, a distillation data set of
+    teacher traces (as DeepSeek-R1-Distill's SFT), sampled once and cached (`guidance.TeacherResponses`).
+    """
+    mask = float_mask(stats)
+    loss = torch.where(mask.bool(), -stats.student_logprobs, torch.zeros_like(stats.student_logprobs))
+    return telemetry(stats, ObjectiveOutput(loss, float(mask.sum())), mask)
+
+
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
                     temperature: float = 1.0) -> torch.Tensor:
     """Per-position generalized JSD of GKD (arXiv 2306.13649, eq. 1), as TRL's `generalized_jsd_loss`:

@@ -1,7 +1,9 @@
 """The distillation loop: rollouts, scoring, objective, update, telemetry.
 
 One step: draw `prompts_per_step` prompts, sample `n` student rollouts per prompt through the rollout
-backend (gkd: teacher-sampled responses on a seeded 1 - gkd_lambda fraction of steps), score
+backend (gkd: teacher-sampled responses on a seeded 1 - gkd_lambda fraction of steps; seqkd: fresh
+teacher samples; sft: the cached teacher response per prompt; guidance: student rollouts from a teacher
+prefix, see `guidance.py`), score
 prompt+response in micro-batches (one teacher forward, cached, and one student forward per update),
 compute the objective, accumulate gradients over the micro-batches, divide them by the objective's
 normaliser summed over the whole rollout batch (so one optimizer step sees the batch's token-mean loss),
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tropd_cli.config import RunConfig
-from tropd_cli.engine import baselines, objectives
+from tropd_cli.engine import baselines, guidance, objectives
 from tropd_cli.engine.rollout import RolloutBackend, Rollouts, SamplingParams
 from tropd_cli.engine.scoring import (
     Divergence,
@@ -64,8 +66,19 @@ def entropy_selection(config: RunConfig, step: int) -> float | None:
     return None
 
 
-def check_objective(config: RunConfig, vocab_size: int, has_teacher_backend: bool) -> None:
+def check_objective(config: RunConfig, vocab_size: int, has_teacher_backend: bool,
+                    has_teacher_responses: bool = False) -> None:
     """Reject invalid combinations before the first step, in one line."""
+    objective = config.objective
+    if objective.guidance and objective.name != "tropd":
+        raise TropdError(f"objective.guidance applies to objective.name=tropd, not {objective.name}; "
+                         "set objective.guidance=false")
+    for wanted, setting in ((objective.guidance, "objective.guidance=true"),
+                            (objective.name == "sft", "objective.name=sft")):
+        if wanted and not has_teacher_responses:
+            raise TropdError(f"{setting} needs teacher responses, but no teacher-response source was given")
+    if objective.name == "seqkd" and not has_teacher_backend:
+        raise TropdError("objective.name=seqkd needs teacher responses, but no teacher sampler was given")
     top_k = scored_top_k(config)
     if top_k > vocab_size:
         field = "eopd_top_k" if config.objective.name == "eopd" else "top_k"
@@ -94,6 +107,8 @@ def compute_objective(config: RunConfig, stats: objectives.TokenStats, generator
                                      clip_epsilon=epsilon)
     if name == "fkl_topk":
         return baselines.fkl_topk(stats)
+    if name in ("sft", "seqkd"):
+        return baselines.teacher_cross_entropy(stats)
     if name == "gkd":
         assert divergence is not None
         return baselines.gkd(stats, divergence)
@@ -108,20 +123,23 @@ class MicroBatch:
     sequences: SequenceBatch
     teacher: TeacherStats | None = None
     sampled: StudentStats | None = None  # detached student stats of the sampling policy (sbar_t, entropy)
+    prefix_mask: torch.Tensor | None = None  # [tokens] 1 on guidance-prefix tokens (guidance only)
 
 
 class Trainer:
     """Runs optimizer steps on a student against a frozen teacher."""
 
     def __init__(self, config: RunConfig, models: Models, backend: RolloutBackend,
-                 prompts: Iterator[list[list[int]]], teacher_backend: RolloutBackend | None = None) -> None:
+                 prompts: Iterator[list[list[int]]], teacher_backend: RolloutBackend | None = None,
+                 teacher_responses: guidance.TeacherResponses | None = None) -> None:
         self.config = config
         self.models = models
         self.backend = backend
         self.teacher_backend = teacher_backend
+        self.teacher_responses = teacher_responses
         self.prompts = prompts
         _, head = decoder_and_head(models.student)
-        check_objective(config, head.weight.shape[0], teacher_backend is not None)
+        check_objective(config, head.weight.shape[0], teacher_backend is not None, teacher_responses is not None)
         self.trainable = [p for p in models.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr,
                                            weight_decay=config.train.weight_decay)
@@ -130,24 +148,38 @@ class Trainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.step = 0
 
-    def _rollouts(self, prompt_ids: list[list[int]]) -> tuple[Rollouts, bool]:
-        """Student rollouts, or (gkd, off-policy steps) teacher samples; also whether on-policy."""
+    def _rollouts(self, prompt_ids: list[list[int]]) -> tuple[Rollouts, bool, list[int] | None]:
+        """Student rollouts, or teacher responses (sft, seqkd, gkd's off-policy steps); also whether
+        on-policy and, with guidance, each rollout's prefix length."""
         config = self.config
         params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
         seed = step_seed(config.train.seed, self.step, 0)
+        name = config.objective.name
+        if name == "sft":
+            assert self.teacher_responses is not None
+            return guidance.reference_rollouts(prompt_ids, self.teacher_responses(prompt_ids)), False, None
+        if name == "seqkd":
+            assert self.teacher_backend is not None
+            return self.teacher_backend.generate(prompt_ids, config.rollout.n, params, seed), False, None
+        if config.objective.guidance:
+            assert self.teacher_responses is not None
+            rollouts, prefix_lengths = guidance.guided_rollouts(
+                self.backend, prompt_ids, self.teacher_responses(prompt_ids), self.step, config.train.steps,
+                config.rollout.n, params, seed)
+            return rollouts, True, prefix_lengths
         on_policy = True
         if config.objective.name == "gkd":
             coin = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, 2))
             on_policy = float(torch.rand((), generator=coin)) < config.objective.gkd_lambda
         backend = self.backend if on_policy else self.teacher_backend
         assert backend is not None
-        return backend.generate(prompt_ids, config.rollout.n, params, seed), on_policy
+        return backend.generate(prompt_ids, config.rollout.n, params, seed), on_policy, None
 
     def train_step(self) -> dict[str, float]:
         """One rollout batch and `updates_per_batch` optimizer steps; returns the step's telemetry."""
         config, models = self.config, self.models
         started = time.perf_counter()
-        rollouts, on_policy = self._rollouts(next(self.prompts))
+        rollouts, on_policy, prefix_lengths = self._rollouts(next(self.prompts))
         rollout_s = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -156,13 +188,18 @@ class Trainer:
         micro = [MicroBatch(build_sequences(prompts[i:i + size], rollouts.response_ids[i:i + size],
                                             models.pad_token_id).to(models.device))
                  for i in range(0, len(prompts), size)]
+        if prefix_lengths is not None:
+            for item, i in zip(micro, range(0, len(prompts), size)):
+                item.prefix_mask = guidance.prefix_token_mask(
+                    prefix_lengths[i:i + size], [len(r) for r in rollouts.response_ids[i:i + size]]
+                ).to(models.device)
         fraction = entropy_selection(config, self.step)
         threshold = self._entropy_threshold(micro, fraction) if fraction is not None else None
         metrics: objectives.Metrics = {}
         minimums: dict[str, float] = {}
         losses, grad_norms, lr, score_s = [], [], self.scheduler.get_last_lr()[0], 0.0
         for _ in range(config.train.updates_per_batch):
-            loss_value, seconds = self._accumulate(micro, threshold, metrics, minimums)
+            loss_value, seconds = self._accumulate(micro, threshold, metrics, minimums, prefix_lengths)
             score_s += seconds
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.train.max_grad_norm)
             if torch.isfinite(grad_norm):
@@ -173,12 +210,20 @@ class Trainer:
         self.scheduler.step()
         update_s = time.perf_counter() - started - score_s
 
-        lengths = [len(r) for r in rollouts.response_ids]
+        prefixes = prefix_lengths or [0] * len(rollouts.response_ids)
+        lengths = [len(r) - prefix for r, prefix in zip(rollouts.response_ids, prefixes)]
+        guided: dict[str, float] = {}
+        if prefix_lengths is not None:
+            guided["prefix_length"] = sum(prefix_lengths) / len(prefix_lengths)
+            for name in ("prefix_loss", "prefix_ce"):
+                num, den = metrics.pop(name)
+                guided[name] = num / den if den else 0.0
         record = {
             "step": self.step + 1,
             "loss": sum(losses) / len(losses),
             **{name: (num / den if den else float("nan")) for name, (num, den) in metrics.items()},
             **minimums,
+            **guided,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": lr,
             "response_length": sum(lengths) / len(lengths),
@@ -214,10 +259,21 @@ class Trainer:
         return baselines.entropy_threshold(entropy, torch.ones_like(entropy), fraction)
 
     def _accumulate(self, micro: list[MicroBatch], threshold: float | None, metrics: objectives.Metrics,
-                    minimums: dict[str, float]) -> tuple[float, float]:
+                    minimums: dict[str, float], prefix_lengths: list[int] | None = None) -> tuple[float, float]:
         """One update's gradients: backpropagate each micro-batch's summed loss, then divide by the
-        batch's normaliser. Adds the metrics to `metrics`/`minimums`; returns (loss, scoring seconds)."""
+        batch's normaliser. Adds the metrics to `metrics`/`minimums`; returns (loss, scoring seconds).
+
+        With guidance the objective sees only the student's generated tokens (its normaliser G is their
+        count over the batch) and the imitation term is a token-mean over the batch's P prefix tokens; its
+        sum is scaled by G / P before the shared division by G, so the step loss is
+        objective mean + beta * mean CE on prefix tokens.
+        """
         config, models = self.config, self.models
+        imitation_scale = 0.0
+        if prefix_lengths is not None:
+            prefix_total = sum(prefix_lengths)
+            generated_total = sum(float(item.prefix_mask.numel() - item.prefix_mask.sum()) for item in micro)
+            imitation_scale = generated_total / max(prefix_total, 1)
         generator = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, 1))
         jsd = None
         if config.objective.name == "gkd":
@@ -238,12 +294,17 @@ class Trainer:
                                             student.entropy)
             stats = objectives.TokenStats(
                 student_logprobs=student.logprobs, teacher_logprobs=teacher.logprobs,
-                mask=torch.ones_like(teacher.logprobs), teacher_topk_logprobs=teacher.topk_logprobs,
+                mask=torch.ones_like(teacher.logprobs) if item.prefix_mask is None else 1 - item.prefix_mask,
+                teacher_topk_logprobs=teacher.topk_logprobs,
                 student_topk_logprobs=student.topk_logprobs, old_logprobs=item.sampled.logprobs,
                 teacher_entropy=teacher.entropy, student_entropy=item.sampled.entropy,
             )
             output = compute_objective(config, stats, generator, self.step, threshold, student.divergence)
             loss = output.per_token_loss.sum()
+            if item.prefix_mask is not None:
+                imitated = guidance.imitation(student.logprobs, item.prefix_mask, config.objective.guidance_beta)
+                loss = loss + imitated.per_token_loss.sum() * imitation_scale
+                output.metrics.update(imitated.metrics)
             score_s += time.perf_counter() - began
             if loss.requires_grad:
                 loss.backward()

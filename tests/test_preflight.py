@@ -1,0 +1,167 @@
+"""Preflight (`tropd doctor`, and before every `tropd distill`): tokenizer, special-token, chat-template and
+memory checks, each failure one line naming the teacher's and the student's value, exit code 2.
+
+Student folders pair a random toy model with a variant of the toy tokenizer built here: another
+vocabulary (an added token, or two ids swapped at the same size), another EOS or pad token, no or another
+chat template, or a model with padded embedding rows (which must pass).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
+
+from tropd_cli import cli, preflight
+from tropd_cli.config import load_config
+from tropd_cli.models import LoraSpec, empty_model, load_causal_lm
+from tropd_cli.toylab.models import new_toy_model, toy_config
+from tropd_cli.toylab.tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, build_tokenizer
+
+
+def with_swapped_ids(first: str, second: str) -> PreTrainedTokenizerFast:
+    """The toy tokenizer with two tokens' ids exchanged: same size, different vocabulary."""
+    tokenizer = build_tokenizer()
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=EOS_TOKEN,
+                                   pad_token=PAD_TOKEN, unk_token=UNK_TOKEN,
+                                   additional_special_tokens=["<|im_start|>"], chat_template=tokenizer.chat_template)
+
+
+def with_added_token() -> PreTrainedTokenizerFast:
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<|tool|>"])
+    return tokenizer
+
+
+def with_eos(token: str) -> PreTrainedTokenizerFast:
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = token
+    return tokenizer
+
+
+def with_pad(token: str) -> PreTrainedTokenizerFast:
+    tokenizer = build_tokenizer()
+    tokenizer.pad_token = token
+    return tokenizer
+
+
+def with_chat_template(template: str | None) -> PreTrainedTokenizerFast:
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+VARIANTS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], str]] = {
+    "added-token": (with_added_token, "teacher and student vocabularies differ: 1037 tokens (teacher) vs 1038 "
+                    "tokens (student); first difference '<|tool|>': absent (teacher) vs id 1037 (student)"),
+    "swapped-ids": (lambda: with_swapped_ids("system", "user"), "teacher and student vocabularies differ: 1037 "
+                    "tokens (teacher) vs 1037 tokens (student); first difference 'system': id 1004 (teacher) vs "
+                    "id 1005 (student)"),
+    "other-eos": (lambda: with_eos(PAD_TOKEN),
+                  "teacher and student EOS tokens differ: '<|im_end|>' (teacher) vs '<|endoftext|>' (student)"),
+    "other-pad": (lambda: with_pad(UNK_TOKEN),
+                  "teacher and student pad tokens differ: '<|endoftext|>' (teacher) vs '<|unk|>' (student)"),
+    "no-chat-template": (lambda: with_chat_template(None),
+                         "the student tokenizer has no chat template: 198 characters (teacher) vs missing (student)"),
+    "other-chat-template": (lambda: with_chat_template("{{ messages[0]['content'] }}"),
+                            "teacher and student chat templates differ at character 1: '{% for message in mes' "
+                            "(teacher) vs \"{{ messages[0]['conte\" (student)"),
+}
+
+
+def student_folder(root: Path, name: str, tokenizer: PreTrainedTokenizerFast, vocab_rows: int | None = None
+                   ) -> Path:
+    """A random toy student (optionally with padded embedding rows) saved with `tokenizer`."""
+    folder = root / name
+    if vocab_rows is None:
+        model = new_toy_model("student", seed=0)
+    else:
+        config = toy_config("student")
+        config.vocab_size = vocab_rows
+        model = Qwen3ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def pair_args(teacher: Path, student: Path) -> list[str]:
+    return ["--set", f"teacher.model={teacher}", "--set", f"student.model={student}"]
+
+
+def test_doctor_on_the_toylab_preset_passes_and_prints_the_checks(capsys):
+    assert cli.main(["doctor", "--preset", "toylab"]) == 0
+    out = capsys.readouterr().out
+    for text in ("vocabulary", "1037 tokens, identical", "EOS token", "'<|im_end|>' (id 1)", "pad token",
+                 "chat template", "identical (198 characters)", "memory", "rough peak memory on", "teacher weights",
+                 "gradients + AdamW states", "rollout KV cache", "scoring logits", "total", "free",
+                 "ready to distill"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tokenizer_mismatch_is_a_one_line_error(variant, random_pair_dir, tmp_path, capsys):
+    """doctor prints the failing check and exits 2 with the one-line message; distill refuses to start."""
+    build, message = VARIANTS[variant]
+    student = student_folder(tmp_path, variant, build())
+    args = pair_args(random_pair_dir / "teacher", student)
+    assert cli.main(["doctor", "-p", "toylab", *args]) == 2
+    captured = capsys.readouterr()
+    assert "fail" in captured.out
+    error_lines = captured.err.strip().splitlines()
+    assert len(error_lines) == 1 and error_lines[0].startswith(f"error: {message}"), captured.err
+    out = tmp_path / "run"
+    assert cli.main(["distill", "-p", "toylab", *args, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {message}")
+    assert not out.exists()  # refused before the run folder was made
+
+
+def test_padded_embedding_rows_pass(random_pair_dir, tmp_path, capsys):
+    """Same tokenizer, a student with 3 padding rows (like Qwen2.5 7B vs 1.5B): not an error."""
+    student = student_folder(tmp_path, "padded", build_tokenizer(), vocab_rows=1040)
+    assert cli.main(["doctor", "-p", "toylab", *pair_args(random_pair_dir / "teacher", student)]) == 0
+    assert "1037 (teacher), 1040 (student)" in capsys.readouterr().out
+
+
+def test_tokenizer_larger_than_the_embedding_is_an_error(random_pair_dir, tmp_path, capsys):
+    teacher = student_folder(tmp_path, "teacher", with_added_token())
+    student = student_folder(tmp_path, "student", with_added_token())
+    assert cli.main(["doctor", "-p", "toylab", *pair_args(teacher, student)]) == 2
+    assert ("error: the teacher tokenizer has more tokens than its model has embedding rows: 1038 (tokenizer) "
+            "vs 1037 (model)") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
+def test_weight_estimate_matches_the_loaded_model(quantization):
+    """The estimate from the meta-device model is within 3% of the bytes of the loaded weights."""
+    model = load_causal_lm("toylab:teacher", "float32", "cpu", quantization=quantization, trainable=False)
+    loaded = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    estimate = preflight.weight_bytes(empty_model("toylab:teacher"), "float32", quantization)
+    assert abs(estimate - loaded) / loaded < 0.03
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", ["q_proj", "v_proj"], r".*\.mlp\.down_proj"])
+def test_lora_parameter_count_matches_peft(target_modules):
+    model = load_causal_lm("toylab:student", "float32", "cpu", lora=LoraSpec(4, 8, 0.0, target_modules))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert preflight.lora_parameters(empty_model("toylab:student"), 4, target_modules) == trainable
+
+
+def test_memory_above_free_is_refused_and_near_it_warned(monkeypatch, tmp_path, capsys):
+    total = preflight.run_preflight(load_config("toylab")).memory.total
+    monkeypatch.setattr(preflight, "free_memory", lambda device: total // 2)
+    assert cli.main(["doctor", "-p", "toylab"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the run needs more memory than cpu has free: ~") and "(estimate) vs" in err
+    assert len(err.splitlines()) == 1
+    assert cli.main(["distill", "-p", "toylab", "--out", str(tmp_path / "run")]) == 2
+    assert "the run needs more memory than cpu has free" in capsys.readouterr().err
+    monkeypatch.setattr(preflight, "free_memory", lambda device: int(total * 1.1))
+    assert cli.main(["doctor", "-p", "toylab"]) == 0
+    assert "the run may not fit in memory on cpu" in capsys.readouterr().out
