@@ -10,7 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tests also start subprocesses, and two busy torch pools on two cores slow each other 100x.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -147,3 +147,10 @@ def test_sigint_during_distill_saves_and_exits_130(random_pair_dir, tmp_path):
     assert (out / "student" / "model.safetensors").is_file()
     lines = metrics.read_text().splitlines()
     assert len(lines) >= 2 and all(json.loads(line)["step"] for line in lines)
+
+
+def test_doctor_help_and_bad_preset(capsys):
+    assert cli.main(["doctor", "--help"]) == 0
+    assert "Usage" in capsys.readouterr().out
+    assert cli.main(["doctor", "--preset", "nope"]) == 2
+    assert "error: unknown preset 'nope'" in capsys.readouterr().err

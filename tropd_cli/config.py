@@ -37,7 +37,7 @@ class TeacherConfig(ModelSection):
     model: str = Field("toylab:teacher", description="Hub id, local folder, or toylab:teacher.")
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="bitsandbytes weight quantization: 4bit (nf4, double quant, compute in dtype) or "
-        "8bit (LLM.int8; works on CPU too with bitsandbytes >= 0.49).")
+        "8bit (LLM.int8, float16 matmuls; also runs on CPU, checked with bitsandbytes 0.50).")
 
 
 class LoraConfig(Section):
