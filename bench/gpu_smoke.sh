@@ -15,9 +15,10 @@ done
 for setting in objective.name=eopd objective.name=reopold objective.name=entropy_opd objective.name=gkd \
                objective.name=fkl_topk objective.outlier=mask objective.outlier=clip objective.outlier=fkl_grad \
                train.updates_per_batch=2; do
+  name=${setting//[=.]/-}
   tropd distill --preset toylab --set train.device=cuda --set train.steps=5 --set eval.problems=0 \
-    --set "$setting" --out "$out/$setting" --overwrite > "$out/$setting.log" 2>&1
-  echo "$setting: exit $? $(tail -c 200 "$out/$setting/metrics.jsonl" 2>/dev/null | tr -d '\n' | cut -c1-160)"
+    --set "$setting" --out "$out/$name" --overwrite > "$out/$name.log" 2>&1
+  echo "$setting: exit $? $(tail -n 1 "$out/$name/metrics.jsonl" 2>/dev/null | cut -c1-160)"
 done
 /usr/bin/time -f "evaluate wall %es" python3 -m tropd_cli evaluate --model toylab:teacher --model "$out/demo-tropd" \
   --benchmark toylab --device cuda --out "$out/eval" --overwrite 2>&1 | tail -12
