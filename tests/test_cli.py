@@ -131,16 +131,22 @@ def test_sigint_during_distill_saves_and_exits_130(random_pair_dir, tmp_path):
     import time
 
     out = tmp_path / "run"
-    process = subprocess.Popen(
+    log = (tmp_path / "stdout.txt").open("w"), (tmp_path / "stderr.txt").open("w")
+    process = subprocess.Popen(  # output to files: a full pipe would block the child
         [sys.executable, "-m", "tropd_cli", "distill", "-p", "toylab",
          *pair_overrides(random_pair_dir, steps=10_000), "--set", "eval.problems=0", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=log[0], stderr=log[1], text=True,
+        # a shell that starts pytest in the background makes SIGINT ignored, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not (
+            metrics.is_file() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
+    assert process.poll() is None, (tmp_path / "stderr.txt").read_text()
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    process.wait(timeout=240)
+    err = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 130, err
     assert "student and metrics saved in" in err and "Traceback" not in err
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
