@@ -139,13 +139,17 @@ def test_sigint_during_distill_saves_and_exits_130(random_pair_dir, tmp_path):
         # a shell that starts pytest in the background makes SIGINT ignored, and children inherit that
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None and not (
-            metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    assert process.poll() is None, (tmp_path / "stderr.txt").read_text()
-    process.send_signal(signal.SIGINT)
-    process.wait(timeout=240)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None and not (
+                metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.2)
+        assert process.poll() is None, (tmp_path / "stderr.txt").read_text()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=240)
+    finally:
+        if process.poll() is None:  # never leave a 10,000-step run behind
+            process.kill()
     err = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 130, err
     assert "student and metrics saved in" in err and "Traceback" not in err
