@@ -35,7 +35,7 @@ from tropd_cli.engine.rollout import HFGenerateBackend, RolloutBackend, Sampling
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
-from tropd_cli.models import LoraSpec, load_causal_lm, load_tokenizer, pick_device
+from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
 from tropd_cli.preflight import check_before_distill
 from tropd_cli.toylab.accuracy import prompt_token_ids, toy_accuracy
 from tropd_cli.toylab.tasks import is_held_out, random_problem, sample_problems
@@ -88,7 +88,7 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
             console: Console | None = None) -> RunResult:
     """Run a distillation described by `config` and write its run folder."""
     console = console or Console()
-    check_before_distill(config, console)
+    tokenizer = check_before_distill(config, console).student_tokenizer
     run_dir = run_dir_for(config, preset, out)
     prepare_output_dir(run_dir, overwrite)
     atomic_write_text(run_dir / "config.yaml", f"# tropd {__version__}, preset {preset}\n" + to_yaml(config))
@@ -98,7 +98,6 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
     random.seed(config.train.seed)
 
     device = pick_device(config.train.device)
-    tokenizer = load_tokenizer(config.student.model)
     teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
                              quantization=config.teacher.quantization, trainable=False)
     student = load_causal_lm(config.student.model, config.student.dtype, device,

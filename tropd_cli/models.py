@@ -89,8 +89,9 @@ class LoraSpec:
 
 def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str = "cpu",
                    quantization: str = "none", lora: LoraSpec | None = None,
-                   trainable: bool = True) -> torch.nn.Module:
-    """Load a causal LM; frozen in eval mode unless `trainable`; LoRA adapters when `lora` is given."""
+                   trainable: bool = True, merge_adapter: str | None = None) -> torch.nn.Module:
+    """Load a causal LM; frozen in eval mode unless `trainable`; new LoRA adapters when `lora` is given;
+    a saved peft adapter folder merged into the weights when `merge_adapter` is given."""
     path = resolve_model_path(spec)
     kwargs: dict = {"dtype": DTYPES[dtype]}
     device = torch.device(device)
@@ -112,6 +113,13 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
     disable_cpu_weight_repacking(model)
     if quantization == "none":
         model.to(device)
+    if merge_adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, merge_adapter).merge_and_unload()
+        except (OSError, ValueError, KeyError) as error:
+            raise TropdError(f"cannot load adapter '{merge_adapter}': {_first_line(error)}") from None
     if lora is not None:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

@@ -77,6 +77,7 @@ class MemoryEstimate:
 class Preflight:
     checks: list[Check]
     memory: MemoryEstimate
+    student_tokenizer: PreTrainedTokenizerBase  # loaded for the checks; the run reuses it
 
     @property
     def first_error(self) -> str | None:
@@ -296,7 +297,7 @@ def run_preflight(config: RunConfig) -> Preflight:
     teacher, student = empty_model(config.teacher.model), empty_model(config.student.model)
     estimate = estimate_memory(config, device, teacher, student, longest_prompt(config, student_tokenizer))
     checks.append(memory_check(estimate))
-    return Preflight(checks, estimate)
+    return Preflight(checks, estimate, student_tokenizer)
 
 
 def checks_table(config: RunConfig, result: Preflight) -> Table:

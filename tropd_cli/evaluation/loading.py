@@ -2,8 +2,7 @@
 
 A spec is a hub id, `toylab:teacher` / `toylab:student`, a model folder, a PEFT adapter folder (its base
 model comes from adapter_config.json and the adapter is merged for generation), or a tropd run folder
-(its final model is `student/`). Weights and tokenizers load through `tropd_cli.models`; only the
-adapter merge is added here.
+(its final model is `student/`). Weights, adapters and tokenizers load through `tropd_cli.models`.
 """
 
 from __future__ import annotations
@@ -12,11 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import PreTrainedTokenizerBase
-
 from tropd_cli.errors import TropdError
-from tropd_cli.models import TOYLAB_PREFIX, load_causal_lm, load_tokenizer
+from tropd_cli.models import TOYLAB_PREFIX
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
@@ -63,23 +59,3 @@ def _has_weights(folder: Path) -> bool:
 
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
-
-
-def load_for_evaluation(source: ModelSource, dtype: str, device: torch.device) -> torch.nn.Module:
-    """The model in eval mode without gradients, with its adapter merged when there is one."""
-    model = load_causal_lm(source.model, dtype, device, trainable=False)
-    if source.adapter is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
-        except (OSError, ValueError, KeyError) as error:
-            raise TropdError(f"cannot load adapter '{source.spec}': {str(error).splitlines()[0]}") from None
-        model.requires_grad_(False)
-        model.eval()
-    return model
-
-
-def load_tokenizer_for(source: ModelSource) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model source (left padding, pad token set)."""
-    return load_tokenizer(source.tokenizer)

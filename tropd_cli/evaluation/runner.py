@@ -29,13 +29,13 @@ from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.engine.rollout import SamplingParams
 from tropd_cli.evaluation.graders import grade_all
-from tropd_cli.evaluation.loading import load_for_evaluation, load_tokenizer_for, resolve_model_source
+from tropd_cli.evaluation.loading import resolve_model_source
 from tropd_cli.evaluation.metrics import summarise
 from tropd_cli.evaluation.registry import EvalProblem, ProblemSet, get_benchmark, load_problems
 from tropd_cli.evaluation.report import EvalReport, print_table, write_report
 from tropd_cli.evaluation.settings import EvalSettings
 from tropd_cli.files import prepare_output_dir
-from tropd_cli.models import pick_device
+from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device
 from tropd_cli.toylab.accuracy import chat_prompt_ids, generate_texts
 
 
@@ -72,7 +72,7 @@ def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalRepo
     benchmarks = [get_benchmark(name) for name in settings.benchmarks]
     problem_sets = [load_problems(b, settings.data, settings.seed, settings.limit) for b in benchmarks]
     sources = [resolve_model_source(spec) for spec in settings.models]
-    tokenizers = [load_tokenizer_for(source) for source in sources]  # every tokenizer error before any work
+    tokenizers = [load_tokenizer(source.tokenizer) for source in sources]  # every tokenizer error before any work
     prepare_output_dir(settings.out, settings.overwrite)
     device = pick_device(settings.device)
     report = EvalReport.start(settings, sources, problem_sets)
@@ -81,7 +81,7 @@ def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalRepo
                         console=console)
     with progress:
         for label, source, tokenizer in zip(settings.labels, sources, tokenizers):
-            model = load_for_evaluation(source, settings.dtype, device)
+            model = load_causal_lm(source.model, settings.dtype, device, trainable=False, merge_adapter=source.adapter)
             for problem_set in problem_sets:
                 run = run_benchmark(model, tokenizer, problem_set, settings, progress, label)
                 report.add(problem_set.benchmark.name, label, run.metrics, run.samples)
