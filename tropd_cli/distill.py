@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +29,15 @@ from rich.table import Table
 
 from tropd_cli import __version__
 from tropd_cli.config import RunConfig, to_yaml
-from tropd_cli.engine.guidance import InRunTeacherResponses, TeacherResponses
-from tropd_cli.engine.rollout import HFGenerateBackend, RolloutBackend, SamplingParams
+from tropd_cli.data.sources import prompt_batches, teacher_response_source
+from tropd_cli.engine.rollout import HFGenerateBackend
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
 from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
 from tropd_cli.preflight import check_before_distill
-from tropd_cli.toylab.accuracy import prompt_token_ids, toy_accuracy
-from tropd_cli.toylab.tasks import is_held_out, random_problem, sample_problems
+from tropd_cli.toylab.accuracy import toy_accuracy
+from tropd_cli.toylab.tasks import sample_problems
 
 
 class Interrupted(TropdError):
@@ -66,24 +65,6 @@ def student_lora(config: RunConfig) -> LoraSpec | None:
     return LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
 
 
-def toylab_prompts(config: RunConfig, tokenizer) -> Iterator[list[list[int]]]:
-    """Endless batches of chat-formatted training-split toy prompts, seeded by train.seed."""
-    rng = random.Random(config.train.seed)
-    while True:
-        batch = []
-        while len(batch) < config.rollout.prompts_per_step:
-            problem = random_problem(rng, config.data.toylab)
-            if not is_held_out(problem.expression):
-                batch.append(prompt_token_ids(tokenizer, problem))
-        yield batch
-
-
-def teacher_response_source(config: RunConfig, teacher_backend: RolloutBackend) -> TeacherResponses:
-    """Where guidance and `sft` get their one teacher response per prompt: sampled in the run and cached."""
-    params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
-    return InRunTeacherResponses(teacher_backend, params, config.train.seed)
-
-
 def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: bool = False,
             console: Console | None = None) -> RunResult:
     """Run a distillation described by `config` and write its run folder."""
@@ -106,7 +87,7 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
     backend = HFGenerateBackend(student, tokenizer.pad_token_id, eos_ids, config.rollout.batch_size)
     teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, eos_ids, config.rollout.batch_size)
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
-                      toylab_prompts(config, tokenizer), teacher_backend=teacher_backend,
+                      prompt_batches(config, tokenizer), teacher_backend=teacher_backend,
                       teacher_responses=teacher_response_source(config, teacher_backend))
 
     held_out = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab, held_out=True)

@@ -1,0 +1,1 @@
+"""Prompt sources, prepared prompt folders and the teacher-draft cache."""
