@@ -65,7 +65,7 @@ def test_existing_run_folder_needs_overwrite(random_pair_dir, tmp_path, capsys):
     (["distill", "-p", "toylab", "--set", "train.stepz=3"], "error: unknown config key 'train.stepz'"),
     (["distill", "-p", "toylab", "--set", "train.steps=many"], "error: invalid value for train.steps: 'many'"),
     (["presets", "show", "nope"], "error: unknown preset 'nope'"),
-    (["distill"], "Missing option '--preset'"),
+    (["distill"], "error: distill needs --preset (see `tropd presets list`) or --resume RUN_DIR"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -107,7 +107,8 @@ def test_ctrl_c_saves_the_student_and_metrics(random_pair_dir, tmp_path, monkeyp
     out = tmp_path / "run"
     code = cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir, steps=5), "--out", str(out)])
     assert code == 130
-    assert f"interrupted at step 2; student and metrics saved in {out}" in capsys.readouterr().err
+    assert (f"interrupted during step 3; student and metrics saved in {out}; no checkpoint was written yet"
+            in capsys.readouterr().err)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert (out / "student" / "model.safetensors").is_file()
@@ -152,8 +153,10 @@ def test_sigint_during_distill_saves_and_exits_130(random_pair_dir, tmp_path):
             process.kill()
     err = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 130, err
-    assert "student and metrics saved in" in err and "Traceback" not in err
-    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert f"continue with: tropd distill --resume {out}" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert (out / "checkpoints" / f"step-{summary['steps_done']:06d}" / "trainer_state.pt").is_file()
     assert (out / "student" / "model.safetensors").is_file()
     lines = metrics.read_text().splitlines()
     assert len(lines) >= 2 and all(json.loads(line)["step"] for line in lines)

@@ -179,7 +179,7 @@ def test_ctrl_c_saves_the_adapter(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     code, _ = capture_distill(MODES["qlora"] + REVERSE_KL, out)
     assert code == 130
-    assert f"interrupted at step 1; student and metrics saved in {out}" in capsys.readouterr().err
+    assert f"interrupted during step 2; student and metrics saved in {out}" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["student_format"] == "adapter"
     assert (out / "student" / "adapter_model.safetensors").is_file()

@@ -35,18 +35,70 @@ def default_of(name: str) -> str:
 
 
 @app.command()
-def distill(
+def prepare(
     preset: PresetOption,
+    data: Annotated[str, typer.Option("--data", "-d", help="A .jsonl/.json/.csv/.parquet file or a folder of "
+                                      "them, a hub dataset id, or toylab (the built-in toy tasks).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The prepared folder to write.")] = None,
+    split: Annotated[str | None, typer.Option(help="Hub dataset split (default: train).")] = None,
+    subset: Annotated[str | None, typer.Option(help="Hub dataset configuration (subset) name.")] = None,
+    prompt_field: Annotated[str | None, typer.Option(help="Record field of the prompt text (default: prompt, "
+                                                     "else messages).")] = None,
+    answer_field: Annotated[str | None, typer.Option(help="Record field of the gold answer (default: answer "
+                                                     "when present).")] = None,
+    messages_field: Annotated[str | None, typer.Option(help="Record field of a {role, content} conversation, "
+                                                       "instead of a prompt field.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System message for prompts that have none "
+                                                      "(default: data.system_prompt).")] = None,
+    teacher_drafts: Annotated[bool, typer.Option("--teacher-drafts", help="Also sample one teacher response "
+                                                 "per training prompt, for guidance and sft (resumable).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the counts and a few rows; write "
+                                          "nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out that holds something else.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Prepare prompts for `distill` and `evaluate`: normalise, chat template, length filter, dedupe, split."""
+    from tropd_cli.config import load_config
+    from tropd_cli.data.prepare import PrepareRequest
+    from tropd_cli.data.prepare import prepare as run_prepare
+
+    request = PrepareRequest(data, out, split, subset, prompt_field, answer_field, messages_field, system_prompt,
+                             teacher_drafts, dry_run, overwrite)
+    run_prepare(load_config(preset, set_), request, preset=preset, console=console)
+
+
+@app.command()
+def distill(
+    preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see `tropd presets list`) "
+                                               "or path to a preset YAML file.")] = None,
     set_: SetOption = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder (default: output.dir).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run folder.")] = False,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its newest checkpoint "
+                                                "(its own config.yaml; --set may raise train.steps).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (sets train.device).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let both models' repositories "
+                                                    "run their own Python code when loading.")] = False,
 ) -> None:
     """Distill the teacher into the student on-policy and write a run folder."""
     from tropd_cli.config import load_config
     from tropd_cli.distill import distill as run_distill
+    from tropd_cli.distill import resume as resume_run
 
-    config = load_config(preset, set_)
-    run_distill(config, preset, out=out, overwrite=overwrite, console=console)
+    overrides = list(set_ or [])
+    if device is not None:
+        overrides.append(f"train.device={device}")
+    if trust_remote_code:
+        overrides += ["teacher.trust_remote_code=true", "student.trust_remote_code=true"]
+    if resume is not None:
+        if preset is not None or out is not None:
+            raise TropdError("--resume continues a run with its own config.yaml and folder; "
+                             "drop --preset and --out")
+        resume_run(resume, overrides, console=console)
+        return
+    if preset is None:
+        raise TropdError("distill needs --preset (see `tropd presets list`) or --resume RUN_DIR")
+    run_distill(load_config(preset, overrides), preset, out=out, overwrite=overwrite, console=console)
 
 
 @app.command()
@@ -95,6 +147,29 @@ def evaluate(
     settings = EvalSettings(models=model, benchmarks=benchmark, out=out,
                             **{key: value for key, value in given.items() if value is not None})
     run_evaluate(settings, console=console)
+
+
+@app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="Run folder, or a checkpoint folder RUN/checkpoints/step-NNNNNN.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
+    format_: Annotated[str | None, typer.Option("--format", help="merged (base + adapter merged, or a full run's "
+                                                "weights) or adapter (LoRA runs) (default: merged).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bf16, fp16 or fp32 (default: the run's student.dtype).")]
+    = None,
+    step: Annotated[int | None, typer.Option(help="Export the checkpoint saved at this step instead of the "
+                                             "final student.")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload the export and compare its "
+                                         "logits with the run's model.")] = True,
+    max_shard_size: Annotated[str | None, typer.Option(help="Largest safetensors file of a merged export, "
+                                                       "e.g. 2GB (default: 5GB).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Export a run's student as a merged checkpoint or a LoRA adapter, verified against the run."""
+    from tropd_cli.export import export as run_export
+
+    run_export(source, out, format_=format_, dtype=dtype, step=step, verify=verify, overwrite=overwrite,
+               max_shard_size=max_shard_size, console=console)
 
 
 @presets_app.command("list")

@@ -29,6 +29,8 @@ class Section(BaseModel):
 class ModelSection(Section):
     model: str = Field(description="Hub id, local folder, or toylab:teacher / toylab:student.")
     dtype: Dtype = Field("float32", description="Weight dtype when loading.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code when "
+                                    "loading (only for repositories you trust; `--trust-remote-code` sets it).")
 
 
 class TeacherConfig(ModelSection):
@@ -72,8 +74,35 @@ class StudentConfig(ModelSection):
 
 
 class DataConfig(Section):
-    prompts: Literal["toylab"] = Field("toylab", description="Prompt source: the built-in toy tasks.")
+    """Where prompts come from, and how `tropd prepare` turns a dataset into a prepared folder."""
+
+    prompts: str = Field("toylab", description="Prompt source of `distill`: toylab (the built-in toy-task "
+                         "generator) or the path of a folder written by `tropd prepare`.")
     toylab: Difficulty = Field(default_factory=Difficulty, description="Toy-task difficulty knobs.")
+    max_prompt_tokens: int = Field(1024, ge=1, description="prepare: drop prompts longer than this many "
+                                   "tokens once chat-formatted.")
+    system_prompt: str = Field("", description="prepare: system message added to prompts that have none "
+                               "(empty: none).")
+    thinking: bool | None = Field(None, description="prepare: enable_thinking for chat templates that read it "
+                                  "(null: the template's default).")
+    dedupe: bool = Field(True, description="prepare: drop exact duplicate prompts, keeping the first.")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="prepare: share of prompts held out in "
+                                 "eval.jsonl (toylab uses the task's own held-out split instead).")
+    seed: int | None = Field(None, description="prepare: seed of the train/eval split and of the order of "
+                             "prepared prompts (null: train.seed).")
+    toylab_prompts: int = Field(0, ge=0, description="prepare --data toylab: training prompts to draw "
+                                "(0: train.steps x rollout.prompts_per_step, one pass per run).")
+    draft_shard_size: int = Field(64, ge=1, description="prepare --teacher-drafts: drafts per shard file; "
+                                  "an interrupted prepare resumes at the first missing shard.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _toylab_or_prepared_folder(cls, value: str) -> str:
+        if value != "toylab" and not (Path(value) / "manifest.json").is_file():
+            # TropdError passes through pydantic unchanged, so the path keeps its spelling.
+            raise TropdError(f"data.prompts must be toylab or a folder written by `tropd prepare`; "
+                             f"{value} has no manifest.json")
+        return value
 
 
 class RolloutConfig(Section):
@@ -134,7 +163,15 @@ class TrainConfig(Section):
     seed: int = Field(0, description="Seed for prompts, sampling and the trust mask.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per scoring/backward pass.")
     logit_chunk_size: int = Field(1024, ge=1, description="Token positions per chunk of vocabulary logits.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train (`--device`).")
+    autocast: Literal["auto", "none", "bfloat16", "float16"] = Field(
+        "auto", description="Mixed-precision forward passes; auto: bfloat16 on a CUDA device that supports "
+        "it, none elsewhere. Weights, gradients and optimizer states keep their dtype.")
+    gradient_checkpointing: bool = Field(False, description="Recompute the student's layer activations in "
+                                         "the backward pass: less memory, about a third more compute.")
+    checkpoint_every: int = Field(50, ge=0, description="Save a resumable checkpoint every N steps (and at "
+                                  "the end and on Ctrl-C); 0: only at the end and on Ctrl-C.")
+    checkpoint_keep: int = Field(2, ge=0, description="Newest checkpoints kept in checkpoints/ (0: all).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
 
 
@@ -151,6 +188,11 @@ class OutputConfig(Section):
     dir: str = Field("runs/{preset}-{objective}-seed{seed}", description="Run folder (placeholders: "
                      "{preset}, {objective}, {seed}).")
     save_model: bool = Field(True, description="Save the final student in save_pretrained format.")
+    log_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Metric sinks besides metrics.jsonl: tensorboard (event files in "
+        "RUN/tensorboard; pip install 'tropd[tensorboard]') and wandb (pip install wandb; WANDB_MODE=offline "
+        "needs no network).")
+    wandb_project: str = Field("tropd", description="Weights & Biases project of the run.")
 
 
 class RunConfig(Section):

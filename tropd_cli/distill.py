@@ -1,21 +1,26 @@
-"""`tropd distill`: load the pair, evaluate, run the loop, save the run folder.
+"""`tropd distill`: load the pair, evaluate, run the loop, checkpoint, save the run folder.
 
-The run folder holds config.yaml (resolved configuration), metrics.jsonl (one line per step, plus
-`eval` lines), student/ (the final student in save_pretrained format with its tokenizer: the whole model,
-or only the peft adapter when student.lora is enabled) and summary.json (accuracies before and after, the
-teacher's, how the run ended, and the student's base model and format). Ctrl-C saves the current student
-and the summary so far before stopping. The preflight checks of `tropd doctor` run first.
+The run folder holds config.yaml (resolved configuration), metrics.jsonl (one line per step; steps with
+an evaluation carry `eval_accuracy`), checkpoints/ (resumable, see `checkpoints.py`), student/ (the final
+student in save_pretrained format with its tokenizer: the whole model, or only the peft adapter when
+student.lora is enabled) and summary.json (accuracies before and after, the teacher's, how the run ended,
+and the student's base model and format). The first Ctrl-C finishes the step in progress and saves a
+checkpoint; a second one stops at once, still saving the student and the summary so far.
+`tropd distill --resume RUN` continues from the newest checkpoint. The checks of `tropd doctor` run first.
 """
 
 from __future__ import annotations
 
-import json
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -28,14 +33,23 @@ from rich.progress import (
 from rich.table import Table
 
 from tropd_cli import __version__
-from tropd_cli.config import RunConfig, to_yaml
+from tropd_cli.checkpoints import (
+    CHECKPOINTS,
+    list_checkpoints,
+    load_checkpoint,
+    restore_adapter,
+    restore_random_states,
+    save_checkpoint,
+)
+from tropd_cli.config import RunConfig, apply_override, to_yaml, validate
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.rollout import HFGenerateBackend
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
 from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
-from tropd_cli.preflight import check_before_distill
+from tropd_cli.preflight import Preflight, check_before_distill
+from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
 from tropd_cli.toylab.accuracy import toy_accuracy
 from tropd_cli.toylab.tasks import sample_problems
 
@@ -69,26 +83,122 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
             console: Console | None = None) -> RunResult:
     """Run a distillation described by `config` and write its run folder."""
     console = console or Console()
-    tokenizer = check_before_distill(config, console).student_tokenizer
+    preflight = check_before_distill(config, console)
     run_dir = run_dir_for(config, preset, out)
     prepare_output_dir(run_dir, overwrite)
+    write_config(run_dir, config, preset)
+    summary: dict = {"preset": preset, "objective": config.objective.name, "seed": config.train.seed,
+                     "steps_done": 0, "steps": config.train.steps, "status": "running",
+                     "student_base_model": config.student.model,
+                     "student_format": "adapter" if config.student.lora.enabled else "full"}
+    return _train(config, run_dir, preflight, summary, console, checkpoint=None)
+
+
+def resume(run_dir: Path, overrides: list[str] | None = None, console: Console | None = None) -> RunResult:
+    """Continue a run from its newest checkpoint with its own config.yaml (plus `overrides`, such as more
+    train.steps); the steps it redoes give the metrics an uninterrupted run would have given."""
+    console = console or Console()
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise TropdError(f"{run_dir} is not a run folder (no config.yaml)")
+    raw = yaml.safe_load(config_path.read_text())
+    for override in overrides or []:
+        apply_override(raw, override)
+    config = validate(raw, source=str(config_path))
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise TropdError(f"{run_dir} has no checkpoint to resume from (nothing in {run_dir / CHECKPOINTS})")
+    step, folder = found[-1]
+    if step >= config.train.steps:
+        raise TropdError(f"{run_dir} already ran its {config.train.steps} steps; to train on, raise them "
+                         f"with --set train.steps=N")
+    state, _ = load_checkpoint(folder)
+    preflight = check_before_distill(config, console)
+    summary = {**state["summary"], "steps": config.train.steps, "status": "running"}
+    summary["resumed_from"] = [*summary.get("resumed_from", []), step]
+    if overrides:
+        write_config(run_dir, config, summary["preset"])
+    console.print(f"resuming {run_dir} from step {step} of {config.train.steps}", highlight=False)
+    return _train(config, run_dir, preflight, summary, console, checkpoint=folder)
+
+
+def write_config(run_dir: Path, config: RunConfig, preset: str) -> None:
     atomic_write_text(run_dir / "config.yaml", f"# tropd {__version__}, preset {preset}\n" + to_yaml(config))
+
+
+def load_models(config: RunConfig, device: torch.device, checkpoint: Path | None
+                ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The frozen teacher and the trainable student, the student's weights from `checkpoint` if given."""
+    teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
+                             quantization=config.teacher.quantization, trainable=False,
+                             trust_remote_code=config.teacher.trust_remote_code)
+    lora = student_lora(config)
+    saved_full_model = checkpoint is not None and lora is None
+    student = load_causal_lm(str(checkpoint / "student") if saved_full_model else config.student.model,
+                             config.student.dtype, device, quantization=config.student.quantization, lora=lora,
+                             trainable=True, trust_remote_code=config.student.trust_remote_code)
+    if checkpoint is not None and lora is not None:
+        restore_adapter(student, checkpoint / "student")
+    return teacher, student
+
+
+class StopAfterStep:
+    """Ctrl-C once: finish the step in progress, checkpoint, stop. Ctrl-C twice: stop at once."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> StopAfterStep:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print("[yellow]Ctrl-C: stopping after this step with a checkpoint "
+                           "(Ctrl-C again to stop now)[/]")
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict, console: Console,
+           checkpoint: Path | None) -> RunResult:
+    """Load the pair, evaluate before (fresh runs), train from the checkpoint's step to train.steps with
+    periodic checkpoints, evaluate after, and save the student and summary."""
+    tokenizer = preflight.student_tokenizer
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
+    np.random.seed(config.train.seed % 2**32)
+    for section in (config.teacher, config.student):
+        if section.trust_remote_code:
+            console.print(f"[yellow]trust_remote_code is on:[/] {section.model} runs its own Python code",
+                          highlight=False, soft_wrap=True)
 
     device = pick_device(config.train.device)
-    teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
-                             quantization=config.teacher.quantization, trainable=False)
-    student = load_causal_lm(config.student.model, config.student.dtype, device,
-                             quantization=config.student.quantization, lora=student_lora(config), trainable=True)
-    eos_ids = [tokenizer.eos_token_id]
-    backend = HFGenerateBackend(student, tokenizer.pad_token_id, eos_ids, config.rollout.batch_size)
-    teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, eos_ids, config.rollout.batch_size)
+    teacher, student = load_models(config, device, checkpoint)
+    backend = HFGenerateBackend(student, tokenizer.pad_token_id, preflight.stop_ids, config.rollout.batch_size)
+    teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, preflight.stop_ids,
+                                        config.rollout.batch_size)
+    start_step = 0
+    trainer_state = None
+    if checkpoint is not None:
+        _, trainer_state = load_checkpoint(checkpoint)
+        start_step = trainer_state["step"]
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
-                      prompt_batches(config, tokenizer), teacher_backend=teacher_backend,
+                      prompt_batches(config, tokenizer, start_step), teacher_backend=teacher_backend,
                       teacher_responses=teacher_response_source(config, teacher_backend))
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+        restore_random_states(trainer_state["random"])
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     held_out = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab, held_out=True)
 
@@ -97,24 +207,25 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
                             max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
                             batch_size=config.rollout.batch_size).accuracy
 
-    summary: dict = {"preset": preset, "objective": config.objective.name, "seed": config.train.seed,
-                     "steps_done": 0, "steps": config.train.steps, "status": "running",
-                     "student_base_model": config.student.model,
-                     "student_format": "adapter" if config.student.lora.enabled else "full"}
-    metrics_path = run_dir / "metrics.jsonl"
-    with console.status("evaluating before training"):
-        if config.eval.problems:
+    def save_checkpoint_now() -> Path:
+        return save_checkpoint(run_dir, trainer.step, student, tokenizer, trainer.state_dict(), summary,
+                               config.train.checkpoint_keep)
+
+    if checkpoint is None and config.eval.problems:
+        with console.status("evaluating before training"):
             if config.eval.teacher:
                 summary["teacher_accuracy"] = accuracy(teacher)
             summary["student_accuracy_before"] = accuracy(student)
-    started = time.perf_counter()
+    started = time.perf_counter() - summary.get("train_seconds", 0.0)
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), console=console)
+    sinks = open_sinks(config, run_dir, start_step, summary)
+    stop = StopAfterStep(console)
     try:
-        with metrics_path.open("a") as metrics_file, progress:
-            task = progress.add_task("distill", total=config.train.steps, info="")
-            for _ in range(config.train.steps):
+        with progress, stop:
+            task = progress.add_task("distill", total=config.train.steps, completed=start_step, info="")
+            while trainer.step < config.train.steps:
                 record = trainer.train_step()
                 if not all(map(_finite, (record["loss"], record["grad_norm"]))):
                     raise TropdError(f"non-finite loss or gradient at step {record['step']} "
@@ -122,21 +233,36 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
                                      f"lower train.lr or check the teacher")
                 if config.eval.every and record["step"] % config.eval.every == 0 and config.eval.problems:
                     record["eval_accuracy"] = accuracy(student)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                for sink in sinks:
+                    sink.log(record)
                 summary["steps_done"] = record["step"]
                 progress.update(task, advance=1, info=f"loss {record['loss']:+.4f} "
                                 f"trust {record.get('trust_fraction', float('nan')):.3f} "
                                 f"len {record['response_length']:.1f}")
+                every = config.train.checkpoint_every
+                if stop.requested or trainer.step == config.train.steps or (every and trainer.step % every == 0):
+                    summary["train_seconds"] = round(time.perf_counter() - started, 2)
+                    saved = save_checkpoint_now()
+                if stop.requested:
+                    summary["status"] = "interrupted"
+                    _save(run_dir, student, tokenizer, summary, started)
+                    raise Interrupted(f"stopped after step {trainer.step}; checkpoint saved in {saved}; "
+                                      f"continue with: tropd distill --resume {run_dir}")
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         _save(run_dir, student, tokenizer, summary, started)
-        raise Interrupted(f"interrupted at step {summary['steps_done']}; student and metrics saved in "
-                          f"{run_dir}") from None
+        newest = list_checkpoints(run_dir)
+        where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
+        raise Interrupted(f"interrupted during step {trainer.step + 1}; student and metrics saved in "
+                          f"{run_dir}; {where}") from None
+    except Interrupted:
+        raise
     except BaseException:
         summary["status"] = "failed"
         _save(run_dir, student, tokenizer, summary, started)
         raise
+    finally:
+        close_sinks(sinks)
     with console.status("evaluating after training"):
         if config.eval.problems:
             summary["student_accuracy_after"] = accuracy(student)

@@ -64,11 +64,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a model spec, padding on the left (generation) with a pad token set."""
     path = resolve_model_path(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise TropdError(f"cannot load the tokenizer of '{spec}': {_first_line(error)}") from None
     if tokenizer.pad_token_id is None:
@@ -89,11 +89,13 @@ class LoraSpec:
 
 def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str = "cpu",
                    quantization: str = "none", lora: LoraSpec | None = None,
-                   trainable: bool = True, merge_adapter: str | None = None) -> torch.nn.Module:
+                   trainable: bool = True, merge_adapter: str | None = None,
+                   trust_remote_code: bool = False) -> torch.nn.Module:
     """Load a causal LM; frozen in eval mode unless `trainable`; new LoRA adapters when `lora` is given;
-    a saved peft adapter folder merged into the weights when `merge_adapter` is given."""
+    a saved peft adapter folder merged into the weights when `merge_adapter` is given. Weights are read
+    from safetensors only; the repository's own code runs only with `trust_remote_code`."""
     path = resolve_model_path(spec)
-    kwargs: dict = {"dtype": DTYPES[dtype]}
+    kwargs: dict = {"dtype": DTYPES[dtype], "use_safetensors": True, "trust_remote_code": trust_remote_code}
     device = torch.device(device)
     if quantization in ("4bit", "8bit"):
         from transformers import BitsAndBytesConfig
@@ -135,20 +137,37 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
     return model
 
 
-def load_model_config(spec: str) -> PretrainedConfig:
+def load_model_config(spec: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The transformers configuration of a model spec (no weights are read)."""
     path = resolve_model_path(spec)
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise TropdError(f"cannot load the config of model '{spec}': {_first_line(error)}") from None
 
 
-def empty_model(spec: str) -> torch.nn.Module:
+def empty_model(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model of a spec on the meta device: its modules and parameter shapes, no memory, no weights."""
-    config = load_model_config(spec)
+    config = load_model_config(spec, trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def stop_token_ids(spec: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids
+    (chat models often stop at an end-of-turn token that differs from the tokenizer's EOS)."""
+    from transformers import GenerationConfig
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        generation = GenerationConfig.from_pretrained(resolve_model_path(spec))
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS alone
+        return ids
+    extra = generation.eos_token_id
+    for token_id in extra if isinstance(extra, list) else [] if extra is None else [extra]:
+        if token_id not in ids:
+            ids.append(int(token_id))
+    return ids
 
 
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:

@@ -29,8 +29,9 @@ from rich.table import Table
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from tropd_cli.config import RunConfig
+from tropd_cli.engine.trainer import autocast_dtype
 from tropd_cli.errors import TropdError
-from tropd_cli.models import DTYPES, empty_model, load_model_config, load_tokenizer, pick_device
+from tropd_cli.models import DTYPES, empty_model, load_model_config, load_tokenizer, pick_device, stop_token_ids
 from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import random_problem
 
@@ -78,6 +79,7 @@ class Preflight:
     checks: list[Check]
     memory: MemoryEstimate
     student_tokenizer: PreTrainedTokenizerBase  # loaded for the checks; the run reuses it
+    stop_ids: list[int]  # ids that end a rollout: tokenizer EOS and generation-config EOS ids
 
     @property
     def first_error(self) -> str | None:
@@ -210,12 +212,15 @@ def kv_cache_bytes(model: torch.nn.Module, dtype: str, sequences: int, tokens: i
     return 2 * config.num_hidden_layers * kv_heads * head_dim * element * sequences * tokens
 
 
-def activation_bytes(model: torch.nn.Module, dtype: str, tokens: int) -> int:
-    """Very rough: what one micro-batch's forward keeps for backward."""
+def activation_bytes(model: torch.nn.Module, dtype: str, tokens: int, checkpointed: bool = False) -> int:
+    """Very rough: what one micro-batch's forward keeps for backward. With gradient checkpointing, each
+    layer's input, plus one layer's activations while it is recomputed."""
     config = _text_config(model)
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     element = torch.tensor([], dtype=DTYPES[dtype]).element_size()
     per_layer = ACTIVATIONS_PER_HIDDEN * config.hidden_size + ACTIVATIONS_PER_INTERMEDIATE * intermediate
+    if checkpointed:
+        return (config.num_hidden_layers * config.hidden_size + per_layer) * element * tokens
     return config.num_hidden_layers * per_layer * element * tokens
 
 
@@ -264,7 +269,9 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
         (f"gradients + AdamW states ({trainable:,} trainable)", 3 * trainable_bytes),
         (f"rollout KV cache ({sequences} x {length} tokens)", kv),
         (f"scoring logits ({chunk} positions x {vocab} vocab, float32)", CHUNK_TENSORS * chunk * vocab * FP32_BYTES),
-        (f"student activations ({micro} x {length} tokens, rough)", activation_bytes(student, s.dtype, micro * length)),
+        (f"student activations ({micro} x {length} tokens{', checkpointed' if train.gradient_checkpointing else ''}"
+         ", rough)", activation_bytes(student, "bfloat16" if autocast_dtype(train.autocast, device) else s.dtype,
+                                      micro * length, train.gradient_checkpointing)),
     ]
     return MemoryEstimate(device, rows, free_memory(device))
 
@@ -291,13 +298,19 @@ def memory_check(estimate: MemoryEstimate) -> Check:
 def run_preflight(config: RunConfig) -> Preflight:
     """Every check for `config` on its device; nothing is printed or raised for a failed check."""
     device = pick_device(config.train.device)
-    teacher_tokenizer, student_tokenizer = load_tokenizer(config.teacher.model), load_tokenizer(config.student.model)
-    configs = (load_model_config(config.teacher.model), load_model_config(config.student.model))
+    teacher_tokenizer, student_tokenizer = (load_tokenizer(section.model, section.trust_remote_code)
+                                            for section in (config.teacher, config.student))
+    configs = tuple(load_model_config(section.model, section.trust_remote_code)
+                    for section in (config.teacher, config.student))
     checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs)
-    teacher, student = empty_model(config.teacher.model), empty_model(config.student.model)
+    stop_ids = stop_token_ids(config.student.model, student_tokenizer)
+    checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
+                                                 for i in stop_ids) or "none"))
+    teacher, student = (empty_model(section.model, section.trust_remote_code)
+                        for section in (config.teacher, config.student))
     estimate = estimate_memory(config, device, teacher, student, longest_prompt(config, student_tokenizer))
     checks.append(memory_check(estimate))
-    return Preflight(checks, estimate, student_tokenizer)
+    return Preflight(checks, estimate, student_tokenizer, stop_ids)
 
 
 def checks_table(config: RunConfig, result: Preflight) -> Table:

@@ -73,6 +73,17 @@ class InRunTeacherResponses:
             self.calls += 1
         return [self.cache[tuple(ids)] for ids in prompt_ids]
 
+    def state_dict(self) -> dict:
+        """The cache and call count, as plain lists (a checkpoint restores them exactly)."""
+        return {"calls": self.calls, "prompts": [list(ids) for ids in self.cache],
+                "responses": [r.token_ids for r in self.cache.values()],
+                "finished": [r.finished for r in self.cache.values()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+        self.cache = {tuple(ids): TeacherResponse(list(response), bool(done)) for ids, response, done
+                      in zip(state["prompts"], state["responses"], state["finished"])}
+
 
 def prefix_length(response_length: int, step: int, total_steps: int) -> int:
     """l_i = floor(|y| (1 + cos(pi i / N)) / 2), the cosine prefix schedule.

@@ -15,6 +15,7 @@ nothing about the command line.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,6 +65,14 @@ def entropy_selection(config: RunConfig, step: int) -> float | None:
     if objective.name == "reopold" and step >= objective.reopold_switch_step:
         return objective.reopold_beta
     return None
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of mixed-precision forward passes, or None for none (`train.autocast`)."""
+    if setting == "auto":
+        usable = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if usable else None
+    return None if setting == "none" else getattr(torch, setting)
 
 
 def check_objective(config: RunConfig, vocab_size: int, has_teacher_backend: bool,
@@ -147,6 +156,30 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.step = 0
+        dtype = autocast_dtype(config.train.autocast, models.device)
+        self.autocast = (lambda: torch.autocast(models.device.type, dtype=dtype)) if dtype else \
+            contextlib.nullcontext
+        if config.train.gradient_checkpointing:
+            if hasattr(models.student, "activation_checkpointing_enable"):  # transformers >= 5.x
+                models.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                models.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the student's weights: step, optimizer, scheduler, and the
+        teacher-response cache when its source keeps one."""
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if hasattr(self.teacher_responses, "state_dict"):
+            state["teacher_responses"] = self.teacher_responses.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if "teacher_responses" in state and hasattr(self.teacher_responses, "load_state_dict"):
+            self.teacher_responses.load_state_dict(state["teacher_responses"])
 
     def _rollouts(self, prompt_ids: list[list[int]]) -> tuple[Rollouts, bool, list[int] | None]:
         """Student rollouts, or teacher responses (sft, seqkd, gkd's off-policy steps); also whether
@@ -240,9 +273,10 @@ class Trainer:
     def _score_teacher(self, item: MicroBatch) -> TeacherStats:
         if item.teacher is None:
             config = self.config
-            item.teacher = score_teacher(self.models.teacher, item.sequences, scored_top_k(config),
-                                         config.train.logit_chunk_size,
-                                         keep_hidden=config.objective.name == "gkd")
+            with self.autocast():
+                item.teacher = score_teacher(self.models.teacher, item.sequences, scored_top_k(config),
+                                             config.train.logit_chunk_size,
+                                             keep_hidden=config.objective.name == "gkd")
         return item.teacher
 
     @torch.no_grad()
@@ -252,8 +286,9 @@ class Trainer:
         self.models.student.train()
         for item in micro:
             teacher = self._score_teacher(item)
-            item.sampled = score_student(self.models.student, item.sequences, teacher.topk_ids,
-                                         self.config.train.logit_chunk_size)
+            with self.autocast():
+                item.sampled = score_student(self.models.student, item.sequences, teacher.topk_ids,
+                                             self.config.train.logit_chunk_size)
             entropies.append(item.sampled.entropy)
         entropy = torch.cat(entropies)
         return baselines.entropy_threshold(entropy, torch.ones_like(entropy), fraction)
@@ -287,8 +322,9 @@ class Trainer:
             divergence = None
             if jsd is not None:
                 divergence = Divergence(jsd, teacher.hidden, decoder_and_head(models.teacher)[1])
-            student = score_student(models.student, item.sequences, teacher.topk_ids,
-                                    config.train.logit_chunk_size, divergence)
+            with self.autocast():
+                student = score_student(models.student, item.sequences, teacher.topk_ids,
+                                        config.train.logit_chunk_size, divergence)
             if item.sampled is None:
                 item.sampled = StudentStats(student.logprobs.detach(), student.topk_logprobs.detach(),
                                             student.entropy)

@@ -1,0 +1,109 @@
+"""Resumable checkpoints of a run: `RUN/checkpoints/step-NNNNNN/`, each written atomically.
+
+A checkpoint holds `student/` (the student in save_pretrained format with its tokenizer: the whole model,
+or the peft adapter), `trainer_state.pt` (optimizer, scheduler, step, the teacher-response cache, and the
+Python, NumPy and torch random states; loaded with `torch.load(weights_only=True)`) and `state.json`
+(the step and the run summary so far). The prompt position needs no saving: the batch of step i is a pure
+function of the configuration and i. Only the newest `train.checkpoint_keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tropd_cli.errors import TropdError
+from tropd_cli.files import atomic_folder, atomic_write_json
+
+CHECKPOINTS = "checkpoints"
+STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run, oldest first, as (step, folder)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        match = STEP_FOLDER.match(folder.name)
+        if match and (folder / "state.json").is_file() and (folder / "trainer_state.pt").is_file():
+            found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def random_states() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) random states, as weights_only-loadable values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, student: torch.nn.Module, tokenizer, trainer_state: dict,
+                    summary: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep` (0: keep all)."""
+    target = checkpoint_dir(run_dir, step)
+
+    def fill(folder: Path) -> None:
+        student.save_pretrained(folder / "student")
+        tokenizer.save_pretrained(folder / "student")
+        torch.save({**trainer_state, "random": random_states()}, folder / "trainer_state.pt")
+        atomic_write_json(folder / "state.json", {"step": step, "summary": summary})
+
+    atomic_folder(target, fill)
+    if keep:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """(state.json, trainer_state.pt) of a checkpoint folder; a damaged one is a one-line error."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        trainer_state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+    except (OSError, ValueError, RuntimeError) as error:
+        raise TropdError(f"cannot read checkpoint {folder}: {str(error).splitlines()[0]}") from None
+    return state, trainer_state
+
+
+def restore_adapter(student: torch.nn.Module, adapter_folder: Path) -> None:
+    """Load a saved peft adapter's weights into a student built with the same LoRA settings."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter_folder / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(student, weights)
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if missing:
+        raise TropdError(f"checkpoint adapter {adapter_folder} does not match student.lora "
+                         f"(missing {missing[0]}); resume with the run's own config.yaml")
