@@ -165,3 +165,16 @@ def test_memory_above_free_is_refused_and_near_it_warned(monkeypatch, tmp_path, 
     monkeypatch.setattr(preflight, "free_memory", lambda device: int(total * 1.1))
     assert cli.main(["doctor", "-p", "toylab"]) == 0
     assert "the run may not fit in memory on cpu" in capsys.readouterr().out
+
+
+def test_allowed_template_mismatch_is_a_warning(random_pair_dir, tmp_path, capsys):
+    build, message = VARIANTS["other-chat-template"]
+    student = student_folder(tmp_path, "other-template", build())
+    args = [*pair_args(random_pair_dir / "teacher", student), "--set", "teacher.allow_template_mismatch=true"]
+    assert cli.main(["doctor", "-p", "toylab", *args]) == 0
+    assert "ready to distill" in capsys.readouterr().out
+    from tropd_cli.config import load_config
+    from tropd_cli.preflight import run_preflight
+
+    check = next(c for c in run_preflight(load_config("toylab", args[1::2])).checks if c.name == "chat template")
+    assert check.status == "warn" and check.warning == f"{message} (allowed by teacher.allow_template_mismatch)"

@@ -20,7 +20,7 @@ from tropd_cli.distill import distill, resume
 from tropd_cli.engine.trainer import Trainer
 from tropd_cli.models import stop_token_ids
 
-TIMINGS = ("rollout_s", "score_s", "update_s")
+TIMINGS = ("rollout_s", "score_s", "update_s", "tokens_per_s")
 
 
 def tiny(pair: Path, steps: int = 4, *extra: str) -> list[str]:

@@ -44,7 +44,7 @@ from tropd_cli.checkpoints import (
 from tropd_cli.config import RunConfig, apply_override, to_yaml, validate
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.rollout import HFGenerateBackend
-from tropd_cli.engine.trainer import Models, Trainer
+from tropd_cli.engine.trainer import Models, Trainer, autocast_dtype
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
 from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
@@ -184,9 +184,11 @@ def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict
 
     device = pick_device(config.train.device)
     teacher, student = load_models(config, device, checkpoint)
-    backend = HFGenerateBackend(student, tokenizer.pad_token_id, preflight.stop_ids, config.rollout.batch_size)
+    mixed = autocast_dtype(config.train.autocast, device)
+    backend = HFGenerateBackend(student, tokenizer.pad_token_id, preflight.stop_ids, config.rollout.batch_size,
+                                autocast=mixed)
     teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, preflight.stop_ids,
-                                        config.rollout.batch_size)
+                                        config.rollout.batch_size, autocast=mixed)
     start_step = 0
     trainer_state = None
     if checkpoint is not None:

@@ -244,8 +244,9 @@ def free_memory(device: torch.device) -> int:
 
 
 def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.Module, student: torch.nn.Module,
-                    prompt_tokens: int) -> MemoryEstimate:
-    """A rough peak-memory estimate of `tropd distill` from meta-device models and the config's sizes."""
+                    prompt_tokens: int, free: int | None = None) -> MemoryEstimate:
+    """A rough peak-memory estimate of `tropd distill` from meta-device models and the config's sizes;
+    `free` defaults to the device's free memory now."""
     t, s, rollout, train = config.teacher, config.student, config.rollout, config.train
     student_weights = weight_bytes(student, s.dtype, s.quantization, upcast_unquantized=s.lora.enabled)
     if s.lora.enabled:
@@ -257,9 +258,11 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
         trainable_bytes = weight_bytes(student, s.dtype, "none")
     sequences = min(rollout.prompts_per_step * rollout.n, rollout.batch_size)
     length = prompt_tokens + rollout.max_new_tokens
-    kv = kv_cache_bytes(student, s.dtype, sequences, length)
-    if config.eval.teacher and config.eval.problems or config.objective.name == "gkd":
-        kv = max(kv, kv_cache_bytes(teacher, t.dtype, sequences, length))  # the teacher samples too
+    mixed = autocast_dtype(train.autocast, device)
+    compute = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(mixed)  # autocast: 16-bit KV and activations
+    kv = kv_cache_bytes(student, compute or s.dtype, sequences, length)
+    if config.eval.teacher and config.eval.problems or config.objective.name == "gkd" or config.objective.guidance:
+        kv = max(kv, kv_cache_bytes(teacher, compute or t.dtype, sequences, length))  # the teacher samples too
     micro = min(train.micro_batch_size, sequences)
     chunk = min(train.logit_chunk_size, micro * rollout.max_new_tokens)
     vocab = max(_text_config(model).vocab_size for model in (teacher, student))
@@ -270,10 +273,10 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
         (f"rollout KV cache ({sequences} x {length} tokens)", kv),
         (f"scoring logits ({chunk} positions x {vocab} vocab, float32)", CHUNK_TENSORS * chunk * vocab * FP32_BYTES),
         (f"student activations ({micro} x {length} tokens{', checkpointed' if train.gradient_checkpointing else ''}"
-         ", rough)", activation_bytes(student, "bfloat16" if autocast_dtype(train.autocast, device) else s.dtype,
+         ", rough)", activation_bytes(student, compute or s.dtype,
                                       micro * length, train.gradient_checkpointing)),
     ]
-    return MemoryEstimate(device, rows, free_memory(device))
+    return MemoryEstimate(device, rows, free_memory(device) if free is None else free)
 
 
 def gib(size: float) -> str:
@@ -303,6 +306,9 @@ def run_preflight(config: RunConfig) -> Preflight:
     configs = tuple(load_model_config(section.model, section.trust_remote_code)
                     for section in (config.teacher, config.student))
     checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs)
+    for check in checks:
+        if check.name == "chat template" and check.detail == "differ" and config.teacher.allow_template_mismatch:
+            check.warning, check.error = f"{check.error} (allowed by teacher.allow_template_mismatch)", None
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))

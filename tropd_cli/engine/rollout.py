@@ -46,11 +46,12 @@ class HFGenerateBackend:
     """Rollouts with `model.generate`, in batches of at most `batch_size` sequences."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_ids: list[int],
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, autocast: torch.dtype | None = None) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.eos_token_ids = list(eos_token_ids)
         self.batch_size = batch_size
+        self.autocast = autocast  # compute (and KV cache) dtype of a float32 model on a GPU
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
@@ -75,11 +76,12 @@ class HFGenerateBackend:
                 sampling = params.temperature > 0
                 kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                               top_k=0) if sampling else dict(do_sample=False)
-                output = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                    max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_token_ids,
-                    pad_token_id=self.pad_token_id, use_cache=True, **kwargs,
-                )
+                with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                    output = self.model.generate(
+                        input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                        max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_token_ids,
+                        pad_token_id=self.pad_token_id, use_cache=True, **kwargs,
+                    )
                 for row in output[:, width:].tolist():
                     response, done = _cut_at_eos(row, self.eos_token_ids)
                     responses.append(response)

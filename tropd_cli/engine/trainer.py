@@ -70,7 +70,7 @@ def entropy_selection(config: RunConfig, step: int) -> float | None:
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The dtype of mixed-precision forward passes, or None for none (`train.autocast`)."""
     if setting == "auto":
-        usable = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        usable = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if usable else None
     return None if setting == "none" else getattr(torch, setting)
 
@@ -264,7 +264,10 @@ class Trainer:
             "rollout_s": rollout_s,
             "score_s": score_s,
             "update_s": update_s,
+            "tokens_per_s": sum(len(r) for r in rollouts.response_ids) / max(rollout_s + score_s + update_s, 1e-9),
         }
+        if models.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(models.device) / 2**30
         if config.objective.name == "gkd":
             record["on_policy"] = float(on_policy)
         self.step += 1

@@ -1,0 +1,96 @@
+"""Peak GPU memory that `tropd doctor` estimates for every real-pair preset, without the hub.
+
+The models' shapes are copied from their published config.json files; the models are built on the meta
+device (no memory, no weights) and fed to the same estimator `tropd doctor` uses, with the longest prompt
+the preset admits (data.max_prompt_tokens) and full-length responses: a worst case. Run:
+
+    .venv/bin/python bench/preset_memory.py [--only NAME]
+
+Each preset's header states the figure this prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tropd_cli.config import load_config, preset_names  # noqa: E402
+from tropd_cli.preflight import estimate_memory, gib  # noqa: E402
+
+QWEN2_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
+QWEN2_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                  intermediate_size=8960, vocab_size=151936)
+SHAPES = {
+    "Skywork/Skywork-OR1-Math-7B": (Qwen2Config, QWEN2_7B),
+    "Skywork/Skywork-OR1-7B": (Qwen2Config, QWEN2_7B),
+    "Qwen/Qwen2.5-Math-7B-Instruct": (Qwen2Config, QWEN2_7B),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (Qwen2Config, {**QWEN2_1_5B, "tie_word_embeddings": False}),
+    "Qwen/Qwen2.5-1.5B-Instruct": (Qwen2Config, {**QWEN2_1_5B, "tie_word_embeddings": True}),
+    "Qwen/Qwen3-0.6B": (Qwen3Config, dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                                          num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                                          vocab_size=151936, tie_word_embeddings=True)),
+    "Qwen/Qwen3-1.7B": (Qwen3Config, dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                                          num_key_value_heads=8, head_dim=128, intermediate_size=6144,
+                                          vocab_size=151936, tie_word_embeddings=True)),
+    "Qwen/Qwen3-4B": (Qwen3Config, dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                                        num_key_value_heads=8, head_dim=128, intermediate_size=9728,
+                                        vocab_size=151936, tie_word_embeddings=True)),
+    "Qwen/Qwen3-8B": (Qwen3Config, dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                                        num_key_value_heads=8, head_dim=128, intermediate_size=12288,
+                                        vocab_size=151936, tie_word_embeddings=False)),
+    "meta-llama/Llama-3.1-8B-Instruct": (LlamaConfig, dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)),
+    "meta-llama/Llama-3.2-1B-Instruct": (LlamaConfig, dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)),
+}
+
+
+def model_config(model_id: str):
+    """The published configuration of a preset's model, rebuilt offline."""
+    config_class, shape = SHAPES[model_id]
+    return config_class(**shape)
+
+
+def meta_model(model_id: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config(model_id))
+
+
+def preset_estimate(name: str) -> tuple[float, list[tuple[str, int]]]:
+    """The estimated peak memory of a preset on a CUDA GPU, in GiB, and its rows."""
+    # no prepared folder needed; a GPU with bfloat16, where train.autocast=auto turns it on
+    config = load_config(name, ["data.prompts=toylab", "train.autocast=bfloat16"])
+    estimate = estimate_memory(config, torch.device("cuda"), meta_model(config.teacher.model),
+                               meta_model(config.student.model), config.data.max_prompt_tokens, free=0)
+    return estimate.total / 2**30, estimate.rows
+
+
+def real_presets() -> list[str]:
+    return [name for name in preset_names()
+            if load_config(name, ["data.prompts=toylab"]).teacher.model in SHAPES]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="One preset name.")
+    parser.add_argument("--rows", action="store_true", help="Also print each preset's components.")
+    args = parser.parse_args()
+    for name in [args.only] if args.only else real_presets():
+        total, rows = preset_estimate(name)
+        print(f"{name:34s} {total:6.1f} GiB")
+        if args.rows:
+            for label, size in rows:
+                print(f"    {label:70s} {gib(size)}")
+
+
+if __name__ == "__main__":
+    main()
