@@ -27,15 +27,29 @@ def test_readme_shows_the_tour():
     assert "tropd presets list" in commands
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One folder for every README command, run in README order: later commands use earlier runs."""
+    return tmp_path_factory.mktemp("readme")
+
+
+def shrink(argv: list[str]) -> list[str]:
+    """A distill command with tiny settings, keeping the settings the command gives itself."""
+    given = {argv[i + 1].split("=")[0] for i, arg in enumerate(argv[:-1]) if arg in ("--set", "-s")}
+    pairs = [(TINY[i], TINY[i + 1]) for i in range(0, len(TINY), 2)]
+    return argv + [arg for flag, setting in pairs if setting.split("=")[0] not in given for arg in (flag, setting)]
+
+
 @pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs(command, tmp_path, monkeypatch):
+def test_readme_command_runs(command, workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
     argv = shlex.split(command)[1:]
-    if "--out" in argv:
-        argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    if "--out" in argv and Path(argv[argv.index("--out") + 1]).is_absolute():
+        argv[argv.index("--out") + 1] = str(workdir / "out")
     if argv[0] == "evaluate":
         argv += ["--limit", "8"]
-    if argv[0] == "distill":
-        argv += TINY + ([] if "--out" in argv else ["--out", str(tmp_path / "run")])
+    if argv[0] == "distill" and "--resume" not in argv:
+        argv = shrink(argv) + ([] if "--out" in argv else ["--out", str(workdir / "run")]) + ["--overwrite"]
     if argv[:2] == ["toylab", "build"]:
         for name in build.RECIPES:
             monkeypatch.setitem(build.RECIPES, name, {**build.RECIPES[name], "steps": 2, "warmup": 1})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -29,6 +30,9 @@ from rich.table import Table
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from tropd_cli.config import RunConfig
+from tropd_cli.data.prepared import MANIFEST, PreparedFolder
+from tropd_cli.data.rows import template_reads_thinking
+from tropd_cli.data.sources import needs_teacher_responses
 from tropd_cli.engine.trainer import autocast_dtype
 from tropd_cli.errors import TropdError
 from tropd_cli.models import DTYPES, empty_model, load_model_config, load_tokenizer, pick_device, stop_token_ids
@@ -234,6 +238,56 @@ def longest_prompt(config: RunConfig, tokenizer: PreTrainedTokenizerBase, sample
     return max(len(prompt_token_ids(tokenizer, problem)) for problem in problems)
 
 
+def thinking_check(config: RunConfig, teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> Check:
+    """Which templates read `enable_thinking`; data.thinking on a student template that ignores it warns."""
+    reads = [template_reads_thinking(tok) for tok in (teacher, student)]
+    detail = (f"enable_thinking read by the template: {'yes' if reads[0] else 'no'} (teacher), "
+              f"{'yes' if reads[1] else 'no'} (student); data.thinking: "
+              f"{'template default' if config.data.thinking is None else str(config.data.thinking).lower()}")
+    if config.data.thinking is not None and not reads[1]:
+        return Check("thinking mode", detail, warning=f"data.thinking={str(config.data.thinking).lower()} has no "
+                     "effect: the student's chat template does not read enable_thinking")
+    return Check("thinking mode", detail)
+
+
+def prompts_check(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Check:
+    """The prompt source: the toy tasks, or a prepared folder made with the student's tokenizer."""
+    if config.data.prompts == "toylab":
+        return Check("prompts", "toy tasks (built-in generator)")
+    try:
+        folder = PreparedFolder.open(config.data.prompts)
+        folder.check_tokenizer(tokenizer, config.student.model)
+    except TropdError as error:
+        return Check("prompts", "unusable", error=str(error))
+    counts = folder.manifest.get("counts", {})
+    drafts = "with teacher drafts" if folder.drafts is not None else "no teacher drafts"
+    return Check("prompts", f"{config.data.prompts}: {counts.get('train', '?')} train prompts, {drafts}")
+
+
+def teacher_samples(config: RunConfig) -> bool:
+    """Whether the teacher generates during the run (then its KV cache counts too): for its held-out
+    accuracy, gkd's off-policy steps, seqkd, and guidance or sft without a prepared folder's teacher
+    drafts (a folder not prepared yet is assumed to get them)."""
+    if config.eval.teacher and config.eval.problems or config.objective.name in ("gkd", "seqkd"):
+        return True
+    if not needs_teacher_responses(config):
+        return False
+    if config.data.prompts == "toylab":
+        return True
+    folder = Path(config.data.prompts)
+    return (folder / MANIFEST).is_file() and PreparedFolder.open(folder).drafts is None
+
+
+def longest_prompt_of(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens in the longest training prompt: a prepared folder's, else a sample of the toy tasks'."""
+    if config.data.prompts != "toylab" and (Path(config.data.prompts) / MANIFEST).is_file():
+        try:
+            return max(map(len, PreparedFolder.open(config.data.prompts).train_prompt_ids()))
+        except (TropdError, ValueError):  # reported by the prompts check
+            return config.data.max_prompt_tokens
+    return longest_prompt(config, tokenizer)
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on a CUDA device, or the memory available to new processes on this machine."""
     if device.type == "cuda":
@@ -261,8 +315,8 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     mixed = autocast_dtype(train.autocast, device)
     compute = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(mixed)  # autocast: 16-bit KV and activations
     kv = kv_cache_bytes(student, compute or s.dtype, sequences, length)
-    if config.eval.teacher and config.eval.problems or config.objective.name == "gkd" or config.objective.guidance:
-        kv = max(kv, kv_cache_bytes(teacher, compute or t.dtype, sequences, length))  # the teacher samples too
+    if teacher_samples(config):
+        kv = max(kv, kv_cache_bytes(teacher, compute or t.dtype, sequences, length))
     micro = min(train.micro_batch_size, sequences)
     chunk = min(train.logit_chunk_size, micro * rollout.max_new_tokens)
     vocab = max(_text_config(model).vocab_size for model in (teacher, student))
@@ -309,12 +363,13 @@ def run_preflight(config: RunConfig) -> Preflight:
     for check in checks:
         if check.name == "chat template" and check.detail == "differ" and config.teacher.allow_template_mismatch:
             check.warning, check.error = f"{check.error} (allowed by teacher.allow_template_mismatch)", None
+    checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts_check(config, student_tokenizer)]
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))
     teacher, student = (empty_model(section.model, section.trust_remote_code)
                         for section in (config.teacher, config.student))
-    estimate = estimate_memory(config, device, teacher, student, longest_prompt(config, student_tokenizer))
+    estimate = estimate_memory(config, device, teacher, student, longest_prompt_of(config, student_tokenizer))
     checks.append(memory_check(estimate))
     return Preflight(checks, estimate, student_tokenizer, stop_ids)
 
