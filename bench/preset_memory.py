@@ -67,16 +67,15 @@ def meta_model(model_id: str) -> torch.nn.Module:
 
 def preset_estimate(name: str) -> tuple[float, list[tuple[str, int]]]:
     """The estimated peak memory of a preset on a CUDA GPU, in GiB, and its rows."""
-    # no prepared folder needed; a GPU with bfloat16, where train.autocast=auto turns it on
-    config = load_config(name, ["data.prompts=toylab", "train.autocast=bfloat16"])
+    # a GPU with bfloat16, where train.autocast=auto turns it on; the teacher drafts come from prepare
+    config = load_config(name, ["train.autocast=bfloat16"])
     estimate = estimate_memory(config, torch.device("cuda"), meta_model(config.teacher.model),
                                meta_model(config.student.model), config.data.max_prompt_tokens, free=0)
     return estimate.total / 2**30, estimate.rows
 
 
 def real_presets() -> list[str]:
-    return [name for name in preset_names()
-            if load_config(name, ["data.prompts=toylab"]).teacher.model in SHAPES]
+    return [name for name in preset_names() if load_config(name).teacher.model in SHAPES]
 
 
 def main() -> None:

@@ -37,6 +37,9 @@ class TeacherConfig(ModelSection):
     """The frozen teacher, loaded in eval mode without gradients."""
 
     model: str = Field("toylab:teacher", description="Hub id, local folder, or toylab:teacher.")
+    allow_template_mismatch: bool = Field(
+        False, description="Run although the teacher's chat template differs from the student's (preflight "
+        "warns instead of failing). The teacher then scores prompts formatted with the student's template.")
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="bitsandbytes weight quantization: 4bit (nf4, double quant, compute in dtype) or "
         "8bit (LLM.int8, float16 matmuls; also runs on CPU, checked with bitsandbytes 0.50).")
@@ -85,24 +88,19 @@ class DataConfig(Section):
                                "(empty: none).")
     thinking: bool | None = Field(None, description="prepare: enable_thinking for chat templates that read it "
                                   "(null: the template's default).")
-    dedupe: bool = Field(True, description="prepare: drop exact duplicate prompts, keeping the first.")
+    dedupe: bool | None = Field(None, description="prepare: drop exact duplicate prompts, keeping the first "
+                                "(null: yes for files and hub datasets; no for toylab, whose generator draws with "
+                                "replacement like the built-in run).")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="prepare: share of prompts held out in "
                                  "eval.jsonl (toylab uses the task's own held-out split instead).")
     seed: int | None = Field(None, description="prepare: seed of the train/eval split and of the order of "
                              "prepared prompts (null: train.seed).")
+    max_train_prompts: int = Field(0, ge=0, description="prepare: keep at most this many training prompts, a "
+                                   "seeded sample (0: all); bounds the cost of --teacher-drafts.")
     toylab_prompts: int = Field(0, ge=0, description="prepare --data toylab: training prompts to draw "
                                 "(0: train.steps x rollout.prompts_per_step, one pass per run).")
     draft_shard_size: int = Field(64, ge=1, description="prepare --teacher-drafts: drafts per shard file; "
                                   "an interrupted prepare resumes at the first missing shard.")
-
-    @field_validator("prompts")
-    @classmethod
-    def _toylab_or_prepared_folder(cls, value: str) -> str:
-        if value != "toylab" and not (Path(value) / "manifest.json").is_file():
-            # TropdError passes through pydantic unchanged, so the path keeps its spelling.
-            raise TropdError(f"data.prompts must be toylab or a folder written by `tropd prepare`; "
-                             f"{value} has no manifest.json")
-        return value
 
 
 class RolloutConfig(Section):

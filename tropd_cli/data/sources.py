@@ -1,9 +1,12 @@
 """Where `distill` gets its prompts and its teacher responses.
 
 `prompt_batches(config, tokenizer, start_step)` yields the token ids of `rollout.prompts_per_step`
-chat-formatted prompts per step, starting at step `start_step` (a resumed run continues where it stopped),
-reproducibly from `train.seed`. `teacher_response_source` answers guidance's and `sft`'s one teacher
-response per prompt.
+chat-formatted prompts per step, starting at step `start_step` (a resumed run continues where it stopped):
+from the built-in toy-task generator (`data.prompts: toylab`, seeded by train.seed) or from a folder
+written by `tropd prepare` (`data.prompts: PATH`; see `prepared.py` for the order). Either way the
+batches are a pure function of the configuration and the step. `teacher_response_source` answers
+guidance's and `sft`'s one teacher response per prompt: the prepared folder's teacher drafts when it has
+them, else responses sampled in the run and cached.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import random
 from collections.abc import Iterator
 
 from tropd_cli.config import RunConfig
+from tropd_cli.data.drafts import PreparedTeacherResponses
+from tropd_cli.data.prepared import PreparedFolder, prepared_batches
 from tropd_cli.engine.guidance import InRunTeacherResponses, TeacherResponses
 from tropd_cli.engine.rollout import RolloutBackend, SamplingParams
 from tropd_cli.toylab.accuracy import prompt_token_ids
@@ -20,6 +25,11 @@ from tropd_cli.toylab.tasks import is_held_out, random_problem
 
 def prompt_batches(config: RunConfig, tokenizer, start_step: int = 0) -> Iterator[list[list[int]]]:
     """Endless batches of prompt token ids, one per step, from step `start_step` on."""
+    if config.data.prompts != "toylab":
+        folder = PreparedFolder.open(config.data.prompts)
+        folder.check_tokenizer(tokenizer, config.student.model)
+        return prepared_batches(folder.train_prompt_ids(), config.rollout.prompts_per_step, config.train.seed,
+                                start_step)
     batches = toylab_prompts(config, tokenizer)
     for _ in range(start_step):
         next(batches)
@@ -38,7 +48,17 @@ def toylab_prompts(config: RunConfig, tokenizer) -> Iterator[list[list[int]]]:
         yield batch
 
 
+def needs_teacher_responses(config: RunConfig) -> bool:
+    """Whether the objective trains on one teacher response per prompt (guidance, sft)."""
+    return config.objective.guidance or config.objective.name == "sft"
+
+
 def teacher_response_source(config: RunConfig, teacher_backend: RolloutBackend) -> TeacherResponses:
-    """Where guidance and `sft` get their one teacher response per prompt: sampled in the run and cached."""
+    """Where guidance and `sft` get their one teacher response per prompt: a prepared folder's teacher
+    drafts when it has them, else sampled in the run and cached."""
+    if config.data.prompts != "toylab" and needs_teacher_responses(config):
+        folder = PreparedFolder.open(config.data.prompts)
+        if folder.drafts is not None:
+            return PreparedTeacherResponses.from_folder(folder, config.teacher.model)
     params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
     return InRunTeacherResponses(teacher_backend, params, config.train.seed)

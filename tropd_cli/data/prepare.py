@@ -1,0 +1,333 @@
+"""`tropd prepare`: turn a dataset into a prepared folder that `distill` and `evaluate` read.
+
+Stages, each counted in the manifest: read the records (local files and folders, a hub dataset, or the
+toy-task generator), drop empty prompts, format each with the student's chat template and drop those
+longer than `data.max_prompt_tokens`, drop exact duplicates (same formatted text, first kept), and split.
+Files and hub datasets split with a shuffle seeded by `data.seed` (train.seed when unset): the first
+`round(n * data.eval_fraction)` shuffled prompts go to eval.jsonl in source order, the rest to train.jsonl
+in shuffled order, the order `distill` first reads them. `--data toylab` records the stream of
+`distill`'s built-in generator for the same seed (train.steps x rollout.prompts_per_step training prompts
+by default) in its order, repeats included (the generator draws with replacement), and puts the draws of
+the task's own held-out split in eval.jsonl: `distill` then trains on exactly the prompts, and so gives
+exactly the metrics, of the built-in run.
+
+Everything is computed in memory before anything is written: a bad record leaves no output. The folder is
+written atomically. Running the same command again into its own folder resumes instead of failing: the
+prompts are kept (same manifest) and only missing teacher-draft shards are generated; a folder holding
+anything else needs --overwrite, which starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tropd_cli import __version__
+from tropd_cli.config import RunConfig
+from tropd_cli.data.drafts import data_seed, draft_settings, generate_drafts
+from tropd_cli.data.prepared import EVAL, FORMAT, FORMAT_VERSION, MANIFEST, TRAIN, PreparedFolder
+from tropd_cli.data.records import read_source
+from tropd_cli.data.rows import (
+    PromptRow,
+    format_rows,
+    normalise,
+    resolve_fields,
+    template_reads_thinking,
+    tokenizer_fingerprint,
+)
+from tropd_cli.errors import TropdError
+from tropd_cli.files import atomic_folder, atomic_write_text
+from tropd_cli.models import load_tokenizer
+from tropd_cli.toylab.tasks import is_held_out, random_problem
+
+SAMPLE_ROWS = 3
+
+
+@dataclass
+class PrepareRequest:
+    """What the command line asks for; the configuration supplies everything else."""
+
+    data: str
+    out: Path | None = None
+    split: str | None = None
+    subset: str | None = None
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    messages_field: str | None = None
+    system_prompt: str | None = None  # overrides data.system_prompt
+    teacher_drafts: bool = False
+    dry_run: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class PreparedData:
+    """The prepared content, in memory: rows, file texts and manifest."""
+
+    train: list[PromptRow]
+    eval: list[PromptRow]
+    files: dict[str, str]
+    manifest: dict[str, Any]
+
+
+def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
+            console: Console | None = None) -> PreparedData:
+    """Prepare `request.data` for `config`'s student; write the folder (and drafts) unless a dry run."""
+    console = console or Console()
+    if request.out is None and not request.dry_run:
+        raise TropdError("pass --out DIR for the prepared folder (or --dry-run to only look)")
+    out = request.out
+    if out is not None and out.exists() and not out.is_dir():
+        raise TropdError(f"output folder {out} exists and is not a folder")
+    prepared = build(config, request)
+    counts_table(console, prepared.manifest)
+    if request.dry_run:
+        dry_run_report(console, config, request, prepared)
+        return prepared
+    assert out is not None
+    existing = _existing_manifest(out)
+    manifest = prepared.manifest
+    if existing is not None and not request.overwrite and _without_drafts(existing) == manifest:
+        say(console, f"{out} already holds these prompts (fingerprint {manifest['fingerprint'][:16]}); keeping them")
+        if existing.get("drafts") is not None:
+            manifest["drafts"] = existing["drafts"]
+    else:
+        if out.is_dir() and any(out.iterdir()) and not request.overwrite:
+            raise TropdError(f"output folder {out} is not empty; choose another --out or pass --overwrite")
+        _write_folder(out, prepared)
+    if request.teacher_drafts:
+        wanted = draft_settings(config, len(prepared.train))
+        _check_drafts_resumable(out, manifest.get("drafts"), wanted)
+        if manifest.get("drafts") is None:
+            manifest["drafts"] = {**wanted, "complete": False}
+            _write_manifest(out, manifest)
+        manifest["drafts"] = generate_drafts(config, PreparedFolder.open(out), console)
+        _write_manifest(out, manifest)
+    say(console, f"prepared folder: {out}  ({len(prepared.train)} train, {len(prepared.eval)} eval, fingerprint "
+                 f"{manifest['fingerprint'][:16]})")
+    say(console, f"use it with: tropd distill --preset {preset} --set data.prompts={out}")
+    return prepared
+
+
+def build(config: RunConfig, request: PrepareRequest) -> PreparedData:
+    """Read, normalise, format, filter, deduplicate and split; the files and manifest, in memory."""
+    data = config.data
+    seed = data_seed(config)
+    system_prompt = data.system_prompt if request.system_prompt is None else request.system_prompt
+    tokenizer = load_tokenizer(config.student.model, config.student.trust_remote_code)
+    if request.data == "toylab":
+        if request.split is not None or request.subset is not None:
+            raise TropdError("--split and --subset choose part of a hub dataset; toylab generates its prompts")
+        rows, source = toylab_rows(config, seed)
+        label = "toylab"
+    else:
+        source_data = read_source(request.data, request.split, request.subset)
+        records = source_data.records
+        fields = resolve_fields(request.prompt_field, request.answer_field, request.messages_field,
+                                records[0] if records else None)
+        rows = normalise(records, fields)
+        label = source_data.label
+        source = {"data": request.data, "kind": source_data.kind, "split": request.split, "subset": request.subset,
+                  "files": source_data.files, "fields": {"prompt": fields.prompt, "messages": fields.messages,
+                                                         "answer": fields.answer},
+                  "fingerprint": source_data.fingerprint}
+    counts = {"read": len(rows)}
+    rows = [row for row in rows if not row.is_empty()]
+    counts["non_empty"] = len(rows)
+    format_rows(rows, tokenizer, system_prompt, data.thinking, config.student.model)
+    rows = [row for row in rows if len(row.prompt_ids) <= data.max_prompt_tokens]
+    counts["within_max_prompt_tokens"] = len(rows)
+    dedupe = data.dedupe if data.dedupe is not None else request.data != "toylab"
+    if dedupe:
+        rows = drop_duplicates(rows)
+    counts["deduplicated"] = len(rows)
+    if request.data == "toylab":
+        train = [row for row in rows if not row.meta["held_out"]]
+        held_out = [row for row in rows if row.meta["held_out"]]
+    else:
+        train, held_out = split_rows(rows, data.eval_fraction, seed)
+    if data.max_train_prompts:
+        train = train[:data.max_train_prompts]  # a prefix of the shuffled order: still a seeded sample
+    counts.update(train=len(train), eval=len(held_out))
+    settings: dict[str, Any] = {"system_prompt": system_prompt, "thinking": data.thinking,
+                                "max_prompt_tokens": data.max_prompt_tokens, "dedupe": dedupe,
+                                "eval_fraction": data.eval_fraction, "seed": seed,
+                                "max_train_prompts": data.max_train_prompts}
+    if not train:
+        raise TropdError(f"no training prompts left from {label} ({describe_counts(counts, settings)}); "
+                         f"{_empty_hint(counts)}")
+    files = {name: "".join(json.dumps(row.to_json(), ensure_ascii=False) + "\n" for row in part)
+             for name, part in ((TRAIN, train), (EVAL, held_out))}
+    hashes = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in files.items()}
+    lengths = [len(row.prompt_ids) for row in train + held_out]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tropd_version": __version__,
+        "fingerprint": hashlib.sha256("".join(f"{name} {digest}\n" for name, digest in hashes.items())
+                                      .encode()).hexdigest(),
+        "source": source,
+        "tokenizer": {"name": config.student.model, "sha256": tokenizer_fingerprint(tokenizer),
+                      "chat_template": bool(tokenizer.chat_template),
+                      "reads_thinking": template_reads_thinking(tokenizer)},
+        "settings": settings,
+        "counts": counts,
+        "prompt_tokens": {"max": max(lengths), "mean": round(sum(lengths) / len(lengths), 2)},
+        "files": hashes,
+    }
+    return PreparedData(train, held_out, files, manifest)
+
+
+def toylab_rows(config: RunConfig, seed: int) -> tuple[list[PromptRow], dict[str, Any]]:
+    """The toy generator's draws, in order, until it has produced the training prompts asked for.
+
+    The draw is the one `sources.toylab_prompts` makes for `distill` (same rng, same held-out test), so a
+    folder prepared with seed s starts with the prompts a built-in run with train.seed s trains on.
+    """
+    count = config.data.toylab_prompts or config.train.steps * config.rollout.prompts_per_step
+    rng = random.Random(seed)
+    rows: list[PromptRow] = []
+    training = 0
+    while training < count:
+        problem = random_problem(rng, config.data.toylab)
+        held_out = is_held_out(problem.expression)
+        training += not held_out
+        rows.append(PromptRow(problem.prompt, None, str(problem.answer), "toylab",
+                              {"draw": len(rows) + 1, "held_out": held_out}))
+    parameters = {"generator": "toylab", "seed": seed, "training_prompts": count,
+                  "difficulty": config.data.toylab.model_dump()}
+    fingerprint = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()
+    return rows, {"data": "toylab", "kind": "toylab", **parameters, "fingerprint": fingerprint}
+
+
+def drop_duplicates(rows: list[PromptRow]) -> list[PromptRow]:
+    """The rows whose formatted prompt text was not seen before (the first of each duplicate is kept)."""
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        if row.prompt_text not in seen:
+            seen.add(row.prompt_text)
+            unique.append(row)
+    return unique
+
+
+def split_rows(rows: list[PromptRow], eval_fraction: float, seed: int) -> tuple[list[PromptRow], list[PromptRow]]:
+    """Seeded split: shuffled training rows, and round(n * eval_fraction) held-out rows in source order."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = round(len(rows) * eval_fraction)
+    return [rows[i] for i in order[held:]], [rows[i] for i in sorted(order[:held])]
+
+
+def stage_labels(settings: dict[str, Any]) -> dict[str, str]:
+    """How the counts of the manifest read in tables and messages."""
+    return {"read": "read", "non_empty": "non-empty",
+            "within_max_prompt_tokens": f"within {settings['max_prompt_tokens']} prompt tokens",
+            "deduplicated": "unique" if settings["dedupe"] else "duplicates kept", "train": "train", "eval": "eval"}
+
+
+def describe_counts(counts: dict[str, int], settings: dict[str, Any]) -> str:
+    """`3 read, 3 non-empty, 0 within 8 prompt tokens, ...`"""
+    labels = stage_labels(settings)
+    return ", ".join(f"{count} {labels[stage]}" for stage, count in counts.items())
+
+
+def _empty_hint(counts: dict[str, int]) -> str:
+    if counts["read"] == 0:
+        return "the source has no records"
+    if counts["non_empty"] == 0:
+        return "every prompt is empty; check --prompt-field or --messages-field"
+    if counts["within_max_prompt_tokens"] == 0:
+        return "every prompt is too long; raise data.max_prompt_tokens"
+    return "every prompt went to eval; lower data.eval_fraction"
+
+
+def counts_table(console: Console, manifest: dict[str, Any]) -> None:
+    table = Table(title="prepare")
+    table.add_column("stage")
+    table.add_column("prompts", justify="right")
+    labels = stage_labels(manifest["settings"])
+    for stage, count in manifest["counts"].items():
+        table.add_row(labels[stage], str(count))
+    console.print(table)
+
+
+def dry_run_report(console: Console, config: RunConfig, request: PrepareRequest, prepared: PreparedData) -> None:
+    """A few training rows and what a real run would write; nothing is written."""
+    table = Table(title=f"first {min(SAMPLE_ROWS, len(prepared.train))} training prompts")
+    for column in ("id", "prompt", "tokens", "answer"):
+        table.add_column(column, overflow="fold")
+    for row in prepared.train[:SAMPLE_ROWS]:
+        text = row.prompt if row.messages is None else row.messages[-1]["content"]
+        table.add_row(row.id, _shorten(text or ""), str(len(row.prompt_ids)), _shorten(row.answer or "-"))
+    console.print(table)
+    where = request.out or "--out"
+    say(console, f"dry run: would write {where}/{TRAIN} ({len(prepared.train)} prompts), {where}/{EVAL} "
+                 f"({len(prepared.eval)}) and {where}/{MANIFEST}; nothing was written")
+    if request.teacher_drafts:
+        drafts = draft_settings(config, len(prepared.train))
+        say(console, f"dry run: would generate {drafts['prompts']} teacher drafts in {drafts['shards']} shards "
+                     f"with {drafts['teacher']} (temperature {drafts['temperature']}, top_p {drafts['top_p']}, up "
+                     f"to {drafts['max_new_tokens']} new tokens)")
+
+
+def say(console: Console, text: str) -> None:
+    """One plain line: no highlighting, and long paths never broken across lines."""
+    console.print(text, highlight=False, soft_wrap=True)
+
+
+def _shorten(text: str, width: int = 80) -> str:
+    flat = text.replace("\n", " ")
+    return flat if len(flat) <= width else flat[:width - 3] + "..."
+
+
+def _existing_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        return PreparedFolder.open(out).manifest if (out / MANIFEST).is_file() else None
+    except TropdError:
+        return None
+
+
+def _without_drafts(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in manifest.items() if key != "drafts"}
+
+
+def _check_drafts_resumable(out: Path, drafts: dict[str, Any] | None, wanted: dict[str, Any]) -> None:
+    """Existing drafts resume only under the settings that made them."""
+    if drafts is None:
+        return
+    changed = [f"{key} {drafts.get(key)!r} there, {value!r} here" for key, value in wanted.items()
+               if drafts.get(key) != value]
+    if changed:
+        raise TropdError(f"{out} holds teacher drafts made with other settings ({'; '.join(changed)}); pass "
+                         f"--overwrite to prepare it again")
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(out / MANIFEST, manifest_text(manifest))
+
+
+def _write_folder(out: Path, prepared: PreparedData) -> None:
+    """The prompts and manifest, swapped in at once in place of whatever `out` held."""
+
+    def fill(folder: Path) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        folder.chmod(0o777 & ~umask)  # a temporary folder is private; the prepared one is not
+        for name, text in prepared.files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        (folder / MANIFEST).write_text(manifest_text(prepared.manifest), encoding="utf-8")
+
+    atomic_folder(out, fill)
