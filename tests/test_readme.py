@@ -48,6 +48,8 @@ def test_readme_command_runs(command, workdir, monkeypatch):
         argv[argv.index("--out") + 1] = str(workdir / "out")
     if argv[0] == "evaluate":
         argv += ["--limit", "8"]
+    if argv[0] == "prepare":
+        argv += ["--set", "data.toylab_prompts=8"]
     if argv[0] == "distill" and "--resume" not in argv:
         argv = shrink(argv) + ([] if "--out" in argv else ["--out", str(workdir / "run")]) + ["--overwrite"]
     if argv[:2] == ["toylab", "build"]:
