@@ -17,7 +17,6 @@ Merging and verification run on the CPU in float32, the most exact reference the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -223,22 +222,11 @@ def export(path: Path, out: Path, format_: str | None = None, dtype: str | None 
         atomic_write_json(folder / "tropd_export.json", record)
         atomic_write_text(folder / "tropd_config.yaml", (source.run_dir / "config.yaml").read_text())
         atomic_write_text(folder / "README.md", model_card(record))
-        _readable_as_umask_allows(folder)
 
     atomic_folder(out, fill)
     result.size_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print_export(console, result)
     return result
-
-
-def _readable_as_umask_allows(folder: Path) -> None:
-    """Give the folder and its files the permissions of a plain mkdir/open (temporary files are owner-only),
-    so that an export can be served or uploaded by other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _check_target(out: Path, source: ExportSource, overwrite: bool) -> None:

@@ -22,6 +22,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's file is owner-only; a finished one is not
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -38,6 +39,7 @@ def atomic_folder(target: Path, fill: Callable[[Path], None]) -> None:
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         fill(temporary)
+        _permissions_as_umask_allows(temporary)
         if target.exists():
             retired = target.with_name(f".{target.name}.old")
             shutil.rmtree(retired, ignore_errors=True)
@@ -49,6 +51,22 @@ def atomic_folder(target: Path, fill: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def _permissions_as_umask_allows(folder: Path) -> None:
+    """The permissions a plain mkdir/open would give: temporary folders and some writers' files (safetensors
+    via a temporary file) are owner-only, and a finished run or export is read by other users too."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
