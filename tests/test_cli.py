@@ -167,3 +167,17 @@ def test_doctor_help_and_bad_preset(capsys):
     assert "Usage" in capsys.readouterr().out
     assert cli.main(["doctor", "--preset", "nope"]) == 2
     assert "error: unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_full_disk_is_one_line(random_pair_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import tropd_cli.distill as distill_module
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr(distill_module, "save_checkpoint", no_space)
+    code = cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"error: No space left on device: {tmp_path / 'run' / 'checkpoints'}\n"

@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     except TropdError as error:
         err.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
+    except OSError as error:  # full disk, permissions: the system's own words and the path
+        where = f": {error.filename}" if error.filename else ""
+        err.print(f"[red]error:[/] {error.strerror or error}{where}", highlight=False, soft_wrap=True)
+        return 1
     return 0
 
 
