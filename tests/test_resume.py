@@ -48,7 +48,8 @@ def student_weights(run: Path) -> dict[str, torch.Tensor]:
 def uninterrupted(random_pair_dir, tmp_path_factory):
     """Four-step runs without interruption, full and LoRA, as the reference."""
     runs = {}
-    for mode, extra in (("full", ()), ("lora", ("student.lora.enabled=true", "student.lora.r=4"))):
+    for mode, extra in (("full", ()), ("lora", ("student.lora.enabled=true", "student.lora.r=4")),
+                        ("qlora", ("student.lora.enabled=true", "student.lora.r=4", "student.quantization=4bit"))):
         out = tmp_path_factory.mktemp(mode) / "run"
         distill(load_config("toylab", tiny(random_pair_dir, 4, *extra)), "toylab", out=str(out), console=quiet())
         runs[mode] = (out, extra)
@@ -64,7 +65,7 @@ def test_checkpoints_are_written_every_n_steps_and_load_weights_only(uninterrupt
     assert (run / "checkpoints" / "step-000002" / "student" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_interrupted_then_resumed_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch, mode):
     """A crash inside step 4 (after the step-2 checkpoint): resume redoes steps 3-4 exactly."""
     reference, extra = uninterrupted[mode]
