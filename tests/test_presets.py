@@ -55,3 +55,10 @@ def test_header_memory_matches_the_estimate(name):
     total, _ = preset_estimate(name)
     assert stated == pytest.approx(total, abs=0.5)
     assert total <= 0.92 * gpu * 1e9 / 2**30  # headroom for the CUDA context and fragmentation
+
+
+def test_readme_table_states_each_header_estimate():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in REAL:
+        stated = re.search(r"estimate ~(\d+(?:\.\d+)?) GiB", header(name)).group(1)
+        assert re.search(rf"\| `{re.escape(name)}` \|.*\(({stated}) GiB\) \|", readme), name

@@ -44,8 +44,9 @@ WARN_FRACTION = 0.8  # of free memory: the estimate is rough, so warn before it 
 # fp32 per 256 absmax) and LLM.int8 (int8 values; its per-row scale is counted separately).
 QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
 FP32_BYTES = 4
-# float32 [chunk, vocab] tensors alive while a chunk is scored: logits, log-probs, probs, and their grads.
-CHUNK_TENSORS = 4
+# float32 [chunk, vocab] tensors alive while a chunk is scored: the log-probs (logits first, in place) and
+# one temporary (the teacher's probabilities; the student's recomputed logits turned into their gradient).
+CHUNK_TENSORS = 3
 # Activations kept for backward per token and layer, in units of hidden and intermediate size (rough:
 # attention inputs/outputs and norms ~ 8 x hidden, MLP gate/up/activation ~ 3 x intermediate).
 ACTIVATIONS_PER_HIDDEN, ACTIVATIONS_PER_INTERMEDIATE = 8, 3

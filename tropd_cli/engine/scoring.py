@@ -4,8 +4,11 @@ A batch of prompt+response sequences goes through each model's decoder once; the
 applied only to response positions, a chunk of positions at a time, and only what the objectives need is
 kept: the sampled token's log-prob, the teacher's top-k ids and log-probs, the student's log-probs at
 those ids, and entropies. Peak memory of the head therefore grows with the chunk size, not with
-batch x length x vocabulary. The student's chunks are recomputed in the backward pass (activation
-checkpointing), so its graph keeps hidden states, not logits.
+batch x length x vocabulary. The student's head is one autograd function per chunk (`HeadLogprobs`):
+its graph keeps the chunk's hidden states and log-normaliser, and its backward recomputes the logits
+once and turns them into the gradient in place, so a chunk never holds more than two [chunk, vocab]
+buffers. (A full-vocabulary divergence, `gkd`, and heads that are not a plain linear layer go through
+activation checkpointing of the chunk instead.)
 """
 
 from __future__ import annotations
@@ -89,11 +92,11 @@ def score_teacher(model: torch.nn.Module, batch: SequenceBatch, top_k: int, chun
     targets = batch.targets[batch.loss_mask.bool()]
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[start:start + chunk_size]).float()  # [chunk, vocab]
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = head(hidden[start:start + chunk_size]).float()  # [chunk, vocab], logits first
+        logprobs -= torch.logsumexp(logprobs, dim=-1, keepdim=True)
         target_logprobs = logprobs.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1)
         topk_logprobs, topk_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        entropy = -logprobs.exp().mul_(logprobs).sum(-1)
         parts.append((target_logprobs, topk_ids, topk_logprobs, entropy))
     if not parts:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
@@ -134,6 +137,53 @@ def _student_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     return (*gathered, divergence.fn(logits, teacher_logits))
 
 
+class HeadLogprobs(torch.autograd.Function):
+    """log pi_S(x_t), log pi_S at the top-k ids and the entropy of one chunk, from `hidden @ weight^T`.
+
+    Saves the chunk's log-normaliser only. The backward recomputes the logits once and forms
+    d/dlogits = scatter(g) - softmax * (g_t + sum_k g_k) in place in that buffer (the entropy carries no
+    gradient), then the two products with `hidden` and `weight`; autocast is re-entered as in the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device_type = hidden.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        logprobs = (hidden @ weight.t()).float()  # [chunk, vocab], logits first
+        log_normaliser = torch.logsumexp(logprobs, dim=-1, keepdim=True)  # [chunk, 1]
+        logprobs -= log_normaliser
+        target_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        topk_logprobs = logprobs.gather(-1, topk_ids)
+        entropy = -logprobs.exp().mul_(logprobs).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, topk_ids, log_normaliser)
+        ctx.mark_non_differentiable(entropy)
+        return target_logprobs, topk_logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, target_grad: torch.Tensor | None, topk_grad: torch.Tensor | None,
+                 _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, targets, topk_ids, log_normaliser = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        target_grad = hidden.new_zeros(targets.shape, dtype=torch.float32) if target_grad is None else target_grad
+        topk_grad = hidden.new_zeros(topk_ids.shape, dtype=torch.float32) if topk_grad is None else topk_grad
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            grad = (hidden @ weight.t()).float()  # [chunk, vocab]
+        grad.sub_(log_normaliser).exp_().mul_(-(target_grad + topk_grad.sum(-1))[:, None])
+        grad.scatter_add_(1, targets[:, None], target_grad[:, None].float())
+        grad.scatter_add_(1, topk_ids, topk_grad.float())
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            hidden_grad = grad @ weight if ctx.needs_input_grad[0] else None
+            weight_grad = grad.t() @ hidden if ctx.needs_input_grad[1] else None
+        return (None if hidden_grad is None else hidden_grad.to(hidden.dtype),
+                None if weight_grad is None else weight_grad.to(weight.dtype), None, None)
+
+
+def _fused_head(head: torch.nn.Module) -> bool:
+    """Whether the student's head is a plain bias-free linear layer that `HeadLogprobs` can replace."""
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
 def score_student(model: torch.nn.Module, batch: SequenceBatch, topk_ids: torch.Tensor,
                   chunk_size: int, divergence: Divergence | None = None) -> StudentStats:
     """s_t and log pi_S at the teacher's top-k ids, differentiable, one checkpointed chunk at a time.
@@ -146,10 +196,13 @@ def score_student(model: torch.nn.Module, batch: SequenceBatch, topk_ids: torch.
     hidden = response_hidden_states(model, batch)
     targets = batch.targets[batch.loss_mask.bool()]
     parts = []
+    fused = divergence is None and _fused_head(head)
     for start in range(0, hidden.shape[0], chunk_size):
         end = start + chunk_size
         args = (head, hidden[start:end], targets[start:end], topk_ids[start:end], divergence, start)
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if fused:
+            parts.append(HeadLogprobs.apply(hidden[start:end], head.weight, targets[start:end], topk_ids[start:end]))
+        elif torch.is_grad_enabled() and hidden.requires_grad:
             parts.append(checkpoint(_student_chunk, *args, use_reentrant=False))
         else:
             parts.append(_student_chunk(*args))

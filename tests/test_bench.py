@@ -1,0 +1,78 @@
+"""The benchmarks in bench/ import, parse their arguments and build their inputs (no timings here)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import scoring_memory  # noqa: E402
+import trl_compare  # noqa: E402
+
+
+def test_trl_compare_defaults_follow_the_device():
+    cpu = trl_compare.parse_args([])
+    assert cpu.sizes == ["s", "m", "v32k"] and cpu.frameworks == ["hf", "tropd", "trl"]
+    assert cpu.threads == 1 and cpu.clock == "tokens_per_cpu_second" and cpu.precision == "fp32"
+    assert cpu.shape == trl_compare.DEFAULT_SHAPES["cpu"]
+    cuda = trl_compare.parse_args(["--device", "cuda", "--sizes", "v152k", "--micro-batch", "4"])
+    assert cuda.sizes == ["v152k"] and cuda.clock == "tokens_per_second" and cuda.threads == 0
+    assert cuda.shape.micro_batch == 4 and cuda.precision == "bf16"
+    assert cuda.shape.max_new_tokens == trl_compare.DEFAULT_SHAPES["cuda"].max_new_tokens
+    assert trl_compare.parse_args(["--clock", "wall"]).clock == "tokens_per_second"
+
+
+@pytest.mark.parametrize("argv", [["--sizes", "xl"], ["--frameworks", "hf,vllm"], ["--steps", "0"],
+                                  ["--device", "cuda", "--clock", "cpu"]])
+def test_trl_compare_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit):
+        trl_compare.parse_args(argv)
+
+
+def test_tokenizer_matches_the_vocabulary_and_prompts_round_trip():
+    tokenizer = trl_compare.build_tokenizer(300)
+    assert len(tokenizer) == 300
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (trl_compare.PAD_ID, trl_compare.EOS_ID)
+    spec = {"shape": vars(trl_compare.StepShape(2, 3, 5, 4, 2)), "warmup": 1, "steps": 2, "vocab": 300, "seed": 0}
+    steps = trl_compare.step_prompts(spec)
+    assert len(steps) == 3 and all(len(batch) == 2 and all(len(p) == 5 for p in batch) for batch in steps)
+    assert steps == trl_compare.step_prompts(spec)
+    prompt = steps[0][0]
+    assert min(prompt) > trl_compare.UNK_ID
+    assert tokenizer(" ".join(f"t{i}" for i in prompt))["input_ids"] == prompt
+    every_word = list(range(trl_compare.UNK_ID + 1, 300))
+    assert tokenizer(" ".join(f"t{i}" for i in every_word))["input_ids"] == every_word
+
+
+def test_summary_takes_medians_and_checks_the_targets():
+    def run(seconds, step_bytes):
+        steps = [{"seconds": s, "cpu_seconds": s, "generated": 100, "scored": 300, "parts": {}} for s in seconds]
+        return {"steps": steps, "peak_bytes": step_bytes, "resident_bytes": 0, "step_bytes": step_bytes}
+
+    results = {"hf": trl_compare.summarise([run([1.0, 1.0], 100)]),
+               "tropd": trl_compare.summarise([run([1.0, 3.0], 40), run([1.05], 60)]),
+               "trl": trl_compare.summarise([run([1.5, 1.5, 1.5], 100)])}
+    assert results["tropd"]["step_seconds"] == 1.05 and results["tropd"]["step_bytes"] == 50
+    assert results["tropd"]["tokens_per_second"] == pytest.approx(400 / 1.05)
+    summary = trl_compare.ratios(trl_compare.SIZES["v32k"], results, "tokens_per_second")
+    assert summary["tropd_of_hf_limit"] == pytest.approx(1 / 1.05) and summary["target_limit_met"]
+    assert summary["tropd_over_trl_speed"] == pytest.approx(1.5 / 1.05) and summary["target_speed_met"]
+    assert summary["tropd_over_trl_memory"] == 0.5 and summary["target_memory_met"]
+    small = trl_compare.ratios(trl_compare.SIZES["s"], {"tropd": results["tropd"]}, "tokens_per_second")
+    assert small["tropd_of_hf_limit"] is None and small["target_memory_met"] is None
+
+
+def test_scoring_memory_arguments_and_both_passes_run_on_a_tiny_pair():
+    args = scoring_memory.parse_args(["--batches", "2x3,4x5", "--chunks", "2,8", "--top-ks", "1,4"])
+    assert args.batches == [(2, 3), (4, 5)] and args.chunks == [2, 8] and args.top_ks == [1, 4]
+    assert scoring_memory.parse_args(["--device", "cuda"]).batches[0] == (8, 256)
+    device = torch.device("cpu")
+    teacher, student = scoring_memory.build_models(64, device, max_positions=32)
+    batch = scoring_memory.random_batch(64, 2, 3, device)
+    scoring_memory.chunked_pass(teacher, student, batch, top_k=4, chunk=2)
+    assert all(p.grad is not None for p in student.lm_head.parameters())
+    student.zero_grad()
+    scoring_memory.naive_pass(teacher, student, batch, top_k=4)
+    assert all(p.grad is not None for p in student.lm_head.parameters())
