@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/tropd distill --preset toylab --out runs/demo --overwrite
 
 test: install
-	$(VENV)/bin/ruff check tropd_cli tests
+	$(VENV)/bin/ruff check tropd_cli tests bench
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -31,7 +31,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 lint: install
-	$(VENV)/bin/ruff check tropd_cli tests
+	$(VENV)/bin/ruff check tropd_cli tests bench
 
 toylab: install
 	$(VENV)/bin/tropd toylab build
