@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tropd_cli import __version__
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import Interrupted, TropdError
 from tropd_cli.evaluation.settings import EvalSettings
 
 app = typer.Typer(help="Trust Region On-Policy Distillation (TrOPD) and its baselines.",
@@ -222,8 +222,6 @@ def root(version: Annotated[bool, typer.Option("--version", callback=version_cal
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: user errors print one line and give 2; Ctrl-C gives 130."""
-    from tropd_cli.distill import Interrupted
-
     err = Console(stderr=True)
     try:
         app(args=argv, prog_name="tropd")

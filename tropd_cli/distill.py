@@ -45,17 +45,13 @@ from tropd_cli.config import RunConfig, apply_override, to_yaml, validate
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.rollout import HFGenerateBackend
 from tropd_cli.engine.trainer import Models, Trainer, autocast_dtype
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import Interrupted, TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
 from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
 from tropd_cli.preflight import Preflight, check_before_distill
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
 from tropd_cli.toylab.accuracy import toy_accuracy
 from tropd_cli.toylab.tasks import sample_problems
-
-
-class Interrupted(TropdError):
-    """Ctrl-C during a run: the student and metrics so far were saved."""
 
 
 @dataclass

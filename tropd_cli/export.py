@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,9 +35,6 @@ from tropd_cli.config import RunConfig, validate
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text
 from tropd_cli.models import load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
-
-# peft reads a deprecated transformers property on every adapter load; the warning is not the user's concern.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 FORMATS = ("merged", "adapter")
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -25,6 +25,8 @@ hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 # LLM.int8 layers cast float32 inputs to float16 on every call and warn each time; the cast is expected.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+# peft asks transformers for the old name of the checkpointing flag on every adapter load.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

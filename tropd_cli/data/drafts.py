@@ -34,7 +34,7 @@ from tropd_cli.data.prepared import DRAFTS, PreparedFolder
 from tropd_cli.engine.guidance import TeacherResponse
 from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
 from tropd_cli.engine.trainer import step_seed
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import Interrupted, TropdError
 from tropd_cli.files import atomic_write_text
 from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
 
@@ -103,7 +103,6 @@ def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console)
 
 def _generate(config: RunConfig, folder: PreparedFolder, chunks: list[list[dict[str, Any]]], missing: list[int],
               console: Console) -> None:
-    from tropd_cli.distill import Interrupted  # the CLI reports it as a Ctrl-C stop (exit code 130)
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
