@@ -263,3 +263,25 @@ def test_trust_remote_code_is_off_unless_asked(random_pair_dir, tmp_path, capsys
     out = capsys.readouterr().out
     assert f"trust_remote_code is on: {random_pair_dir / 'student'} runs its own Python code" in out
     assert "trust_remote_code: true" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_resume_with_guidance_keeps_the_teacher_responses(random_pair_dir, tmp_path, monkeypatch):
+    """The in-run teacher-response cache travels in the checkpoint: a resumed guided run is the same run."""
+    settings = tiny(random_pair_dir, 4, "objective.guidance=true")
+    reference = tmp_path / "reference"
+    distill(load_config("toylab", settings), "toylab", out=str(reference), console=quiet())
+    real_step = Trainer.train_step
+
+    def crash_in_fourth(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "train_step", crash_in_fourth)
+    assert cli.main(["distill", "-p", "toylab", *[a for s in settings for a in ("--set", s)],
+                     "--out", str(out)]) == 130
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resume(out, console=quiet())
+    assert records(out) == records(reference)
+    assert [r["prefix_length"] for r in records(out)][0] > 0
