@@ -1,5 +1,6 @@
 """The benchmark registry and problem loading: every entry valid, local copies, shuffled options, bad files."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,17 @@ def test_bad_choices(tmp_path):
     path.write_text('{"prompt": "p", "answer": "1", "choices": "1,2"}\n')
     with pytest.raises(TropdError, match="bad.jsonl:1: field 'choices' must be a list of at least two strings"):
         load_problems(get_benchmark("custom"), path, 0, None)
+
+
+def test_custom_conversation_rows_ask_their_last_user_turn(tmp_path):
+    """Rows of a prepared folder made from conversations carry `messages`, not `prompt`."""
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "compute 2+3"},
+                                             {"role": "assistant", "content": "5"},
+                                             {"role": "user", "content": "compute 4+4"}], "answer": "8"}) + "\n"
+                    + json.dumps({"messages": [{"role": "system", "content": "Be brief."}], "answer": "1"}) + "\n")
+    with pytest.raises(TropdError, match=r"eval.jsonl:2: missing field 'prompt'$"):
+        load_problems(get_benchmark("custom"), path, seed=0, limit=None)
+    problem = load_problems(get_benchmark("custom"), path, seed=0, limit=1).problems[0]
+    assert (problem.question, problem.answer) == ("compute 4+4", "8")

@@ -151,6 +151,8 @@ def _to_problem(benchmark: Benchmark, record: dict, index: int, seed: int, where
     fields = benchmark.fields
     if not isinstance(record, dict):
         raise TropdError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if record.get(fields.prompt) in (None, "") and isinstance(record.get("messages"), list):
+        record = {**record, fields.prompt: _last_user_turn(record["messages"])}  # a prepared conversation row
     for key in (fields.prompt, fields.answer, *fields.incorrect):
         if record.get(key) in (None, ""):
             raise TropdError(f"{where}: missing field {key!r}")
@@ -176,6 +178,12 @@ def _to_problem(benchmark: Benchmark, record: dict, index: int, seed: int, where
     instruction = benchmark.choice_instruction or benchmark.instruction
     return EvalProblem(index, question, instruction.format(prompt=lettered), labels[order.index(correct)],
                        "choice", tuple(shuffled))
+
+
+def _last_user_turn(messages: list) -> str | None:
+    """The content of a conversation's last user turn (`tropd prepare` cuts conversations after it)."""
+    users = [turn.get("content") for turn in messages if isinstance(turn, dict) and turn.get("role") == "user"]
+    return users[-1] if users else None
 
 
 def _correct_option(options: list[str], answer: str, where: str) -> int:
