@@ -44,6 +44,19 @@ def student_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / name)
 
 
+def crash_inside_step(monkeypatch, step: int):
+    """Make the run die with Ctrl-C's exception inside `step` (1-based); returns the real train_step."""
+    real_step = Trainer.train_step
+
+    def crash(self):
+        if self.step == step - 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    return real_step
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(random_pair_dir, tmp_path_factory):
     """Four-step runs without interruption, full and LoRA, as the reference."""
@@ -69,15 +82,8 @@ def test_checkpoints_are_written_every_n_steps_and_load_weights_only(uninterrupt
 def test_interrupted_then_resumed_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch, mode):
     """A crash inside step 4 (after the step-2 checkpoint): resume redoes steps 3-4 exactly."""
     reference, extra = uninterrupted[mode]
-    real_step = Trainer.train_step
-
-    def crash_in_fourth(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
+    real_step = crash_inside_step(monkeypatch, 4)
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "train_step", crash_in_fourth)
     assert cli.main(["distill", "-p", "toylab", *[a for s in _settings(reference) + list(extra)
                                                    for a in ("--set", s)], "--out", str(out)]) == 130
     assert len(records(out)) == 3  # steps 1-3 logged; step 3 is redone after resuming from step 2
@@ -270,15 +276,8 @@ def test_resume_with_guidance_keeps_the_teacher_responses(random_pair_dir, tmp_p
     settings = tiny(random_pair_dir, 4, "objective.guidance=true")
     reference = tmp_path / "reference"
     distill(load_config("toylab", settings), "toylab", out=str(reference), console=quiet())
-    real_step = Trainer.train_step
-
-    def crash_in_fourth(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
+    real_step = crash_inside_step(monkeypatch, 4)
     out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "train_step", crash_in_fourth)
     assert cli.main(["distill", "-p", "toylab", *[a for s in settings for a in ("--set", s)],
                      "--out", str(out)]) == 130
     monkeypatch.setattr(Trainer, "train_step", real_step)
