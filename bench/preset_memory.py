@@ -27,24 +27,24 @@ QWEN2_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, 
                 intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
 QWEN2_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                   intermediate_size=8960, vocab_size=151936)
+
+
+def qwen3(hidden: int, layers: int, heads: int, intermediate: int, tied: bool) -> dict:
+    """A Qwen3 shape: every size has 8 key-value heads of 128 dimensions and 151936 vocabulary rows."""
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8,
+                head_dim=128, intermediate_size=intermediate, vocab_size=151936, tie_word_embeddings=tied)
+
+
 SHAPES = {
     "Skywork/Skywork-OR1-Math-7B": (Qwen2Config, QWEN2_7B),
     "Skywork/Skywork-OR1-7B": (Qwen2Config, QWEN2_7B),
     "Qwen/Qwen2.5-Math-7B-Instruct": (Qwen2Config, QWEN2_7B),
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (Qwen2Config, {**QWEN2_1_5B, "tie_word_embeddings": False}),
     "Qwen/Qwen2.5-1.5B-Instruct": (Qwen2Config, {**QWEN2_1_5B, "tie_word_embeddings": True}),
-    "Qwen/Qwen3-0.6B": (Qwen3Config, dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
-                                          num_key_value_heads=8, head_dim=128, intermediate_size=3072,
-                                          vocab_size=151936, tie_word_embeddings=True)),
-    "Qwen/Qwen3-1.7B": (Qwen3Config, dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
-                                          num_key_value_heads=8, head_dim=128, intermediate_size=6144,
-                                          vocab_size=151936, tie_word_embeddings=True)),
-    "Qwen/Qwen3-4B": (Qwen3Config, dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
-                                        num_key_value_heads=8, head_dim=128, intermediate_size=9728,
-                                        vocab_size=151936, tie_word_embeddings=True)),
-    "Qwen/Qwen3-8B": (Qwen3Config, dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
-                                        num_key_value_heads=8, head_dim=128, intermediate_size=12288,
-                                        vocab_size=151936, tie_word_embeddings=False)),
+    "Qwen/Qwen3-0.6B": (Qwen3Config, qwen3(1024, 28, 16, 3072, tied=True)),
+    "Qwen/Qwen3-1.7B": (Qwen3Config, qwen3(2048, 28, 16, 6144, tied=True)),
+    "Qwen/Qwen3-4B": (Qwen3Config, qwen3(2560, 36, 32, 9728, tied=True)),
+    "Qwen/Qwen3-8B": (Qwen3Config, qwen3(4096, 36, 32, 12288, tied=False)),
     "meta-llama/Llama-3.1-8B-Instruct": (LlamaConfig, dict(
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)),

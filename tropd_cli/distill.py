@@ -108,14 +108,14 @@ def resume(run_dir: Path, overrides: list[str] | None = None, console: Console |
     if step >= config.train.steps:
         raise TropdError(f"{run_dir} already ran its {config.train.steps} steps; to train on, raise them "
                          f"with --set train.steps=N")
-    state, _ = load_checkpoint(folder)
+    state, trainer_state = load_checkpoint(folder)
     preflight = check_before_distill(config, console)
     summary = {**state["summary"], "steps": config.train.steps, "status": "running"}
     summary["resumed_from"] = [*summary.get("resumed_from", []), step]
     if overrides:
         write_config(run_dir, config, summary["preset"])
     console.print(f"resuming {run_dir} from step {step} of {config.train.steps}", highlight=False)
-    return _train(config, run_dir, preflight, summary, console, checkpoint=folder)
+    return _train(config, run_dir, preflight, summary, console, checkpoint=(folder, trainer_state))
 
 
 def write_config(run_dir: Path, config: RunConfig, preset: str) -> None:
@@ -164,9 +164,10 @@ class StopAfterStep:
 
 
 def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict, console: Console,
-           checkpoint: Path | None) -> RunResult:
+           checkpoint: tuple[Path, dict] | None) -> RunResult:
     """Load the pair, evaluate before (fresh runs), train from the checkpoint's step to train.steps with
-    periodic checkpoints, evaluate after, and save the student and summary."""
+    periodic checkpoints, evaluate after, and save the student and summary. `checkpoint` is a checkpoint
+    folder and its loaded trainer state."""
     tokenizer = preflight.student_tokenizer
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -179,17 +180,14 @@ def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict
                           highlight=False, soft_wrap=True)
 
     device = pick_device(config.train.device)
-    teacher, student = load_models(config, device, checkpoint)
+    folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
+    teacher, student = load_models(config, device, folder)
     mixed = autocast_dtype(config.train.autocast, device)
     backend = HFGenerateBackend(student, tokenizer.pad_token_id, preflight.stop_ids, config.rollout.batch_size,
                                 autocast=mixed)
     teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, preflight.stop_ids,
                                         config.rollout.batch_size, autocast=mixed)
-    start_step = 0
-    trainer_state = None
-    if checkpoint is not None:
-        _, trainer_state = load_checkpoint(checkpoint)
-        start_step = trainer_state["step"]
+    start_step = trainer_state["step"] if trainer_state is not None else 0
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
                       prompt_batches(config, tokenizer, start_step), teacher_backend=teacher_backend,
                       teacher_responses=teacher_response_source(config, teacher_backend))

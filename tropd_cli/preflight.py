@@ -22,7 +22,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -30,7 +29,7 @@ from rich.table import Table
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from tropd_cli.config import RunConfig
-from tropd_cli.data.prepared import MANIFEST, PreparedFolder
+from tropd_cli.data.prepared import PreparedFolder
 from tropd_cli.data.rows import template_reads_thinking
 from tropd_cli.data.sources import needs_teacher_responses
 from tropd_cli.engine.trainer import autocast_dtype
@@ -143,8 +142,10 @@ def _template_text(template: str | dict | None) -> str | None:
     return template
 
 
-def chat_template_check(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> Check:
-    """Both tokenizers have a chat template, and it is the same."""
+def chat_template_check(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
+                        allow_mismatch: bool = False) -> Check:
+    """Both tokenizers have a chat template, and it is the same (a difference only warns when
+    `allow_mismatch`, teacher.allow_template_mismatch)."""
     texts = [_template_text(tok.chat_template) for tok in (teacher, student)]
     if texts[0] is not None and texts[0] == texts[1]:
         return Check("chat template", f"identical ({len(texts[0])} characters)")
@@ -156,17 +157,20 @@ def chat_template_check(teacher: PreTrainedTokenizerBase, student: PreTrainedTok
             f"{who} no chat template: {described[0]} (teacher) vs {described[1]} (student)"))
     at = next((i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(map(len, texts)))
     snippets = [text[max(0, at - 10):at + 20] for text in texts]
-    return Check("chat template", "differ", error=(
-        f"teacher and student chat templates differ at character {at}: {snippets[0]!r} (teacher) vs "
-        f"{snippets[1]!r} (student)"))
+    message = (f"teacher and student chat templates differ at character {at}: {snippets[0]!r} (teacher) vs "
+               f"{snippets[1]!r} (student)")
+    if allow_mismatch:
+        return Check("chat template", "differ", warning=f"{message} (allowed by teacher.allow_template_mismatch)")
+    return Check("chat template", "differ", error=message)
 
 
 def tokenizer_checks(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
-                     configs: tuple[PretrainedConfig, PretrainedConfig]) -> list[Check]:
+                     configs: tuple[PretrainedConfig, PretrainedConfig], allow_template_mismatch: bool = False
+                     ) -> list[Check]:
     """Vocabulary, embedding rows, EOS, pad and chat template, in that order."""
     return [vocabulary_check(teacher, student), embedding_check((teacher, student), configs),
             special_token_check("EOS", teacher, student, "eos"), special_token_check("pad", teacher, student, "pad"),
-            chat_template_check(teacher, student)]
+            chat_template_check(teacher, student, allow_template_mismatch)]
 
 
 def weight_bytes(model: torch.nn.Module, dtype: str, quantization: str, upcast_unquantized: bool = False) -> int:
@@ -251,23 +255,24 @@ def thinking_check(config: RunConfig, teacher: PreTrainedTokenizerBase, student:
     return Check("thinking mode", detail)
 
 
-def prompts_check(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Check:
-    """The prompt source: the toy tasks, or a prepared folder made with the student's tokenizer."""
+def prompts_check(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Check, PreparedFolder | None]:
+    """The prompt source: the toy tasks, or a prepared folder made with the student's tokenizer (returned
+    when usable, so that the other checks read it once)."""
     if config.data.prompts == "toylab":
-        return Check("prompts", "toy tasks (built-in generator)")
+        return Check("prompts", "toy tasks (built-in generator)"), None
     try:
         folder = PreparedFolder.open(config.data.prompts)
         folder.check_tokenizer(tokenizer, config.student.model)
     except TropdError as error:
-        return Check("prompts", "unusable", error=str(error))
+        return Check("prompts", "unusable", error=str(error)), None
     counts = folder.manifest.get("counts", {})
     drafts = "with teacher drafts" if folder.drafts is not None else "no teacher drafts"
-    return Check("prompts", f"{config.data.prompts}: {counts.get('train', '?')} train prompts, {drafts}")
+    return Check("prompts", f"{config.data.prompts}: {counts.get('train', '?')} train prompts, {drafts}"), folder
 
 
-def teacher_samples(config: RunConfig) -> bool:
+def teacher_samples(config: RunConfig, prepared: PreparedFolder | None = None) -> bool:
     """Whether the teacher generates during the run (then its KV cache counts too): for its held-out
-    accuracy, gkd's off-policy steps, seqkd, and guidance or sft without a prepared folder's teacher
+    accuracy, gkd's off-policy steps, seqkd, and guidance or sft without the `prepared` folder's teacher
     drafts (a folder not prepared yet is assumed to get them)."""
     if config.eval.teacher and config.eval.problems or config.objective.name in ("gkd", "seqkd"):
         return True
@@ -275,16 +280,16 @@ def teacher_samples(config: RunConfig) -> bool:
         return False
     if config.data.prompts == "toylab":
         return True
-    folder = Path(config.data.prompts)
-    return (folder / MANIFEST).is_file() and PreparedFolder.open(folder).drafts is None
+    return prepared is not None and prepared.drafts is None
 
 
-def longest_prompt_of(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Tokens in the longest training prompt: a prepared folder's, else a sample of the toy tasks'."""
-    if config.data.prompts != "toylab" and (Path(config.data.prompts) / MANIFEST).is_file():
+def longest_prompt_of(config: RunConfig, tokenizer: PreTrainedTokenizerBase, prepared: PreparedFolder | None
+                      ) -> int:
+    """Tokens in the longest training prompt: the `prepared` folder's, else a sample of the toy tasks'."""
+    if prepared is not None:
         try:
-            return max(map(len, PreparedFolder.open(config.data.prompts).train_prompt_ids()))
-        except (TropdError, ValueError):  # reported by the prompts check
+            return max(map(len, prepared.train_prompt_ids()))
+        except (TropdError, ValueError):  # no train.jsonl, or an empty one: the prompts check's concern
             return config.data.max_prompt_tokens
     return longest_prompt(config, tokenizer)
 
@@ -299,9 +304,10 @@ def free_memory(device: torch.device) -> int:
 
 
 def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.Module, student: torch.nn.Module,
-                    prompt_tokens: int, free: int | None = None) -> MemoryEstimate:
+                    prompt_tokens: int, free: int | None = None, prepared: PreparedFolder | None = None
+                    ) -> MemoryEstimate:
     """A rough peak-memory estimate of `tropd distill` from meta-device models and the config's sizes;
-    `free` defaults to the device's free memory now."""
+    `free` defaults to the device's free memory now; `prepared` is the run's prepared folder, if any."""
     t, s, rollout, train = config.teacher, config.student, config.rollout, config.train
     student_weights = weight_bytes(student, s.dtype, s.quantization, upcast_unquantized=s.lora.enabled)
     if s.lora.enabled:
@@ -314,9 +320,9 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     sequences = min(rollout.prompts_per_step * rollout.n, rollout.batch_size)
     length = prompt_tokens + rollout.max_new_tokens
     mixed = autocast_dtype(train.autocast, device)
-    compute = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(mixed)  # autocast: 16-bit KV and activations
+    compute = {dtype: name for name, dtype in DTYPES.items()}.get(mixed)  # autocast: 16-bit KV and activations
     kv = kv_cache_bytes(student, compute or s.dtype, sequences, length)
-    if teacher_samples(config):
+    if teacher_samples(config, prepared):
         kv = max(kv, kv_cache_bytes(teacher, compute or t.dtype, sequences, length))
     micro = min(train.micro_batch_size, sequences)
     chunk = min(train.logit_chunk_size, micro * rollout.max_new_tokens)
@@ -360,17 +366,16 @@ def run_preflight(config: RunConfig) -> Preflight:
                                             for section in (config.teacher, config.student))
     configs = tuple(load_model_config(section.model, section.trust_remote_code)
                     for section in (config.teacher, config.student))
-    checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs)
-    for check in checks:
-        if check.name == "chat template" and check.detail == "differ" and config.teacher.allow_template_mismatch:
-            check.warning, check.error = f"{check.error} (allowed by teacher.allow_template_mismatch)", None
-    checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts_check(config, student_tokenizer)]
+    checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs, config.teacher.allow_template_mismatch)
+    prompts, prepared = prompts_check(config, student_tokenizer)
+    checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts]
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))
     teacher, student = (empty_model(section.model, section.trust_remote_code)
                         for section in (config.teacher, config.student))
-    estimate = estimate_memory(config, device, teacher, student, longest_prompt_of(config, student_tokenizer))
+    estimate = estimate_memory(config, device, teacher, student,
+                               longest_prompt_of(config, student_tokenizer, prepared), prepared=prepared)
     checks.append(memory_check(estimate))
     return Preflight(checks, estimate, student_tokenizer, stop_ids)
 

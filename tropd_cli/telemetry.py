@@ -64,7 +64,6 @@ class WandbSink:
             import wandb
         except ImportError:
             raise TropdError("output.log_to has wandb, but it is not installed; pip install wandb") from None
-        self.wandb = wandb
         self.run = wandb.init(project=config.output.wandb_project, name=run_dir.name, dir=str(run_dir),
                               config=config.model_dump(mode="json"), id=run_id,
                               resume="allow" if run_id else None)

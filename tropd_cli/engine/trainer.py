@@ -15,7 +15,6 @@ nothing about the command line.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -157,8 +156,7 @@ class Trainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.step = 0
         dtype = autocast_dtype(config.train.autocast, models.device)
-        self.autocast = (lambda: torch.autocast(models.device.type, dtype=dtype)) if dtype else \
-            contextlib.nullcontext
+        self.autocast = lambda: torch.autocast(models.device.type, dtype=dtype, enabled=dtype is not None)
         if config.train.gradient_checkpointing:
             if hasattr(models.student, "activation_checkpointing_enable"):  # transformers >= 5.x
                 models.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
