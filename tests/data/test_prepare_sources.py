@@ -30,7 +30,7 @@ def run(data, out, *args: str, sets: tuple[str, ...] = ()) -> int:
 
 
 def rows(out: Path, split: str = "train") -> list[dict]:
-    return [json.loads(line) for line in (out / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in (out / f"{split}.jsonl").read_text(encoding="utf-8").split("\n") if line]
 
 
 def manifest(out: Path) -> dict:
@@ -342,3 +342,13 @@ def test_max_train_prompts_keeps_a_prefix_of_the_seeded_order(tmp_path):
     assert rows(capped) == rows(full)[:2]
     written = manifest(capped)
     assert written["counts"]["train"] == 2 and written["settings"]["max_train_prompts"] == 2
+
+
+def test_a_line_separator_inside_a_prompt_round_trips(tmp_path):
+    """JSON Lines end at \\n only: U+2028, written raw with ensure_ascii=False, stays inside its line."""
+    source = tmp_path / "q.jsonl"
+    source.write_text(json.dumps({"prompt": "compute 1+1\u2028please", "answer": "2"}) + "\n", encoding="utf-8")
+    out = tmp_path / "prepared"
+    assert run(source, out, sets=("data.eval_fraction=0",)) == 0
+    assert "\u2028" in (out / "train.jsonl").read_text(encoding="utf-8")
+    assert [row["prompt"] for row in rows(out)] == ["compute 1+1\u2028please"]

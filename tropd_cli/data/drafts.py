@@ -72,7 +72,7 @@ def shard_rows(folder: PreparedFolder, index: int, ids: list[str]) -> list[dict[
     if not path.is_file():
         return None
     try:
-        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return lines if [line.get("id") for line in lines] == ids else None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,9 +322,6 @@ def _write_folder(out: Path, prepared: PreparedData) -> None:
     """The prompts and manifest, swapped in at once in place of whatever `out` held."""
 
     def fill(folder: Path) -> None:
-        umask = os.umask(0)
-        os.umask(umask)
-        folder.chmod(0o777 & ~umask)  # a temporary folder is private; the prepared one is not
         for name, text in prepared.files.items():
             (folder / name).write_text(text, encoding="utf-8")
         (folder / MANIFEST).write_text(manifest_text(prepared.manifest), encoding="utf-8")

@@ -69,7 +69,7 @@ class PreparedFolder:
         file = self.path / (TRAIN if split == "train" else EVAL)
         if not file.is_file():
             raise TropdError(f"{self.path} has no {file.name}; prepare the folder again")
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line]
+        return [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line]
 
     def train_prompt_ids(self) -> list[list[int]]:
         return [row["prompt_ids"] for row in self.rows("train")]

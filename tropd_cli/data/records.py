@@ -106,7 +106,7 @@ def read_file(path: Path, raw: bytes, display: str) -> list[tuple[dict[str, Any]
 
 def _read_jsonl(text: str, display: str) -> list[tuple[dict[str, Any], str, int]]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # JSON Lines end at \n only
         if not line.strip():
             continue
         where = f"{display}:{number}"
