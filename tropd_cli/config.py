@@ -228,13 +228,17 @@ def preset_names() -> list[str]:
 
 def load_config(preset: str, overrides: list[str] | None = None) -> RunConfig:
     """Load a preset, apply `section.key=value` overrides, and validate the result."""
-    path = preset_path(preset)
+    return load_config_file(preset_path(preset), overrides)
+
+
+def load_config_file(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """A configuration file (a preset, or a run's config.yaml) with `overrides` applied, validated."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise TropdError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise TropdError(f"{path}: a preset must be a mapping of sections")
+        raise TropdError(f"{path}: a configuration must be a mapping of sections")
     for override in overrides or []:
         apply_override(raw, override)
     return validate(raw, source=str(path))

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -41,7 +40,7 @@ from tropd_cli.checkpoints import (
     restore_random_states,
     save_checkpoint,
 )
-from tropd_cli.config import RunConfig, apply_override, to_yaml, validate
+from tropd_cli.config import RunConfig, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.rollout import HFGenerateBackend
 from tropd_cli.engine.trainer import Models, Trainer, autocast_dtype
@@ -97,10 +96,7 @@ def resume(run_dir: Path, overrides: list[str] | None = None, console: Console |
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise TropdError(f"{run_dir} is not a run folder (no config.yaml)")
-    raw = yaml.safe_load(config_path.read_text())
-    for override in overrides or []:
-        apply_override(raw, override)
-    config = validate(raw, source=str(config_path))
+    config = load_config_file(config_path, overrides)
     found = list_checkpoints(run_dir)
     if not found:
         raise TropdError(f"{run_dir} has no checkpoint to resume from (nothing in {run_dir / CHECKPOINTS})")

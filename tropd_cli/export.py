@@ -23,22 +23,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from tropd_cli import __version__
-from tropd_cli.checkpoints import STEP_FOLDER, checkpoint_dir, list_checkpoints
-from tropd_cli.config import RunConfig, validate
+from tropd_cli.checkpoints import CHECKPOINTS, STEP_FOLDER, checkpoint_dir, list_checkpoints
+from tropd_cli.config import RunConfig, load_config_file
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text
-from tropd_cli.models import load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
+from tropd_cli.models import DTYPES, load_adapter, load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
 
 FORMATS = ("merged", "adapter")
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RUN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # student.dtype -> --dtype
+EXPORT_DTYPES = {short: DTYPES[name] for name, short in RUN_DTYPES.items()}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(KB|MB|GB|TB)\s*$", re.IGNORECASE)  # what transformers parses
 FP32_TOLERANCE = 1e-4
@@ -69,7 +68,6 @@ class ExportSource:
     config: RunConfig
     summary: dict  # summary.json, or for a checkpoint the summary as of that step
     checkpoint_step: int | None  # None: the run's final student
-    data_prompts: str  # data.prompts as the run recorded it (the folder may have moved since)
 
     @property
     def is_adapter(self) -> bool:
@@ -109,10 +107,11 @@ def find_source(path: Path, step: int | None = None) -> ExportSource:
         raise TropdError(f"'{path}' does not exist")
     checkpoint_step = None
     state: dict = {}
-    if STEP_FOLDER.match(path.name) and path.parent.name == "checkpoints" and (path / "student").is_dir():
+    folder_step = STEP_FOLDER.match(path.name)
+    if folder_step and path.parent.name == CHECKPOINTS and (path / "student").is_dir():
         run_dir, student_dir = path.parent.parent, path / "student"
         state = _read_json(path / "state.json")
-        checkpoint_step = state["step"] if isinstance(state.get("step"), int) else int(path.name[5:])
+        checkpoint_step = state["step"] if isinstance(state.get("step"), int) else int(folder_step.group(1))
         if step is not None and step != checkpoint_step:
             raise TropdError(f"--step {step} disagrees with checkpoint folder '{path}' (step {checkpoint_step})")
         if not (run_dir / "config.yaml").is_file():
@@ -133,33 +132,14 @@ def find_source(path: Path, step: int | None = None) -> ExportSource:
     else:
         raise TropdError(f"'{path}' is not a tropd run folder (no config.yaml) or checkpoint folder "
                          f"(RUN/checkpoints/step-NNNNNN with student/)")
-    config, data_prompts = _load_run_config(run_dir / "config.yaml")
+    config = load_config_file(run_dir / "config.yaml")
     summary = state.get("summary") if isinstance(state.get("summary"), dict) else _read_json(run_dir / "summary.json")
-    return ExportSource(run_dir, student_dir, config, summary, checkpoint_step, data_prompts)
+    return ExportSource(run_dir, student_dir, config, summary, checkpoint_step)
 
 
 def _saved_steps_hint(run_dir: Path) -> str:
     steps = [step for step, folder in list_checkpoints(run_dir) if (folder / "student").is_dir()]
     return f"; saved checkpoints: {', '.join(map(str, steps))}" if steps else "; it saved no checkpoints"
-
-
-def _load_run_config(path: Path) -> tuple[RunConfig, str]:
-    """The run's configuration and its data.prompts as written.
-
-    An export needs no prompts: when the prepared-data folder named by data.prompts has moved since the run,
-    the configuration validates with the built-in source in its place, and the card keeps the recorded path.
-    """
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise TropdError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise TropdError(f"{path}: not a tropd run configuration")
-    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    prompts = str(data.get("prompts", "toylab"))
-    if prompts != "toylab" and not (Path(prompts) / "manifest.json").is_file():
-        raw = {**raw, "data": {**data, "prompts": "toylab"}}
-    return validate(raw, source=str(path)), prompts
 
 
 def _read_json(path: Path) -> dict:
@@ -280,8 +260,8 @@ def describe(source: ExportSource, format_: str, dtype: str) -> dict:
         "checkpoint_step": source.checkpoint_step,
         "run_status": summary.get("status"),
         "run_dir": str(source.run_dir.resolve()),
-        "data": source.data_prompts,
-        "data_fingerprint": data_fingerprint(source.data_prompts),
+        "data": source.config.data.prompts,
+        "data_fingerprint": data_fingerprint(source.config.data.prompts),
         "eval": evaluation,
         "eval_problems": config.eval.problems,
     }
@@ -319,8 +299,10 @@ def _write_and_verify(source: ExportSource, folder: Path, format_: str, dtype: s
     """Write the export into `folder`; compare it with the run's model unless `verify` is False."""
     tokenizer = _run_tokenizer(source)
     eos_ids = stop_token_ids(source.config.student.model, tokenizer)
-    with console.status("loading the run's model in float32"):
-        model = _run_model(source)
+    model = None  # an adapter written without verification needs no model
+    if verify or format_ == "merged":
+        with console.status("loading the run's model in float32"):
+            model = _run_model(source)
     texts = verify_texts(source)
     probes: list[list[int]] = []
     reference: list[torch.Tensor] = []
@@ -380,17 +362,10 @@ def _run_model(source: ExportSource, quantized: bool = False) -> torch.nn.Module
     if not source.is_adapter:
         return load_causal_lm(str(source.student_dir), "float32", "cpu", trainable=False,
                               trust_remote_code=student.trust_remote_code)
-    from peft import PeftModel
-
     base = load_causal_lm(student.model, student.dtype if quantized else "float32", "cpu",
                           quantization="4bit" if quantized else "none", trainable=False,
                           trust_remote_code=student.trust_remote_code)
-    try:
-        model = PeftModel.from_pretrained(base, str(source.student_dir))
-    except (OSError, ValueError, KeyError) as error:
-        raise TropdError(f"cannot load adapter '{source.student_dir}': {str(error).strip().splitlines()[0]}"
-                         ) from None
-    return model.eval()
+    return load_adapter(base, source.student_dir).eval()
 
 
 def _write_adapter(source: ExportSource, folder: Path, dtype: torch.dtype) -> None:
@@ -415,7 +390,7 @@ def _save_merged(model: torch.nn.Module, folder: Path, dtype: torch.dtype, eos_i
 def verify_texts(source: ExportSource) -> list[str]:
     """The verification prompts: held-out toy problems on the toy lab, else a few generic questions."""
     config = source.config
-    if source.data_prompts == "toylab":
+    if source.config.data.prompts == "toylab":
         from tropd_cli.toylab.tasks import sample_problems
 
         return [problem.prompt for problem in sample_problems(config.eval.seed, 3, config.data.toylab,

@@ -118,12 +118,7 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
     if quantization == "none":
         model.to(device)
     if merge_adapter is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, merge_adapter).merge_and_unload()
-        except (OSError, ValueError, KeyError) as error:
-            raise TropdError(f"cannot load adapter '{merge_adapter}': {_first_line(error)}") from None
+        model = load_adapter(model, merge_adapter).merge_and_unload()
     if lora is not None:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -137,6 +132,16 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def load_adapter(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
+    """`model` with a saved peft adapter attached, unmerged."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except (OSError, ValueError, KeyError) as error:
+        raise TropdError(f"cannot load adapter '{folder}': {_first_line(error)}") from None
 
 
 def load_model_config(spec: str, trust_remote_code: bool = False) -> PretrainedConfig:
