@@ -32,7 +32,7 @@ from tropd_cli import __version__
 from tropd_cli.checkpoints import CHECKPOINTS, STEP_FOLDER, checkpoint_dir, list_checkpoints
 from tropd_cli.config import RunConfig, load_config_file
 from tropd_cli.errors import TropdError
-from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text
+from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, check_output_dir
 from tropd_cli.models import DTYPES, load_adapter, load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
 
 FORMATS = ("merged", "adapter")
@@ -207,10 +207,7 @@ def export(path: Path, out: Path, format_: str | None = None, dtype: str | None 
 
 def _check_target(out: Path, source: ExportSource, overwrite: bool) -> None:
     """Refuse a target that is a file, non-empty without --overwrite, or holds what is being exported."""
-    if out.exists() and not out.is_dir():
-        raise TropdError(f"output folder {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise TropdError(f"output folder {out} is not empty; choose another --out or pass --overwrite")
+    check_output_dir(out, overwrite)
     target = out.resolve()
     inputs = [("the run folder", source.run_dir)]
     base = Path(resolve_model_path(source.config.student.model))

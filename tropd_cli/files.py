@@ -69,13 +69,18 @@ def _umask() -> int:
     return mask
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    """Create a writable, empty run folder or explain in one line why it cannot be used."""
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """An output folder must be a folder, and empty unless `overwrite`; else one line says why."""
     if path.exists() and not path.is_dir():
         raise TropdError(f"output folder {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise TropdError(f"output folder {path} is not empty; choose another --out or pass --overwrite")
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    """Create a writable, empty run folder or explain in one line why it cannot be used."""
+    check_output_dir(path, overwrite)
     if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise TropdError(f"output folder {path} is not empty; choose another --out or pass --overwrite")
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from tropd_cli.data.rows import (
     tokenizer_fingerprint,
 )
 from tropd_cli.errors import TropdError
-from tropd_cli.files import atomic_folder, atomic_write_text
+from tropd_cli.files import atomic_folder, atomic_write_text, check_output_dir
 from tropd_cli.models import load_tokenizer
 from tropd_cli.toylab.tasks import is_held_out, random_problem
 
@@ -84,8 +84,8 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
     if request.out is None and not request.dry_run:
         raise TropdError("pass --out DIR for the prepared folder (or --dry-run to only look)")
     out = request.out
-    if out is not None and out.exists() and not out.is_dir():
-        raise TropdError(f"output folder {out} exists and is not a folder")
+    if out is not None:
+        check_output_dir(out, overwrite=True)  # a file in the way fails before any work; emptiness below
     prepared = build(config, request)
     counts_table(console, prepared.manifest)
     if request.dry_run:
@@ -99,8 +99,7 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
         if existing.get("drafts") is not None:
             manifest["drafts"] = existing["drafts"]
     else:
-        if out.is_dir() and any(out.iterdir()) and not request.overwrite:
-            raise TropdError(f"output folder {out} is not empty; choose another --out or pass --overwrite")
+        check_output_dir(out, request.overwrite)
         _write_folder(out, prepared)
     if request.teacher_drafts:
         wanted = draft_settings(config, len(prepared.train))
