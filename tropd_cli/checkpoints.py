@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import TropdError, first_line
 from tropd_cli.files import atomic_folder, atomic_write_json
 
 CHECKPOINTS = "checkpoints"
@@ -92,7 +92,7 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict]:
         state = json.loads((folder / "state.json").read_text())
         trainer_state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
     except (OSError, ValueError, RuntimeError) as error:
-        raise TropdError(f"cannot read checkpoint {folder}: {str(error).splitlines()[0]}") from None
+        raise TropdError(f"cannot read checkpoint {folder}: {first_line(error)}") from None
     return state, trainer_state
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import TropdError, first_line
 from tropd_cli.toylab.tasks import Difficulty
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -236,7 +236,7 @@ def load_config_file(path: Path, overrides: list[str] | None = None) -> RunConfi
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise TropdError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise TropdError(f"{path}: not valid YAML ({first_line(error)})") from None
     if not isinstance(raw, dict):
         raise TropdError(f"{path}: a configuration must be a mapping of sections")
     for override in overrides or []:

@@ -7,3 +7,9 @@ class TropdError(Exception):
 
 class Interrupted(TropdError):
     """Ctrl-C during long work: what was done so far is saved; the CLI exits with code 130."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import TropdError, first_line
 
 TOYLAB_PREFIX = "toylab:"
 TOYLAB_ASSETS = Path(__file__).resolve().parent / "toylab" / "assets"
@@ -51,12 +51,6 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception's message, or its type name when the message is empty."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def pick_device(name: str) -> torch.device:
     """`auto`: CUDA when present, else CPU; `cuda` without a GPU is a user error."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -72,7 +66,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise TropdError(f"cannot load the tokenizer of '{spec}': {_first_line(error)}") from None
+        raise TropdError(f"cannot load the tokenizer of '{spec}': {first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -113,7 +107,7 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:
-        raise TropdError(f"cannot load model '{spec}': {_first_line(error)}") from None
+        raise TropdError(f"cannot load model '{spec}': {first_line(error)}") from None
     disable_cpu_weight_repacking(model)
     if quantization == "none":
         model.to(device)
@@ -141,7 +135,7 @@ def load_adapter(model: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
     try:
         return PeftModel.from_pretrained(model, str(folder))
     except (OSError, ValueError, KeyError) as error:
-        raise TropdError(f"cannot load adapter '{folder}': {_first_line(error)}") from None
+        raise TropdError(f"cannot load adapter '{folder}': {first_line(error)}") from None
 
 
 def load_model_config(spec: str, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -150,7 +144,7 @@ def load_model_config(spec: str, trust_remote_code: bool = False) -> PretrainedC
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise TropdError(f"cannot load the config of model '{spec}': {_first_line(error)}") from None
+        raise TropdError(f"cannot load the config of model '{spec}': {first_line(error)}") from None
 
 
 def empty_model(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:

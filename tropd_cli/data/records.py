@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import TropdError, first_line
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -140,7 +140,7 @@ def _read_parquet(raw: bytes, display: str) -> list[tuple[dict[str, Any], str, i
     try:
         rows = pq.read_table(pa.BufferReader(raw)).to_pylist()
     except (pa.ArrowException, OSError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise TropdError(f"{display}: not a readable Parquet file ({first})") from None
     return [(row, f"{display} row {number}", number) for number, row in enumerate(rows, start=1)]
 
@@ -163,7 +163,7 @@ def read_hub(name: str, split: str, subset: str | None) -> SourceData:
 
         dataset = load_dataset(name, subset, split=split)
     except Exception as error:  # datasets raises many types for offline, gated or missing data
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise TropdError(f"cannot load {label}: {first}; pass a local file or folder with --data") from None
     digest = hashlib.sha256(f"{label}\n".encode())
     records = []

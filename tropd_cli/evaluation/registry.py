@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import TropdError, first_line
 from tropd_cli.evaluation.graders import gsm8k_gold
 from tropd_cli.toylab.tasks import Difficulty, sample_problems
 
@@ -232,6 +232,6 @@ def _read_hub(benchmark: Benchmark) -> Iterable[tuple[str, dict]]:
 
         dataset = load_dataset(hub.dataset, hub.config, split=hub.split)
     except Exception as error:  # datasets raises many types for offline, gated or missing data
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise TropdError(f"cannot load {label}: {first}; pass --data PATH with a local JSONL copy") from None
     return ((f"{label} row {row}", record) for row, record in enumerate(dataset, start=1))
