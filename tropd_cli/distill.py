@@ -185,8 +185,9 @@ def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict
                                         config.rollout.batch_size, autocast=mixed)
     start_step = trainer_state["step"] if trainer_state is not None else 0
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
-                      prompt_batches(config, tokenizer, start_step), teacher_backend=teacher_backend,
-                      teacher_responses=teacher_response_source(config, teacher_backend))
+                      prompt_batches(config, tokenizer, start_step, preflight.prepared),
+                      teacher_backend=teacher_backend,
+                      teacher_responses=teacher_response_source(config, teacher_backend, preflight.prepared))
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         restore_random_states(trainer_state["random"])

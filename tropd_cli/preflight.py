@@ -84,6 +84,7 @@ class Preflight:
     memory: MemoryEstimate
     student_tokenizer: PreTrainedTokenizerBase  # loaded for the checks; the run reuses it
     stop_ids: list[int]  # ids that end a rollout: tokenizer EOS and generation-config EOS ids
+    prepared: PreparedFolder | None = None  # data.prompts, opened and checked; the run reuses it
 
     @property
     def first_error(self) -> str | None:
@@ -377,7 +378,7 @@ def run_preflight(config: RunConfig) -> Preflight:
     estimate = estimate_memory(config, device, teacher, student,
                                longest_prompt_of(config, student_tokenizer, prepared), prepared=prepared)
     checks.append(memory_check(estimate))
-    return Preflight(checks, estimate, student_tokenizer, stop_ids)
+    return Preflight(checks, estimate, student_tokenizer, stop_ids, prepared)
 
 
 def checks_table(config: RunConfig, result: Preflight) -> Table:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class PreparedFolder:
 
     path: Path
     manifest: dict[str, Any]
+    _rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path) -> PreparedFolder:
@@ -65,11 +66,13 @@ class PreparedFolder:
         return cls(path, manifest)
 
     def rows(self, split: str = "train") -> list[dict[str, Any]]:
-        """The rows of train.jsonl or eval.jsonl."""
-        file = self.path / (TRAIN if split == "train" else EVAL)
-        if not file.is_file():
-            raise TropdError(f"{self.path} has no {file.name}; prepare the folder again")
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line]
+        """The rows of train.jsonl or eval.jsonl, read once per folder object."""
+        if split not in self._rows:
+            file = self.path / (TRAIN if split == "train" else EVAL)
+            if not file.is_file():
+                raise TropdError(f"{self.path} has no {file.name}; prepare the folder again")
+            self._rows[split] = [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line]
+        return self._rows[split]
 
     def train_prompt_ids(self) -> list[list[int]]:
         return [row["prompt_ids"] for row in self.rows("train")]

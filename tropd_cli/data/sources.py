@@ -23,29 +23,33 @@ from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import is_held_out, random_problem
 
 
-def prompt_batches(config: RunConfig, tokenizer, start_step: int = 0) -> Iterator[list[list[int]]]:
-    """Endless batches of prompt token ids, one per step, from step `start_step` on."""
+def prompt_batches(config: RunConfig, tokenizer, start_step: int = 0, prepared: PreparedFolder | None = None
+                   ) -> Iterator[list[list[int]]]:
+    """Endless batches of prompt token ids, one per step, from step `start_step` on. `prepared` is
+    data.prompts already opened and checked against the tokenizer (by the preflight), if at hand."""
     if config.data.prompts != "toylab":
-        folder = PreparedFolder.open(config.data.prompts)
-        folder.check_tokenizer(tokenizer, config.student.model)
-        return prepared_batches(folder.train_prompt_ids(), config.rollout.prompts_per_step, config.train.seed,
+        if prepared is None:
+            prepared = PreparedFolder.open(config.data.prompts)
+            prepared.check_tokenizer(tokenizer, config.student.model)
+        return prepared_batches(prepared.train_prompt_ids(), config.rollout.prompts_per_step, config.train.seed,
                                 start_step)
-    batches = toylab_prompts(config, tokenizer)
-    for _ in range(start_step):
-        next(batches)
-    return batches
+    return toylab_prompts(config, tokenizer, start_step)
 
 
-def toylab_prompts(config: RunConfig, tokenizer) -> Iterator[list[list[int]]]:
-    """Endless batches of chat-formatted training-split toy prompts, seeded by train.seed."""
+def toylab_prompts(config: RunConfig, tokenizer, start_step: int = 0) -> Iterator[list[list[int]]]:
+    """Endless batches of chat-formatted training-split toy prompts, seeded by train.seed, from step
+    `start_step` on (earlier steps only replay the random draws)."""
     rng = random.Random(config.train.seed)
+    step = 0
     while True:
-        batch = []
-        while len(batch) < config.rollout.prompts_per_step:
+        problems = []
+        while len(problems) < config.rollout.prompts_per_step:
             problem = random_problem(rng, config.data.toylab)
             if not is_held_out(problem.expression):
-                batch.append(prompt_token_ids(tokenizer, problem))
-        yield batch
+                problems.append(problem)
+        if step >= start_step:
+            yield [prompt_token_ids(tokenizer, problem) for problem in problems]
+        step += 1
 
 
 def needs_teacher_responses(config: RunConfig) -> bool:
@@ -53,11 +57,12 @@ def needs_teacher_responses(config: RunConfig) -> bool:
     return config.objective.guidance or config.objective.name == "sft"
 
 
-def teacher_response_source(config: RunConfig, teacher_backend: RolloutBackend) -> TeacherResponses:
+def teacher_response_source(config: RunConfig, teacher_backend: RolloutBackend,
+                            prepared: PreparedFolder | None = None) -> TeacherResponses:
     """Where guidance and `sft` get their one teacher response per prompt: a prepared folder's teacher
-    drafts when it has them, else sampled in the run and cached."""
+    drafts when it has them, else sampled in the run and cached. `prepared` is data.prompts, if opened."""
     if config.data.prompts != "toylab" and needs_teacher_responses(config):
-        folder = PreparedFolder.open(config.data.prompts)
+        folder = prepared or PreparedFolder.open(config.data.prompts)
         if folder.drafts is not None:
             return PreparedTeacherResponses.from_folder(folder, config.teacher.model)
     params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
