@@ -66,16 +66,25 @@ class DraftRateColumn(ProgressColumn):
                     style="progress.data.speed")
 
 
-def shard_rows(folder: PreparedFolder, index: int, ids: list[str]) -> list[dict[str, Any]] | None:
-    """A shard's lines when the shard exists and answers exactly `ids`, else None (to be generated)."""
+def shard_rows(folder: PreparedFolder, index: int, ids: list[str], raw: bytes | None = None
+               ) -> list[dict[str, Any]] | None:
+    """A shard's lines when the shard exists and answers exactly `ids`, else None (to be generated);
+    `raw` is the shard's bytes when already read."""
     path = folder.shard_path(index)
-    if not path.is_file():
-        return None
+    if raw is None:
+        if not path.is_file():
+            return None
+        raw = path.read_bytes()
     try:
-        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+        lines = [json.loads(line) for line in raw.decode("utf-8").split("\n") if line]
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return lines if [line.get("id") for line in lines] == ids else None
+
+
+def shard_chunks(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """The training rows each shard answers, in order."""
+    return [rows[start:start + size] for start in range(0, len(rows), size)]
 
 
 def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console) -> dict[str, Any]:
@@ -83,7 +92,7 @@ def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console)
     rows = folder.rows("train")
     settings = draft_settings(config, len(rows))
     size = settings["shard_size"]
-    chunks = [rows[start:start + size] for start in range(0, len(rows), size)]
+    chunks = shard_chunks(rows, size)
     missing = [k for k, chunk in enumerate(chunks) if shard_rows(folder, k, [row["id"] for row in chunk]) is None]
     if missing:
         _generate(config, folder, chunks, missing, console)
@@ -93,8 +102,9 @@ def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console)
     digest = hashlib.sha256()
     tokens = finished = 0
     for k in range(len(chunks)):
-        digest.update(folder.shard_path(k).read_bytes())
-        for line in shard_rows(folder, k, [row["id"] for row in chunks[k]]) or []:
+        raw = folder.shard_path(k).read_bytes()
+        digest.update(raw)
+        for line in shard_rows(folder, k, [row["id"] for row in chunks[k]], raw) or []:
             tokens += len(line["response_ids"])
             finished += line["finished"]
     return {**settings, "complete": True, "response_tokens": tokens, "finished": finished,
@@ -165,11 +175,8 @@ class PreparedTeacherResponses:
         if drafts["teacher"] != teacher:
             raise TropdError(f"the teacher drafts of {folder.path} come from {drafts['teacher']}, not from "
                              f"teacher.model {teacher}; prepare drafts with this teacher")
-        rows = folder.rows("train")
-        size = drafts["shard_size"]
         responses: dict[tuple[int, ...], TeacherResponse] = {}
-        for k in range(drafts["shards"]):
-            chunk = rows[k * size:(k + 1) * size]
+        for k, chunk in enumerate(shard_chunks(folder.rows("train"), drafts["shard_size"])):
             lines = shard_rows(folder, k, [row["id"] for row in chunk])
             if lines is None:
                 raise TropdError(f"{folder.shard_path(k)} is missing or does not match train.jsonl; prepare the "
