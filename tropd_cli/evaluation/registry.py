@@ -125,7 +125,8 @@ def load_problems(benchmark: Benchmark, data: Path | None, seed: int, limit: int
                     for i, p in enumerate(toy)]
         return _problem_set(benchmark, problems, f"toylab held-out split, seed {seed}")
     if data is not None:
-        records, source = _read_jsonl(data), f"file {data} (sha256 {_file_sha256(data)[:16]})"
+        records, digest = _read_jsonl(data)
+        source = f"file {data} (sha256 {digest[:16]})"
     elif benchmark.source == "local":
         raise TropdError(f"the {benchmark.name} benchmark reads a local file: pass --data PATH (JSONL with "
                          f"{benchmark.fields.prompt!r} and {benchmark.fields.answer!r})")
@@ -197,24 +198,21 @@ def _correct_option(options: list[str], answer: str, where: str) -> int:
     raise TropdError(f"{where}: answer {answer!r} is neither one of the choices nor a letter {labels[0]}-{labels[-1]}")
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
-    """(file:line, record) for every non-blank line; invalid JSON is a one-line user error."""
+def _read_jsonl(path: Path) -> tuple[list[tuple[str, dict]], str]:
+    """(file:line, record) for every non-blank line, and the file's sha256, from one read; invalid JSON
+    is a one-line user error."""
     if not path.is_file():
         raise TropdError(f"data file {path} does not exist")
+    raw = path.read_bytes()
     records = []
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise TropdError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return records
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    for number, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise TropdError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return records, hashlib.sha256(raw).hexdigest()
 
 
 def _hub_label(benchmark: Benchmark) -> str:
