@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tropd_cli.config import load_config, preset_names  # noqa: E402
+from tropd_cli.models import meta_model  # noqa: E402
 from tropd_cli.preflight import estimate_memory, gib  # noqa: E402
 
 QWEN2_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -60,17 +61,14 @@ def model_config(model_id: str):
     return config_class(**shape)
 
 
-def meta_model(model_id: str) -> torch.nn.Module:
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config(model_id))
 
 
 def preset_estimate(name: str) -> tuple[float, list[tuple[str, int]]]:
     """The estimated peak memory of a preset on a CUDA GPU, in GiB, and its rows."""
     # a GPU with bfloat16, where train.autocast=auto turns it on; the teacher drafts come from prepare
     config = load_config(name, ["train.autocast=bfloat16"])
-    estimate = estimate_memory(config, torch.device("cuda"), meta_model(config.teacher.model),
-                               meta_model(config.student.model), config.data.max_prompt_tokens, free=0)
+    estimate = estimate_memory(config, torch.device("cuda"), meta_model(model_config(config.teacher.model)),
+                               meta_model(model_config(config.student.model)), config.data.max_prompt_tokens, free=0)
     return estimate.total / 2**30, estimate.rows
 
 

@@ -149,7 +149,11 @@ def load_model_config(spec: str, trust_remote_code: bool = False) -> PretrainedC
 
 def empty_model(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model of a spec on the meta device: its modules and parameter shapes, no memory, no weights."""
-    config = load_model_config(spec, trust_remote_code)
+    return meta_model(load_model_config(spec, trust_remote_code), trust_remote_code)
+
+
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model of a configuration on the meta device (no memory, no weights)."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

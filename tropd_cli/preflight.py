@@ -34,7 +34,7 @@ from tropd_cli.data.rows import template_reads_thinking
 from tropd_cli.data.sources import needs_teacher_responses
 from tropd_cli.engine.trainer import autocast_dtype
 from tropd_cli.errors import TropdError
-from tropd_cli.models import DTYPES, empty_model, load_model_config, load_tokenizer, pick_device, stop_token_ids
+from tropd_cli.models import DTYPES, load_model_config, load_tokenizer, meta_model, pick_device, stop_token_ids
 from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import random_problem
 
@@ -373,8 +373,8 @@ def run_preflight(config: RunConfig) -> Preflight:
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))
-    teacher, student = (empty_model(section.model, section.trust_remote_code)
-                        for section in (config.teacher, config.student))
+    teacher, student = (meta_model(model_config, section.trust_remote_code)
+                        for model_config, section in zip(configs, (config.teacher, config.student)))
     estimate = estimate_memory(config, device, teacher, student,
                                longest_prompt_of(config, student_tokenizer, prepared), prepared=prepared)
     checks.append(memory_check(estimate))
