@@ -107,7 +107,7 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
         if manifest.get("drafts") is None:
             manifest["drafts"] = {**wanted, "complete": False}
             _write_manifest(out, manifest)
-        manifest["drafts"] = generate_drafts(config, PreparedFolder.open(out), console)
+        manifest["drafts"] = generate_drafts(config, PreparedFolder(out, manifest), console)  # as just written
         _write_manifest(out, manifest)
     say(console, f"prepared folder: {out}  ({len(prepared.train)} train, {len(prepared.eval)} eval, fingerprint "
                  f"{manifest['fingerprint'][:16]})")
