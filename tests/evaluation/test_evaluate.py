@@ -124,3 +124,28 @@ def test_help_page(capsys):
     assert cli.main(["evaluate", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--benchmark" in out and "(default: 1234)" in out
+
+
+def test_responses_end_at_the_generation_config_eos_ids(tmp_path):
+    """A chat model's end-of-turn token in generation_config.json ends evaluate's responses, as in distill."""
+    from transformers import GenerationConfig
+
+    from tropd_cli.engine.rollout import SamplingParams
+    from tropd_cli.models import resolve_model_path
+    from tropd_cli.toylab.accuracy import generate_texts, prompt_token_ids
+
+    tokenizer = load_tokenizer("toylab:student")
+    problem = sample_problems(1234, 1, Difficulty(), held_out=True)[0]
+    rollouts, _ = generate_texts(load_causal_lm("toylab:student", trainable=False), tokenizer,
+                                 [prompt_token_ids(tokenizer, problem)], 1, SamplingParams(48, 0.0, 1.0), 1234)
+    response = rollouts.response_ids[0]
+    end_of_turn = response[2]  # a token the student emits third, standing in for an end-of-turn token
+    assert end_of_turn != tokenizer.eos_token_id and len(response) > 4
+    folder = tmp_path / "chat-student"
+    shutil.copytree(resolve_model_path("toylab:student"), folder)
+    GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end_of_turn]).save_pretrained(folder)
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "-m", str(folder), "-b", "toylab", "--limit", "1", "--out", str(out)]) == 0
+    sample = read_samples(out)[0]
+    assert sample["finished"] is True
+    assert sample["response"] == tokenizer.decode(response[:response.index(end_of_turn) + 1], skip_special_tokens=True)

@@ -35,7 +35,7 @@ from tropd_cli.evaluation.registry import EvalProblem, ProblemSet, get_benchmark
 from tropd_cli.evaluation.report import EvalReport, print_table, write_report
 from tropd_cli.evaluation.settings import EvalSettings
 from tropd_cli.files import prepare_output_dir
-from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device
+from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
 from tropd_cli.toylab.accuracy import chat_prompt_ids, generate_texts
 
 
@@ -82,8 +82,9 @@ def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalRepo
     with progress:
         for label, source, tokenizer in zip(settings.labels, sources, tokenizers):
             model = load_causal_lm(source.model, settings.dtype, device, trainable=False, merge_adapter=source.adapter)
+            stop_ids = stop_token_ids(source.model, tokenizer)
             for problem_set in problem_sets:
-                run = run_benchmark(model, tokenizer, problem_set, settings, progress, label)
+                run = run_benchmark(model, tokenizer, problem_set, settings, progress, label, stop_ids)
                 report.add(problem_set.benchmark.name, label, run.metrics, run.samples)
             del model
             if device.type == "cuda":
@@ -112,8 +113,9 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: EvalProblem, thinkin
 
 
 def run_benchmark(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problem_set: ProblemSet,
-                  settings: EvalSettings, progress: Progress, label: str) -> BenchmarkRun:
-    """Generate, grade and summarise one model's answers to one benchmark's problems."""
+                  settings: EvalSettings, progress: Progress, label: str, stop_ids: list[int]) -> BenchmarkRun:
+    """Generate, grade and summarise one model's answers to one benchmark's problems; a response ends at
+    any of `stop_ids` (the tokenizer's EOS and the model's generation-config EOS ids, as in `distill`)."""
     problems = problem_set.problems
     benchmark = problem_set.benchmark
     max_new_tokens = settings.max_new_tokens or benchmark.max_new_tokens
@@ -128,7 +130,8 @@ def run_benchmark(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pr
         finished: list[bool] = []
         for index, start in enumerate(range(0, len(problems), chunk)):
             rollouts, chunk_texts = generate_texts(model, tokenizer, prompts[start:start + chunk], decoding.n,
-                                                   decoding.params, settings.seed + index, settings.batch_size)
+                                                   decoding.params, settings.seed + index, settings.batch_size,
+                                                   stop_ids)
             texts += chunk_texts
             finished += rollouts.finished
             response_tokens += sum(len(ids) for ids in rollouts.response_ids)

@@ -47,9 +47,12 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> li
 
 
 def generate_texts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
-                   n: int, params: SamplingParams, seed: int, batch_size: int = 256) -> tuple[Rollouts, list[str]]:
-    """`n` responses per prompt through the batched backend, and their decoded texts (special tokens dropped)."""
-    backend = HFGenerateBackend(model, tokenizer.pad_token_id, [tokenizer.eos_token_id], batch_size)
+                   n: int, params: SamplingParams, seed: int, batch_size: int = 256,
+                   stop_ids: list[int] | None = None) -> tuple[Rollouts, list[str]]:
+    """`n` responses per prompt through the batched backend, and their decoded texts (special tokens dropped).
+    Responses end at any of `stop_ids` (default: the tokenizer's EOS)."""
+    stop_ids = [tokenizer.eos_token_id] if stop_ids is None else stop_ids
+    backend = HFGenerateBackend(model, tokenizer.pad_token_id, stop_ids, batch_size)
     rollouts = backend.generate(prompt_ids, n, params, seed)
     return rollouts, tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
 
