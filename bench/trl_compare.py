@@ -518,7 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--micro-batch", type=int, help="sequences per scoring/backward pass")
     parser.add_argument("--lr", type=float)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="tropd train.logit_chunk_size")
+    parser.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="tropd train.logit_chunk_size: positions or auto (the default)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="float32 throughout, or bfloat16 autocast "
                         "of every forward pass over float32 weights (default: fp32 on cpu, bf16 on cuda)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per worker (default: 1 on cpu)")

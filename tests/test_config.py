@@ -36,6 +36,8 @@ def test_overrides_are_typed():
 def test_defaults_live_in_the_schema():
     config = RunConfig()
     assert (config.train.steps, config.train.lr, config.rollout.n, config.objective.top_k) == (200, 5e-6, 4, 64)
+    assert config.train.logit_chunk_size == "auto"
+    assert load_config("toylab", ["train.logit_chunk_size=256"]).train.logit_chunk_size == 256
 
 
 def test_resolved_yaml_round_trips(tmp_path: Path):
@@ -63,6 +65,10 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
     ("objective.outlier=drop", "invalid value for objective.outlier: 'drop' (input should be 'fkl', 'fkl_grad', "
                                "'mask' or 'clip')"),
     ("train.steps", "--set expects section.key=value, got 'train.steps'"),
+    ("train.logit_chunk_size=0", "invalid value for train.logit_chunk_size: 0 (input should be a positive "
+                                 "integer or 'auto')"),
+    ("train.logit_chunk_size=big", "invalid value for train.logit_chunk_size: 'big' (input should be a "
+                                   "positive integer or 'auto')"),
 ])
 def test_bad_overrides_give_one_line_naming_the_key(override, message):
     with pytest.raises(TropdError) as error:

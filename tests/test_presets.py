@@ -62,3 +62,10 @@ def test_readme_table_states_each_header_estimate():
     for name in REAL:
         stated = re.search(r"estimate ~(\d+(?:\.\d+)?) GiB", header(name)).group(1)
         assert re.search(rf"\| `{re.escape(name)}` \|.*\(({stated}) GiB\) \|", readme), name
+
+
+def test_auto_chunk_shrinks_with_the_vocabulary():
+    rows = dict(preset_estimate("qwen3-4b-0.6b-lora")[1])
+    assert "scoring logits (192 positions x 151936 vocab, float32)" in rows
+    rows = dict(preset_estimate("llama-3.1-8b-3.2-1b-lora")[1])
+    assert "scoring logits (256 positions x 128256 vocab, float32)" in rows

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from tropd_cli.errors import TropdError, first_line
 from tropd_cli.toylab.tasks import Difficulty
@@ -160,7 +161,9 @@ class TrainConfig(Section):
                                        "update).")
     seed: int = Field(0, description="Seed for prompts, sampling and the trust mask.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per scoring/backward pass.")
-    logit_chunk_size: int = Field(1024, ge=1, description="Token positions per chunk of vocabulary logits.")
+    logit_chunk_size: int | Literal["auto"] = Field(
+        "auto", description="Token positions per chunk of vocabulary logits; auto: as many as keep one "
+        "[chunk, vocab] float32 buffer near 128 MiB (1024 at a 32k vocabulary, 192 at 152k).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train (`--device`).")
     autocast: Literal["auto", "none", "bfloat16", "float16"] = Field(
         "auto", description="Mixed-precision forward passes; auto: bfloat16 on a CUDA device that supports "
@@ -171,6 +174,13 @@ class TrainConfig(Section):
                                   "the end and on Ctrl-C); 0: only at the end and on Ctrl-C.")
     checkpoint_keep: int = Field(2, ge=0, description="Newest checkpoints kept in checkpoints/ (0: all).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+
+    @field_validator("logit_chunk_size", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise PydanticCustomError("chunk_size", "input should be a positive integer or 'auto'")
 
 
 class EvalConfig(Section):

@@ -32,6 +32,7 @@ from tropd_cli.config import RunConfig
 from tropd_cli.data.prepared import PreparedFolder
 from tropd_cli.data.rows import template_reads_thinking
 from tropd_cli.data.sources import needs_teacher_responses
+from tropd_cli.engine.scoring import chunk_positions, vocab_rows
 from tropd_cli.engine.trainer import autocast_dtype
 from tropd_cli.errors import TropdError
 from tropd_cli.models import DTYPES, load_model_config, load_tokenizer, meta_model, pick_device, stop_token_ids
@@ -326,8 +327,8 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     if teacher_samples(config, prepared):
         kv = max(kv, kv_cache_bytes(teacher, compute or t.dtype, sequences, length))
     micro = min(train.micro_batch_size, sequences)
-    chunk = min(train.logit_chunk_size, micro * rollout.max_new_tokens)
-    vocab = max(_text_config(model).vocab_size for model in (teacher, student))
+    vocab = max(vocab_rows(model) for model in (teacher, student))
+    chunk = min(chunk_positions(train.logit_chunk_size, vocab), micro * rollout.max_new_tokens)
     rows = [
         (f"teacher weights ({t.dtype}, {t.quantization})", weight_bytes(teacher, t.dtype, t.quantization)),
         (f"student weights ({s.dtype}, {s.quantization}{', LoRA' if s.lora.enabled else ''})", student_weights),

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from tropd_cli.engine.baselines import generalized_jsd
-from tropd_cli.engine.scoring import Divergence, build_sequences, score_student, score_teacher
+from tropd_cli.engine.scoring import (
+    Divergence,
+    build_sequences,
+    chunk_positions,
+    score_student,
+    score_teacher,
+)
 from tropd_cli.toylab.models import new_toy_model
 
 PROMPTS = [[2, 5, 6, 7], [2, 9]]
@@ -93,3 +99,11 @@ def test_chunked_divergence_matches_full_logits(pair, chunk):
     for chunked, full in zip(chunked_grads, (p.grad for p in student.parameters())):
         torch.testing.assert_close(chunked, full, rtol=1e-4, atol=2e-5)
     student.zero_grad()
+
+
+@pytest.mark.parametrize(("vocab", "positions"), [
+    (512, 1024), (32768, 1024), (50257, 640), (128256, 256), (151936, 192), (2**24, 64)])
+def test_auto_chunk_keeps_one_float32_buffer_within_128_mib(vocab, positions):
+    assert chunk_positions("auto", vocab) == positions
+    assert positions * vocab * 4 <= 128 * 2**20 or positions == 64  # never fewer than 64 positions
+    assert chunk_positions(300, vocab) == 300  # a number is used as given

@@ -8,7 +8,8 @@ batch x length x vocabulary. The student's head is one autograd function per chu
 its graph keeps the chunk's hidden states and log-normaliser, and its backward recomputes the logits
 once and turns them into the gradient in place, so a chunk never holds more than two [chunk, vocab]
 buffers. (A full-vocabulary divergence, `gkd`, and heads that are not a plain linear layer go through
-activation checkpointing of the chunk instead.)
+activation checkpointing of the chunk instead.) The default chunk (`train.logit_chunk_size: auto`)
+shrinks with the vocabulary so that one such buffer stays near 128 MiB.
 """
 
 from __future__ import annotations
@@ -18,6 +19,26 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+# `auto` chunks: one [chunk, vocab] float32 buffer of at most this many elements (128 MiB), in
+# multiples of CHUNK_STEP positions between CHUNK_STEP and MAX_AUTO_CHUNK.
+LOGIT_BUFFER_ELEMENTS = 2**25
+CHUNK_STEP, MAX_AUTO_CHUNK = 64, 1024
+
+
+def chunk_positions(setting: int | str, vocab: int) -> int:
+    """Token positions per chunk of vocabulary logits: `setting`, or for `auto` the most positions whose
+    [chunk, vocab] float32 logits fit LOGIT_BUFFER_ELEMENTS (1024 at a 32k vocabulary, 192 at Qwen's
+    151936, 256 at Llama 3's 128256)."""
+    if setting != "auto":
+        return int(setting)
+    fitting = LOGIT_BUFFER_ELEMENTS // max(vocab, 1) // CHUNK_STEP * CHUNK_STEP
+    return max(CHUNK_STEP, min(MAX_AUTO_CHUNK, fitting))
+
+
+def vocab_rows(model: torch.nn.Module) -> int:
+    """The rows of a causal LM's vocabulary head (its configuration's vocab_size)."""
+    return model.config.get_text_config().vocab_size
 
 
 @dataclass

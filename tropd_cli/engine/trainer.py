@@ -30,9 +30,11 @@ from tropd_cli.engine.scoring import (
     StudentStats,
     TeacherStats,
     build_sequences,
+    chunk_positions,
     decoder_and_head,
     score_student,
     score_teacher,
+    vocab_rows,
 )
 from tropd_cli.errors import TropdError
 
@@ -147,6 +149,9 @@ class Trainer:
         self.teacher_responses = teacher_responses
         self.prompts = prompts
         _, head = decoder_and_head(models.student)
+        chunk = config.train.logit_chunk_size
+        self.teacher_chunk = chunk_positions(chunk, vocab_rows(models.teacher))
+        self.student_chunk = chunk_positions(chunk, vocab_rows(models.student))
         check_objective(config, head.weight.shape[0], teacher_backend is not None, teacher_responses is not None)
         self.trainable = [p for p in models.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr,
@@ -276,7 +281,7 @@ class Trainer:
             config = self.config
             with self.autocast():
                 item.teacher = score_teacher(self.models.teacher, item.sequences, scored_top_k(config),
-                                             config.train.logit_chunk_size,
+                                             self.teacher_chunk,
                                              keep_hidden=config.objective.name == "gkd")
         return item.teacher
 
@@ -289,7 +294,7 @@ class Trainer:
             teacher = self._score_teacher(item)
             with self.autocast():
                 item.sampled = score_student(self.models.student, item.sequences, teacher.topk_ids,
-                                             self.config.train.logit_chunk_size)
+                                             self.student_chunk)
             entropies.append(item.sampled.entropy)
         entropy = torch.cat(entropies)
         return baselines.entropy_threshold(entropy, torch.ones_like(entropy), fraction)
@@ -325,7 +330,7 @@ class Trainer:
                 divergence = Divergence(jsd, teacher.hidden, decoder_and_head(models.teacher)[1])
             with self.autocast():
                 student = score_student(models.student, item.sequences, teacher.topk_ids,
-                                        config.train.logit_chunk_size, divergence)
+                                        self.student_chunk, divergence)
             if item.sampled is None:
                 item.sampled = StudentStats(student.logprobs.detach(), student.topk_logprobs.detach(),
                                             student.entropy)
