@@ -52,7 +52,7 @@ def test_teacher_stats_match_full_logits(pair, chunk):
     torch.testing.assert_close(stats.entropy, -(reference.exp() * reference).sum(-1))
 
 
-@pytest.mark.parametrize("chunk", [2, 1000])
+@pytest.mark.parametrize("chunk", [2, 3, 1000])
 def test_student_logprobs_and_gradients_match_full_logits(pair, chunk):
     _, student = pair
     batch = build_sequences(PROMPTS, RESPONSES, pad_token_id=0)
@@ -107,3 +107,20 @@ def test_auto_chunk_keeps_one_float32_buffer_within_128_mib(vocab, positions):
     assert chunk_positions("auto", vocab) == positions
     assert positions * vocab * 4 <= 128 * 2**20 or positions == 64  # never fewer than 64 positions
     assert chunk_positions(300, vocab) == 300  # a number is used as given
+
+
+def test_sixteen_bit_student_without_autocast_gets_gradients_in_its_dtype():
+    """bfloat16 weights with autocast off: the head's backward runs in bfloat16, as the full-logits path does."""
+    student = new_toy_model("student", seed=2).to(torch.bfloat16)
+    batch = build_sequences(PROMPTS, RESPONSES, pad_token_id=0)
+    topk_ids = torch.randint(0, student.config.vocab_size, (8, 4), generator=torch.Generator().manual_seed(0))
+    stats = score_student(student, batch, topk_ids, chunk_size=3)
+    (stats.logprobs.sum() + 0.5 * stats.topk_logprobs.sum()).backward()
+    chunked_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    reference = full_logprobs(student, batch)
+    targets = batch.targets[batch.loss_mask.bool()]
+    (reference.gather(-1, targets[:, None]).sum() + 0.5 * reference.gather(-1, topk_ids).sum()).backward()
+    for chunked, full in zip(chunked_grads, (p.grad for p in student.parameters())):
+        assert chunked.dtype == torch.bfloat16
+        torch.testing.assert_close(chunked.float(), full.float(), rtol=0.05, atol=0.02)

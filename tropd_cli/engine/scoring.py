@@ -4,12 +4,13 @@ A batch of prompt+response sequences goes through each model's decoder once; the
 applied only to response positions, a chunk of positions at a time, and only what the objectives need is
 kept: the sampled token's log-prob, the teacher's top-k ids and log-probs, the student's log-probs at
 those ids, and entropies. Peak memory of the head therefore grows with the chunk size, not with
-batch x length x vocabulary. The student's head is one autograd function per chunk (`HeadLogprobs`):
-its graph keeps the chunk's hidden states and log-normaliser, and its backward recomputes the logits
-once and turns them into the gradient in place, so a chunk never holds more than two [chunk, vocab]
-buffers. (A full-vocabulary divergence, `gkd`, and heads that are not a plain linear layer go through
-activation checkpointing of the chunk instead.) The default chunk (`train.logit_chunk_size: auto`)
-shrinks with the vocabulary so that one such buffer stays near 128 MiB.
+batch x length x vocabulary. The student's head is one autograd function (`HeadLogprobs`): its graph
+keeps the hidden states and one log-normaliser per position, and its backward recomputes each chunk's
+logits once and turns them into the gradient in place, so it never holds more than two [chunk, vocab]
+buffers, and the head's weight gradient is accumulated in one buffer. (A full-vocabulary divergence,
+`gkd`, and heads that are not a plain linear layer go through activation checkpointing of each chunk
+instead.) The default chunk (`train.logit_chunk_size: auto`) shrinks with the vocabulary so that one
+such buffer stays near 128 MiB.
 """
 
 from __future__ import annotations
@@ -159,24 +160,34 @@ def _student_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
 
 
 class HeadLogprobs(torch.autograd.Function):
-    """log pi_S(x_t), log pi_S at the top-k ids and the entropy of one chunk, from `hidden @ weight^T`.
+    """log pi_S(x_t), log pi_S at the top-k ids and the entropy of every response position, from
+    `hidden @ weight^T`, `chunk` positions at a time.
 
-    Saves the chunk's log-normaliser only. The backward recomputes the logits once and forms
+    Saves the per-position log-normalisers only. The backward recomputes each chunk's logits once and forms
     d/dlogits = scatter(g) - softmax * (g_t + sum_k g_k) in place in that buffer (the entropy carries no
-    gradient), then the two products with `hidden` and `weight`; autocast is re-entered as in the forward.
+    gradient), then adds its products with `hidden` and `weight` into one gradient buffer each, so neither
+    gradient is ever materialised once per chunk; autocast is re-entered as in the forward.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device_type = hidden.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        logprobs = (hidden @ weight.t()).float()  # [chunk, vocab], logits first
-        log_normaliser = torch.logsumexp(logprobs, dim=-1, keepdim=True)  # [chunk, 1]
-        logprobs -= log_normaliser
-        target_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-        topk_logprobs = logprobs.gather(-1, topk_ids)
-        entropy = -logprobs.exp().mul_(logprobs).sum(-1)
+        ctx.chunk = chunk
+        tokens = hidden.shape[0]
+        target_logprobs = hidden.new_empty((tokens,), dtype=torch.float32)
+        topk_logprobs = hidden.new_empty(topk_ids.shape, dtype=torch.float32)
+        entropy = hidden.new_empty((tokens,), dtype=torch.float32)
+        log_normaliser = hidden.new_empty((tokens, 1), dtype=torch.float32)
+        for start in range(0, tokens, chunk):
+            part = slice(start, start + chunk)
+            logprobs = (hidden[part] @ weight.t()).float()  # [chunk, vocab], logits first
+            log_normaliser[part] = torch.logsumexp(logprobs, dim=-1, keepdim=True)
+            logprobs -= log_normaliser[part]
+            target_logprobs[part] = logprobs.gather(-1, targets[part, None]).squeeze(-1)
+            topk_logprobs[part] = logprobs.gather(-1, topk_ids[part])
+            entropy[part] = -logprobs.exp().mul_(logprobs).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, topk_ids, log_normaliser)
         ctx.mark_non_differentiable(entropy)
         return target_logprobs, topk_logprobs, entropy
@@ -188,16 +199,30 @@ class HeadLogprobs(torch.autograd.Function):
         device_type, enabled, dtype = ctx.autocast
         target_grad = hidden.new_zeros(targets.shape, dtype=torch.float32) if target_grad is None else target_grad
         topk_grad = hidden.new_zeros(topk_ids.shape, dtype=torch.float32) if topk_grad is None else topk_grad
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            grad = (hidden @ weight.t()).float()  # [chunk, vocab]
-        grad.sub_(log_normaliser).exp_().mul_(-(target_grad + topk_grad.sum(-1))[:, None])
-        grad.scatter_add_(1, targets[:, None], target_grad[:, None].float())
-        grad.scatter_add_(1, topk_ids, topk_grad.float())
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            hidden_grad = grad @ weight if ctx.needs_input_grad[0] else None
-            weight_grad = grad.t() @ hidden if ctx.needs_input_grad[1] else None
-        return (None if hidden_grad is None else hidden_grad.to(hidden.dtype),
-                None if weight_grad is None else weight_grad.to(weight.dtype), None, None)
+        hidden_grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        weight_grad = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        in_place = not enabled and hidden.dtype == weight.dtype == torch.float32  # products straight into fp32
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                grad = (hidden[part] @ weight.t()).float()  # [chunk, vocab]
+            grad.sub_(log_normaliser[part]).exp_().mul_(-(target_grad[part] + topk_grad[part].sum(-1))[:, None])
+            grad.scatter_add_(1, targets[part, None], target_grad[part, None].float())
+            grad.scatter_add_(1, topk_ids[part], topk_grad[part].float())
+            if in_place:
+                if hidden_grad is not None:
+                    torch.mm(grad, weight, out=hidden_grad[part])
+                if weight_grad is not None:
+                    weight_grad.addmm_(grad.t(), hidden[part])
+                continue
+            if not enabled:  # 16-bit weights without autocast: the products run in their dtype
+                grad = grad.to(weight.dtype)
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                if hidden_grad is not None:
+                    hidden_grad[part] = grad @ weight
+                if weight_grad is not None:
+                    weight_grad += (grad.t() @ hidden[part]).to(weight.dtype)
+        return hidden_grad, weight_grad, None, None, None
 
 
 def _fused_head(head: torch.nn.Module) -> bool:
@@ -207,7 +232,7 @@ def _fused_head(head: torch.nn.Module) -> bool:
 
 def score_student(model: torch.nn.Module, batch: SequenceBatch, topk_ids: torch.Tensor,
                   chunk_size: int, divergence: Divergence | None = None) -> StudentStats:
-    """s_t and log pi_S at the teacher's top-k ids, differentiable, one checkpointed chunk at a time.
+    """s_t and log pi_S at the teacher's top-k ids, differentiable, one chunk of positions at a time.
 
     With `divergence`, also its per-token value against the teacher's full-vocabulary logits, which are
     recomputed per chunk from the teacher's hidden states (so neither model's [tokens, vocab] logits
@@ -216,14 +241,13 @@ def score_student(model: torch.nn.Module, batch: SequenceBatch, topk_ids: torch.
     _, head = decoder_and_head(model)
     hidden = response_hidden_states(model, batch)
     targets = batch.targets[batch.loss_mask.bool()]
+    if divergence is None and _fused_head(head) and hidden.shape[0]:
+        return StudentStats(*HeadLogprobs.apply(hidden, head.weight, targets, topk_ids, chunk_size))
     parts = []
-    fused = divergence is None and _fused_head(head)
     for start in range(0, hidden.shape[0], chunk_size):
         end = start + chunk_size
         args = (head, hidden[start:end], targets[start:end], topk_ids[start:end], divergence, start)
-        if fused:
-            parts.append(HeadLogprobs.apply(hidden[start:end], head.weight, targets[start:end], topk_ids[start:end]))
-        elif torch.is_grad_enabled() and hidden.requires_grad:
+        if torch.is_grad_enabled() and hidden.requires_grad:
             parts.append(checkpoint(_student_chunk, *args, use_reentrant=False))
         else:
             parts.append(_student_chunk(*args))
