@@ -155,7 +155,7 @@ class Trainer:
         check_objective(config, head.weight.shape[0], teacher_backend is not None, teacher_responses is not None)
         self.trainable = [p for p in models.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr,
-                                           weight_decay=config.train.weight_decay)
+                                           weight_decay=config.train.weight_decay, fused=True)
         warmup = config.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
