@@ -191,3 +191,18 @@ def test_teacher_responses_are_required_before_the_first_step(models, objective,
     with pytest.raises(TropdError, match=message) as error:
         trainer.Trainer(guided_config(**objective), models, FakeBackend(), iter([]))
     assert "\n" not in str(error.value)
+
+
+def test_micro_batches_group_rows_by_length_and_keep_each_rows_prefix():
+    rollouts = Rollouts(prompt_ids=[[2, 5], [2, 6, 7]], prompt_index=[0, 0, 1, 1],
+                        response_ids=[[10, EOS], [11, 12, 13, 14, 15, EOS], [16, EOS], [17, 18, 19, 20, EOS]],
+                        finished=[True] * 4)
+    micro = trainer.micro_batches(rollouts, [1, 2, 0, 3], size=2, pad_token_id=0, device=torch.device("cpu"))
+    # prompt+response lengths 4, 8, 5, 8: rows 1 and 3 first, then 2 and 0
+    assert [item.sequences.input_ids.tolist() for item in micro] == [
+        [[2, 5, 11, 12, 13, 14, 15, EOS], [2, 6, 7, 17, 18, 19, 20, EOS]],
+        [[2, 6, 7, 16, EOS], [2, 5, 10, EOS, 0]],
+    ]
+    assert micro[0].prefix_mask.tolist() == [1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0]  # 2 of 6, then 3 of 5 tokens
+    assert micro[1].prefix_mask.tolist() == [0, 0, 1, 0]  # 0 of 2, then 1 of 2
+    assert sum(item.sequences.input_ids.numel() for item in micro) == 16 + 10  # in rollout order: 16 + 16

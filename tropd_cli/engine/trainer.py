@@ -4,7 +4,8 @@ One step: draw `prompts_per_step` prompts, sample `n` student rollouts per promp
 backend (gkd: teacher-sampled responses on a seeded 1 - gkd_lambda fraction of steps; seqkd: fresh
 teacher samples; sft: the cached teacher response per prompt; guidance: student rollouts from a teacher
 prefix, see `guidance.py`), score
-prompt+response in micro-batches (one teacher forward, cached, and one student forward per update),
+prompt+response in micro-batches sorted by length (one teacher forward, cached, and one student forward
+per update),
 compute the objective, accumulate gradients over the micro-batches, divide them by the objective's
 normaliser summed over the whole rollout batch (so one optimizer step sees the batch's token-mean loss),
 clip, and step AdamW; `updates_per_batch` such updates reuse the batch with rho_t = exp(s_t - sbar_t),
@@ -136,6 +137,29 @@ class MicroBatch:
     prefix_mask: torch.Tensor | None = None  # [tokens] 1 on guidance-prefix tokens (guidance only)
 
 
+def micro_batches(rollouts: Rollouts, prefix_lengths: list[int] | None, size: int, pad_token_id: int,
+                  device: torch.device) -> list[MicroBatch]:
+    """The rollout batch in micro-batches of `size` sequences, longest prompt+response first.
+
+    Sorting by length keeps the right-padding of each micro-batch small when response lengths vary (a
+    micro-batch costs its longest sequence times its size), and puts the largest micro-batch first, so
+    an out-of-memory error comes at once. The step's loss is a sum over tokens divided by the batch's
+    normaliser, so the grouping changes no value beyond floating-point rounding.
+    """
+    prompts = [rollouts.prompt_ids[i] for i in rollouts.prompt_index]
+    order = sorted(range(len(prompts)), key=lambda row: -(len(prompts[row]) + len(rollouts.response_ids[row])))
+    micro = []
+    for start in range(0, len(order), size):
+        rows = order[start:start + size]
+        responses = [rollouts.response_ids[row] for row in rows]
+        item = MicroBatch(build_sequences([prompts[row] for row in rows], responses, pad_token_id).to(device))
+        if prefix_lengths is not None:
+            item.prefix_mask = guidance.prefix_token_mask([prefix_lengths[row] for row in rows],
+                                                          [len(r) for r in responses]).to(device)
+        micro.append(item)
+    return micro
+
+
 class Trainer:
     """Runs optimizer steps on a student against a frozen teacher."""
 
@@ -219,16 +243,8 @@ class Trainer:
         rollout_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        prompts = [rollouts.prompt_ids[i] for i in rollouts.prompt_index]
-        size = config.train.micro_batch_size
-        micro = [MicroBatch(build_sequences(prompts[i:i + size], rollouts.response_ids[i:i + size],
-                                            models.pad_token_id).to(models.device))
-                 for i in range(0, len(prompts), size)]
-        if prefix_lengths is not None:
-            for item, i in zip(micro, range(0, len(prompts), size)):
-                item.prefix_mask = guidance.prefix_token_mask(
-                    prefix_lengths[i:i + size], [len(r) for r in rollouts.response_ids[i:i + size]]
-                ).to(models.device)
+        micro = micro_batches(rollouts, prefix_lengths, config.train.micro_batch_size, models.pad_token_id,
+                              models.device)
         fraction = entropy_selection(config, self.step)
         threshold = self._entropy_threshold(micro, fraction) if fraction is not None else None
         metrics: objectives.Metrics = {}
