@@ -61,8 +61,6 @@ def model_config(model_id: str):
     return config_class(**shape)
 
 
-
-
 def preset_estimate(name: str) -> tuple[float, list[tuple[str, int]]]:
     """The estimated peak memory of a preset on a CUDA GPU, in GiB, and its rows."""
     # a GPU with bfloat16, where train.autocast=auto turns it on; the teacher drafts come from prepare

@@ -68,14 +68,19 @@ def restore_random_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def save_student(folder: Path, student: torch.nn.Module, tokenizer) -> None:
+    """The student in save_pretrained format (the whole model, or the peft adapter) with its tokenizer."""
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def save_checkpoint(run_dir: Path, step: int, student: torch.nn.Module, tokenizer, trainer_state: dict,
                     summary: dict, keep: int) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep` (0: keep all)."""
     target = checkpoint_dir(run_dir, step)
 
     def fill(folder: Path) -> None:
-        student.save_pretrained(folder / "student")
-        tokenizer.save_pretrained(folder / "student")
+        save_student(folder / "student", student, tokenizer)
         torch.save({**trainer_state, "random": random_states()}, folder / "trainer_state.pt")
         atomic_write_json(folder / "state.json", {"step": step, "summary": summary})
 

@@ -11,6 +11,7 @@ checkpoint; a second one stops at once, still saving the student and the summary
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import threading
@@ -39,6 +40,7 @@ from tropd_cli.checkpoints import (
     restore_adapter,
     restore_random_states,
     save_checkpoint,
+    save_student,
 )
 from tropd_cli.config import RunConfig, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
@@ -220,7 +222,7 @@ def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict
             task = progress.add_task("distill", total=config.train.steps, completed=start_step, info="")
             while trainer.step < config.train.steps:
                 record = trainer.train_step()
-                if not all(map(_finite, (record["loss"], record["grad_norm"]))):
+                if not all(map(math.isfinite, (record["loss"], record["grad_norm"]))):
                     raise TropdError(f"non-finite loss or gradient at step {record['step']} "
                                      f"(loss {record['loss']}, grad norm {record['grad_norm']}); "
                                      f"lower train.lr or check the teacher")
@@ -265,17 +267,10 @@ def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict
     return RunResult(run_dir, summary)
 
 
-def _finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
-
-
 def _save(run_dir: Path, student: torch.nn.Module | None, tokenizer, summary: dict, started: float) -> None:
     summary["train_seconds"] = round(time.perf_counter() - started, 2)
     if student is not None:
-        def fill(folder: Path) -> None:
-            student.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-        atomic_folder(run_dir / "student", fill)
+        atomic_folder(run_dir / "student", lambda folder: save_student(folder, student, tokenizer))
         summary["student_path"] = str(run_dir / "student")
     atomic_write_json(run_dir / "summary.json", summary)
 

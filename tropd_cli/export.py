@@ -34,6 +34,7 @@ from tropd_cli.config import RunConfig, load_config_file
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, check_output_dir
 from tropd_cli.models import DTYPES, load_adapter, load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
+from tropd_cli.toylab.accuracy import chat_prompt_ids
 
 FORMATS = ("merged", "adapter")
 RUN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # student.dtype -> --dtype
@@ -307,7 +308,7 @@ def _write_and_verify(source: ExportSource, folder: Path, format_: str, dtype: s
     if verify:
         with console.status("running the run's model on the verification prompts"):
             probes = [prompt + _greedy(model, prompt, source.config, eos_ids, tokenizer.pad_token_id)
-                      for prompt in (_encode(tokenizer, text) for text in texts)]
+                      for prompt in (chat_prompt_ids(tokenizer, text) for text in texts)]
             reference = _logits(model, probes)
         if source.config.student.quantization == "4bit":
             with console.status("running the 4-bit model the run trained"):
@@ -395,15 +396,6 @@ def verify_texts(source: ExportSource) -> list[str]:
     return list(VERIFY_PROMPTS)
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """One user message in the chat template (plain text when the tokenizer has no template)."""
-    if not tokenizer.chat_template:
-        return list(tokenizer(text)["input_ids"])
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-    return list(encoded["input_ids"])
-
-
 @torch.no_grad()
 def _greedy(model: torch.nn.Module, prompt: list[int], config: RunConfig, eos_ids: list[int],
             pad_id: int | None) -> list[int]:
@@ -437,8 +429,9 @@ def _verify(folder: Path, format_: str, dtype: str, texts: list[str], probes: li
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     remote_code = config.student.trust_remote_code
-    prompts = [_encode(AutoTokenizer.from_pretrained(folder, trust_remote_code=remote_code), text) for text in texts]
-    if prompts != [_encode(run_tokenizer, text) for text in texts]:
+    exported_tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote_code)
+    prompts = [chat_prompt_ids(exported_tokenizer, text) for text in texts]
+    if prompts != [chat_prompt_ids(run_tokenizer, text) for text in texts]:
         raise TropdError("verification failed: the exported tokenizer encodes the verification prompts "
                          "differently from the run's; nothing was written")
     if format_ == "adapter":

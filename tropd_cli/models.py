@@ -169,8 +169,8 @@ def stop_token_ids(spec: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS alone
         return ids
     extra = generation.eos_token_id
-    for token_id in extra if isinstance(extra, list) else [] if extra is None else [extra]:
-        if token_id not in ids:
+    for token_id in extra if isinstance(extra, list) else [extra]:
+        if token_id is not None and token_id not in ids:
             ids.append(int(token_id))
     return ids
 

@@ -106,8 +106,6 @@ def decoding_passes(settings: EvalSettings, max_new_tokens: int) -> list[Pass]:
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: EvalProblem, thinking: bool | None) -> list[int]:
     """The problem's message in the chat template (with enable_thinking when set), or raw text without one."""
-    if not tokenizer.chat_template:
-        return list(tokenizer(problem.message)["input_ids"])
     kwargs = {} if thinking is None else {"enable_thinking": thinking}
     return chat_prompt_ids(tokenizer, problem.message, **kwargs)
 

@@ -31,10 +31,13 @@ class AccuracyReport:
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, content: str, **template_kwargs: Any) -> list[int]:
-    """One user message in the tokenizer's chat template, ending with the assistant header.
+    """One user message in the tokenizer's chat template, ending with the assistant header; the plain
+    text, tokenized as the tokenizer does by default, when it has no template.
 
     `template_kwargs` reach the template (e.g. `enable_thinking`); templates ignore unknown ones.
     """
+    if not tokenizer.chat_template:
+        return list(tokenizer(content)["input_ids"])
     encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, **template_kwargs
     )
