@@ -315,8 +315,9 @@ class CountingBackend:
 def run_tropd(spec: dict, device: torch.device) -> dict:
     """The `opd` step through tropd's Trainer, with the models loaded by tropd's one loader."""
     from tropd_cli.config import RunConfig
+    from tropd_cli.engine.precision import autocast_dtype
     from tropd_cli.engine.rollout import HFGenerateBackend
-    from tropd_cli.engine.trainer import Models, Trainer, autocast_dtype
+    from tropd_cli.engine.trainer import Models, Trainer
     from tropd_cli.models import load_causal_lm
 
     shape, folder = StepShape(**spec["shape"]), Path(spec["folder"])

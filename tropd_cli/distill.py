@@ -44,8 +44,9 @@ from tropd_cli.checkpoints import (
 )
 from tropd_cli.config import RunConfig, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
+from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.rollout import HFGenerateBackend
-from tropd_cli.engine.trainer import Models, Trainer, autocast_dtype
+from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
 from tropd_cli.models import LoraSpec, load_causal_lm, pick_device

@@ -32,8 +32,8 @@ from tropd_cli.config import RunConfig
 from tropd_cli.data.prepared import PreparedFolder
 from tropd_cli.data.rows import template_reads_thinking
 from tropd_cli.data.sources import needs_teacher_responses
+from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.scoring import chunk_positions, vocab_rows
-from tropd_cli.engine.trainer import autocast_dtype
 from tropd_cli.errors import TropdError
 from tropd_cli.models import DTYPES, load_model_config, load_tokenizer, meta_model, pick_device, stop_token_ids
 from tropd_cli.toylab.accuracy import prompt_token_ids

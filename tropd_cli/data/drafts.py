@@ -33,12 +33,10 @@ from tropd_cli.config import RunConfig
 from tropd_cli.data.prepared import DRAFTS, PreparedFolder
 from tropd_cli.engine.guidance import TeacherResponse
 from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
-from tropd_cli.engine.trainer import step_seed
+from tropd_cli.engine.seeds import Stream, step_seed
 from tropd_cli.errors import Interrupted, TropdError
 from tropd_cli.files import atomic_write_text
 from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
-
-DRAFT_SEED_STREAM = 5  # distinct from the trainer's rollout (0), trust-mask (1) and gkd (2) streams
 
 
 def data_seed(config: RunConfig) -> int:
@@ -141,7 +139,7 @@ def _generate(config: RunConfig, folder: PreparedFolder, chunks: list[list[dict[
             for k in missing:
                 chunk = chunks[k]
                 sampled = backend.generate([row["prompt_ids"] for row in chunk], 1, params,
-                                           step_seed(seed, k, DRAFT_SEED_STREAM))
+                                           step_seed(seed, k, Stream.TEACHER_DRAFT))
                 texts = tokenizer.batch_decode(sampled.response_ids, skip_special_tokens=True)
                 lines = [json.dumps({"id": row["id"], "response_ids": response, "finished": ended, "response": text},
                                     ensure_ascii=False) + "\n"

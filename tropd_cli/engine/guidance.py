@@ -21,6 +21,7 @@ import torch
 
 from tropd_cli.engine.objectives import ObjectiveOutput, mean_pair
 from tropd_cli.engine.rollout import RolloutBackend, Rollouts, SamplingParams
+from tropd_cli.engine.seeds import Stream, step_seed
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class InRunTeacherResponses:
     def __call__(self, prompt_ids: list[list[int]]) -> list[TeacherResponse]:
         missing = list(dict.fromkeys(tuple(ids) for ids in prompt_ids if tuple(ids) not in self.cache))
         if missing:
-            seed = (self.seed * 1_000_003 + self.calls * 7919 + 3) % (2**63 - 1)
+            seed = step_seed(self.seed, self.calls, Stream.TEACHER_RESPONSE)
             sampled = self.backend.generate([list(ids) for ids in missing], 1, self.params, seed)
             for ids, response, finished in zip(missing, sampled.response_ids, sampled.finished):
                 self.cache[ids] = TeacherResponse(response, finished)

@@ -24,6 +24,7 @@ import torch
 
 from tropd_cli.config import RunConfig
 from tropd_cli.engine import baselines, guidance, objectives
+from tropd_cli.engine.precision import autocast, autocast_dtype
 from tropd_cli.engine.rollout import RolloutBackend, Rollouts, SamplingParams
 from tropd_cli.engine.scoring import (
     Divergence,
@@ -37,6 +38,7 @@ from tropd_cli.engine.scoring import (
     score_teacher,
     vocab_rows,
 )
+from tropd_cli.engine.seeds import Stream, step_seed
 from tropd_cli.errors import TropdError
 
 
@@ -46,11 +48,6 @@ class Models:
     student: torch.nn.Module
     pad_token_id: int
     device: torch.device
-
-
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A distinct, reproducible seed per (run seed, step, stream)."""
-    return (seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1)
 
 
 def scored_top_k(config: RunConfig) -> int:
@@ -67,14 +64,6 @@ def entropy_selection(config: RunConfig, step: int) -> float | None:
     if objective.name == "reopold" and step >= objective.reopold_switch_step:
         return objective.reopold_beta
     return None
-
-
-def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The dtype of mixed-precision forward passes, or None for none (`train.autocast`)."""
-    if setting == "auto":
-        usable = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if usable else None
-    return None if setting == "none" else getattr(torch, setting)
 
 
 def check_objective(config: RunConfig, vocab_size: int, has_teacher_backend: bool,
@@ -185,7 +174,7 @@ class Trainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.step = 0
         dtype = autocast_dtype(config.train.autocast, models.device)
-        self.autocast = lambda: torch.autocast(models.device.type, dtype=dtype, enabled=dtype is not None)
+        self.autocast = lambda: autocast(models.device, dtype)
         if config.train.gradient_checkpointing:
             if hasattr(models.student, "activation_checkpointing_enable"):  # transformers >= 5.x
                 models.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -213,7 +202,7 @@ class Trainer:
         on-policy and, with guidance, each rollout's prefix length."""
         config = self.config
         params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
-        seed = step_seed(config.train.seed, self.step, 0)
+        seed = step_seed(config.train.seed, self.step, Stream.ROLLOUT)
         name = config.objective.name
         if name == "sft":
             assert self.teacher_responses is not None
@@ -229,7 +218,7 @@ class Trainer:
             return rollouts, True, prefix_lengths
         on_policy = True
         if config.objective.name == "gkd":
-            coin = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, 2))
+            coin = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, Stream.GKD_COIN))
             on_policy = float(torch.rand((), generator=coin)) < config.objective.gkd_lambda
         backend = self.backend if on_policy else self.teacher_backend
         assert backend is not None
@@ -331,7 +320,7 @@ class Trainer:
             prefix_total = sum(prefix_lengths)
             generated_total = sum(float(item.prefix_mask.numel() - item.prefix_mask.sum()) for item in micro)
             imitation_scale = generated_total / max(prefix_total, 1)
-        generator = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, 1))
+        generator = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, Stream.TRUST_MASK))
         jsd = None
         if config.objective.name == "gkd":
             beta = config.objective.gkd_beta
