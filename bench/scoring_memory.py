@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trl_compare import MiB, ModelShape, PeakMemory, qwen3_config  # noqa: E402
 
-from tropd_cli.engine import objectives  # noqa: E402
+from tropd_cli.engine.objectives.base import TokenStats  # noqa: E402
+from tropd_cli.engine.objectives.tropd import tropd  # noqa: E402
 from tropd_cli.engine.scoring import build_sequences, score_student, score_teacher  # noqa: E402
 
 PROMPT_LEN = 16
@@ -54,10 +55,10 @@ def build_models(vocab: int, device: torch.device, max_positions: int) -> tuple[
 def tropd_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_topk: torch.Tensor,
                student_topk: torch.Tensor) -> torch.Tensor:
     """The TrOPD token-mean loss with differentiable top-k forward-KL outliers."""
-    stats = objectives.TokenStats(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
+    stats = TokenStats(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
                                   mask=torch.ones_like(teacher_logprobs), teacher_topk_logprobs=teacher_topk,
                                   student_topk_logprobs=student_topk)
-    output = objectives.tropd(stats, outlier="fkl_grad", generator=torch.Generator().manual_seed(0))
+    output = tropd(stats, outlier="fkl_grad", generator=torch.Generator().manual_seed(0))
     return output.mean_loss()
 
 

@@ -51,17 +51,17 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("rollout.nn=8", "unknown config key 'rollout.nn'; rollout has: n, prompts_per_step, max_new_tokens, "
-                     "temperature, top_p, batch_size"),
+                     "temperature, top_p, batch_size, backend"),
     ("bogus.key=1", "unknown config key 'bogus.key'; the configuration has: description, teacher, student, "
                     "data, rollout, objective, train, eval, output"),
     ("rollout=3", "config key 'rollout' is a section; set one of: n, prompts_per_step, max_new_tokens, "
-                  "temperature, top_p, batch_size"),
+                  "temperature, top_p, batch_size, backend"),
     ("rollout.n.x=3", "unknown config key 'rollout.n.x'; rollout.n is a value, not a section"),
     ("rollout.n=abc", "invalid value for rollout.n: 'abc' (input should be a valid integer, unable to parse "
                       "string as an integer)"),
     ("rollout.n=0", "invalid value for rollout.n: 0 (input should be greater than or equal to 1)"),
-    ("objective.name=ppo", "invalid value for objective.name: 'ppo' (input should be 'tropd', 'opd', 'eopd', "
-                           "'reopold', 'entropy_opd', 'gkd', 'fkl_topk', 'sft' or 'seqkd')"),
+    ("objective.name=ppo", "invalid value for objective.name: 'ppo' (input should be one of: tropd, entropy_opd, "
+                           "eopd, fkl_topk, gkd, opd, reopold, seqkd, sft)"),
     ("objective.outlier=drop", "invalid value for objective.outlier: 'drop' (input should be 'fkl', 'fkl_grad', "
                                "'mask' or 'clip')"),
     ("train.steps", "--set expects section.key=value, got 'train.steps'"),

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from tropd_cli.engine.objectives import get_objective, objective_names
 from tropd_cli.errors import TropdError, first_line
 from tropd_cli.toylab.tasks import Difficulty
 
@@ -111,15 +112,15 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     batch_size: int = Field(256, ge=1, description="Most sequences per generate call.")
-
-
-ObjectiveName = Literal["tropd", "opd", "eopd", "reopold", "entropy_opd", "gkd", "fkl_topk", "sft", "seqkd"]
+    backend: Literal["hf"] = Field("hf", description="What samples the rollouts: hf (transformers' generate "
+                                   "on the training model).")
 
 
 class ObjectiveConfig(Section):
     """The loss; fields prefixed with an objective's name only apply to that objective."""
 
-    name: ObjectiveName = Field("tropd", description="The distillation objective.")
+    name: str = Field("tropd", description="The distillation objective (one module of "
+                      "tropd_cli/engine/objectives/ each).")
     trust: Literal["bernoulli", "hard"] = Field(
         "bernoulli", description="TrOPD trust test: M ~ Bernoulli(min(pi_T/pi_S, 1)) or [tau >= sbar].")
     outlier: Literal["fkl", "fkl_grad", "mask", "clip"] = Field(
@@ -146,6 +147,14 @@ class ObjectiveConfig(Section):
                            "schedule over train.steps.")
     guidance_beta: float = Field(0.001, ge=0, description="tropd with guidance: beta of the imitation term "
                                  "beta * CE(pi_S, y[:l_i]) on the prefix tokens.")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in objective_names():
+            raise PydanticCustomError("objective", "input should be one of: {names}",
+                                      {"names": ", ".join(objective_names())})
+        return value
 
 
 class TrainConfig(Section):
@@ -215,6 +224,18 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunConfig:
+        """Rules across fields, checked with the rest of the configuration (before anything is created)."""
+        objective = self.objective
+        spec = get_objective(objective.name)
+        if objective.guidance and not spec.guidance:
+            raise PydanticCustomError("combination", "objective.guidance applies to objective.name=tropd, not "
+                                      "{name}; set objective.guidance=false", {"name": objective.name})
+        if spec.check is not None:
+            spec.check(self)
+        return self
 
 
 def preset_path(name: str) -> Path:
@@ -302,6 +323,8 @@ def validate(raw: dict[str, Any], source: str) -> RunConfig:
     except ValidationError as error:
         first = error.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
+        if not key:  # a rule across fields: its message names them
+            raise TropdError(first["msg"].removeprefix("Value error, ")) from None
         if first["type"] == "extra_forbidden":
             parent = ".".join(str(p) for p in first["loc"][:-1])
             raise TropdError(f"unknown config key '{key}' in {source}; "

@@ -6,8 +6,12 @@ import math
 import pytest
 import torch
 
-from tropd_cli.engine import baselines
-from tropd_cli.engine.objectives import TokenStats
+from tropd_cli.engine.objectives.base import TokenStats, entropy_threshold
+from tropd_cli.engine.objectives.entropy_opd import entropy_opd
+from tropd_cli.engine.objectives.eopd import eopd
+from tropd_cli.engine.objectives.fkl_topk import fkl_topk
+from tropd_cli.engine.objectives.gkd import generalized_jsd, gkd
+from tropd_cli.engine.objectives.reopold import reopold
 
 LOG = math.log
 
@@ -46,7 +50,7 @@ def loss_and_grads(output, token_stats):
 
 def test_eopd_adds_top_k_forward_kl_on_uncertain_teacher_tokens():
     token_stats = stats()
-    output = baselines.eopd(token_stats, entropy_min=0.8)
+    output = eopd(token_stats, entropy_min=0.8)
     loss, grad, topk_grad = loss_and_grads(output, token_stats)
     # Teacher entropy 1.0, 0.5, 2.0 > 0.8 on tokens 1 and 3: loss = (-r_1 - r_2 - r_3 + FKL_1 + FKL_3) / 3.
     assert loss == pytest.approx(7.817484235767069, abs=1e-12)
@@ -57,14 +61,14 @@ def test_eopd_adds_top_k_forward_kl_on_uncertain_teacher_tokens():
 
 def test_eopd_with_a_confident_teacher_is_opd():
     token_stats = stats()
-    loss, grad, topk_grad = loss_and_grads(baselines.eopd(token_stats, entropy_min=5.0), token_stats)
+    loss, grad, topk_grad = loss_and_grads(eopd(token_stats, entropy_min=5.0), token_stats)
     assert loss == pytest.approx(-sum(REWARD) / 3, abs=1e-12)
     assert topk_grad == [0.0] * 6
 
 
 def test_reopold_before_switch_keeps_tokens_above_the_reward_floor():
     token_stats = stats()
-    output = baselines.reopold(token_stats, lam=0.2, after_switch=False)
+    output = reopold(token_stats, lam=0.2, after_switch=False)
     loss, grad, _ = loss_and_grads(output, token_stats)
     # c = log .25: r_3 = log .0125 < c is dropped; loss = -(r_1 + r_2) / 2 = 0.
     assert loss == pytest.approx(0.0, abs=1e-12)
@@ -74,7 +78,7 @@ def test_reopold_before_switch_keeps_tokens_above_the_reward_floor():
 
 def test_reopold_after_switch_keeps_high_entropy_tokens_with_floored_reward():
     token_stats = stats()
-    output = baselines.reopold(token_stats, lam=0.2, beta=0.5, after_switch=True)
+    output = reopold(token_stats, lam=0.2, beta=0.5, after_switch=True)
     loss, grad, _ = loss_and_grads(output, token_stats)
     # Top ceil(.5 * 3) = 2 by student entropy: tokens 2 (1.2) and 3 (0.9); rhat_3 = log .25.
     assert loss == pytest.approx(-(LOG(2) + LOG(0.25)) / 2, abs=1e-12)
@@ -83,7 +87,7 @@ def test_reopold_after_switch_keeps_high_entropy_tokens_with_floored_reward():
 
 def test_reopold_uses_a_batch_wide_entropy_threshold_when_given():
     token_stats = stats()
-    loss, grad, _ = loss_and_grads(baselines.reopold(token_stats, after_switch=True, threshold=0.25), token_stats)
+    loss, grad, _ = loss_and_grads(reopold(token_stats, after_switch=True, threshold=0.25), token_stats)
     assert loss == pytest.approx(-(REWARD[0] + REWARD[1] + LOG(0.25)) / 3, abs=1e-12)
 
 
@@ -94,7 +98,7 @@ def test_reopold_uses_a_batch_wide_entropy_threshold_when_given():
 ])
 def test_entropy_opd_trains_only_on_high_entropy_tokens(fraction, loss, grad):
     token_stats = stats()
-    output = baselines.entropy_opd(token_stats, top_fraction=fraction)
+    output = entropy_opd(token_stats, top_fraction=fraction)
     got_loss, got_grad, _ = loss_and_grads(output, token_stats)
     assert got_loss == pytest.approx(loss, abs=1e-12)
     assert got_grad == pytest.approx(grad, abs=1e-12)
@@ -102,10 +106,13 @@ def test_entropy_opd_trains_only_on_high_entropy_tokens(fraction, loss, grad):
 
 def test_fkl_topk_alone():
     token_stats = stats()
-    loss, grad, topk_grad = loss_and_grads(baselines.fkl_topk(token_stats), token_stats)
+    loss, grad, topk_grad = loss_and_grads(fkl_topk(token_stats), token_stats)
     assert loss == pytest.approx(sum(FKL) / 3, abs=1e-12)
     assert grad == [0.0, 0.0, 0.0]
     assert topk_grad == pytest.approx([-Q[0] / 3, -Q[1] / 3] * 3, abs=1e-12)
+
+
+BY_NAME = {"eopd": eopd, "reopold": reopold, "entropy_opd": entropy_opd, "fkl_topk": fkl_topk}
 
 
 @pytest.mark.parametrize("objective", ["eopd", "reopold", "entropy_opd", "fkl_topk"])
@@ -114,14 +121,14 @@ def test_identical_teacher_and_student_give_zero_loss(objective):
     # The whole vocabulary in the top-2: q = pi_T = pi_S.
     token_stats.teacher_topk_logprobs = torch.tensor([Q] * 3, dtype=torch.float64).log()
     token_stats.student_topk_logprobs = torch.tensor([Q] * 3, dtype=torch.float64).log()
-    output = getattr(baselines, objective)(token_stats)
+    output = BY_NAME[objective](token_stats)
     assert abs(float(output.mean_loss().detach())) < 1e-12
 
 
 @pytest.mark.parametrize("objective", ["eopd", "reopold", "entropy_opd", "fkl_topk"])
 def test_teacher_probability_near_zero_gives_finite_loss(objective):
     token_stats = stats(teacher=[LOG(0.25), LOG(0.5), -1e4])
-    output = getattr(baselines, objective)(token_stats)
+    output = BY_NAME[objective](token_stats)
     loss, grad, _ = loss_and_grads(output, token_stats)
     assert math.isfinite(loss) and all(map(math.isfinite, grad))
 
@@ -133,23 +140,23 @@ def test_padded_positions_and_empty_responses(objective):
         dirty.teacher_logprobs[1] = -math.inf
         dirty.teacher_topk_logprobs[1] = torch.tensor([math.nan, -math.inf])
         dirty.student_entropy[1] = 50.0
-    clean_result = loss_and_grads(getattr(baselines, objective)(clean), clean)
-    dirty_result = loss_and_grads(getattr(baselines, objective)(dirty), dirty)
+    clean_result = loss_and_grads(BY_NAME[objective](clean), clean)
+    dirty_result = loss_and_grads(BY_NAME[objective](dirty), dirty)
     assert dirty_result[0] == pytest.approx(clean_result[0], abs=1e-12)
     assert dirty_result[1] == pytest.approx(clean_result[1], abs=1e-12)
     empty = TokenStats(student_logprobs=torch.zeros(0, requires_grad=True), teacher_logprobs=torch.zeros(0),
                        mask=torch.zeros(0), teacher_topk_logprobs=torch.zeros(0, 2),
                        student_topk_logprobs=torch.zeros(0, 2), teacher_entropy=torch.zeros(0),
                        student_entropy=torch.zeros(0))
-    assert float(getattr(baselines, objective)(empty).mean_loss().detach()) == 0.0
+    assert float(BY_NAME[objective](empty).mean_loss().detach()) == 0.0
 
 
 def test_entropy_threshold_counts_only_masked_tokens():
     entropy = torch.tensor([0.3, 9.0, 1.2, 0.9])
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    assert baselines.entropy_threshold(entropy, mask, 0.5) == pytest.approx(0.9)
-    assert baselines.entropy_threshold(entropy, mask, 0.01) == pytest.approx(1.2)
-    assert baselines.entropy_threshold(entropy, torch.zeros(4), 0.5) == math.inf
+    assert entropy_threshold(entropy, mask, 0.5) == pytest.approx(0.9)
+    assert entropy_threshold(entropy, mask, 0.01) == pytest.approx(1.2)
+    assert entropy_threshold(entropy, torch.zeros(4), 0.5) == math.inf
 
 
 # Two-token vocabulary: student (0.5, 0.5), teacher (0.8, 0.2).
@@ -161,7 +168,7 @@ def test_entropy_threshold_counts_only_masked_tokens():
 def test_generalized_jsd_by_hand(beta, value, grad):
     student_logits = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
     teacher_logits = torch.tensor([[0.8, 0.2]], dtype=torch.float64).log()
-    divergence = baselines.generalized_jsd(student_logits.double(), teacher_logits, beta)
+    divergence = generalized_jsd(student_logits.double(), teacher_logits, beta)
     assert float(divergence.detach()[0]) == pytest.approx(value, abs=1e-6)
     if grad is not None:
         divergence.sum().backward()
@@ -171,7 +178,7 @@ def test_generalized_jsd_by_hand(beta, value, grad):
 def test_gkd_objective_averages_the_divergence_over_response_tokens():
     token_stats = stats(mask=(1.0, 0.0, 1.0))
     divergence = torch.tensor([0.2, math.nan, 0.4], dtype=torch.float64)
-    output = baselines.gkd(token_stats, divergence)
+    output = gkd(token_stats, divergence)
     assert float(output.mean_loss()) == pytest.approx(0.3, abs=1e-12)
     assert output.metrics["gkd_divergence"] == pytest.approx((0.6, 2.0))
 
@@ -192,7 +199,7 @@ def test_generalized_jsd_matches_trl(trl_jsd, beta):
     labels[2, :2] = -100
     mask = labels != -100
     expected = trl_jsd(student, teacher, labels=labels, beta=beta)
-    ours = baselines.generalized_jsd(student, teacher, beta)[mask].mean()
+    ours = generalized_jsd(student, teacher, beta)[mask].mean()
     assert float(ours) == pytest.approx(float(expected), abs=1e-5)
     if beta in (0.0, 1.0):
         log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)

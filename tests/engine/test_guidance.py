@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from tropd_cli.config import RunConfig
-from tropd_cli.engine import baselines, guidance, trainer
+from tropd_cli.config import RunConfig, validate
+from tropd_cli.engine import guidance, teacher, trainer
 from tropd_cli.engine.guidance import InRunTeacherResponses, TeacherResponse, prefix_length
-from tropd_cli.engine.objectives import TokenStats
+from tropd_cli.engine.objectives.base import TokenStats
+from tropd_cli.engine.objectives.sft import teacher_cross_entropy
 from tropd_cli.engine.rollout import HFGenerateBackend, Rollouts, SamplingParams
 from tropd_cli.errors import TropdError
 from tropd_cli.toylab.models import new_toy_model
@@ -77,7 +78,7 @@ def ce_stats(mask):
 ])
 def test_teacher_cross_entropy_matches_hand_computation(mask, expected_loss, expected_grad):
     token_stats = ce_stats(mask)
-    output = baselines.teacher_cross_entropy(token_stats)
+    output = teacher_cross_entropy(token_stats)
     loss = output.mean_loss()
     loss.backward()
     assert float(loss.detach()) == pytest.approx(expected_loss, abs=1e-12)
@@ -141,13 +142,13 @@ TEACHER = {(2, 5, 6, 7): TeacherResponse([20, 21, 22, EOS], True), (2, 9): Teach
 
 def test_student_rollouts_are_scored_from_the_teacher_prefix(models, monkeypatch):
     scored = []
-    real_score_teacher = trainer.score_teacher
+    real_score_teacher = teacher.score_teacher
 
     def spy(model, batch, *args, **kwargs):
         scored.append(batch.input_ids.clone())
         return real_score_teacher(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "score_teacher", spy)
+    monkeypatch.setattr(teacher, "score_teacher", spy)
     student_backend = HFGenerateBackend(models.student, pad_token_id=0, eos_token_ids=[EOS])
     run = trainer.Trainer(guided_config(), models, student_backend, iter([PROMPTS] * 3),
                           teacher_responses=lambda prompts: [TEACHER[tuple(p)] for p in prompts])
@@ -185,12 +186,17 @@ def test_guided_step_loss_does_not_depend_on_micro_batching(models):
     ({}, "objective.guidance=true needs teacher responses"),
     ({"guidance": False, "name": "sft"}, "objective.name=sft needs teacher responses"),
     ({"guidance": False, "name": "seqkd"}, "objective.name=seqkd needs teacher responses"),
-    ({"name": "opd"}, "objective.guidance applies to objective.name=tropd, not opd"),
 ])
 def test_teacher_responses_are_required_before_the_first_step(models, objective, message):
     with pytest.raises(TropdError, match=message) as error:
         trainer.Trainer(guided_config(**objective), models, FakeBackend(), iter([]))
     assert "\n" not in str(error.value)
+
+
+def test_guidance_with_another_objective_is_a_configuration_error():
+    with pytest.raises(TropdError, match="^objective.guidance applies to objective.name=tropd, not opd; "
+                       "set objective.guidance=false$"):
+        validate({"objective": {"guidance": True, "name": "opd"}}, source="test")
 
 
 def test_micro_batches_group_rows_by_length_and_keep_each_rows_prefix():

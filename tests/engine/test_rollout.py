@@ -2,7 +2,7 @@
 
 import pytest
 
-from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams, _cut_at_eos
+from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams, cut_at_eos
 from tropd_cli.toylab.models import new_toy_model
 
 EOS = 1
@@ -33,9 +33,9 @@ def test_sampling_is_seeded_and_prompt_major(backend):
 
 
 def test_responses_stop_at_eos_and_report_truncation():
-    assert _cut_at_eos([5, 6, EOS, 0, 0], [EOS]) == ([5, 6, EOS], True)
-    assert _cut_at_eos([5, 6, 7], [EOS, 9]) == ([5, 6, 7], False)
-    assert _cut_at_eos([9, 6], [EOS, 9]) == ([9], True)
+    assert cut_at_eos([5, 6, EOS, 0, 0], [EOS]) == ([5, 6, EOS], True)
+    assert cut_at_eos([5, 6, 7], [EOS, 9]) == ([5, 6, 7], False)
+    assert cut_at_eos([9, 6], [EOS, 9]) == ([9], True)
 
 
 def test_generation_stops_at_any_eos_id(backend):

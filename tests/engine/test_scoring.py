@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tropd_cli.engine.baselines import generalized_jsd
+from tropd_cli.engine.objectives.gkd import generalized_jsd
 from tropd_cli.engine.scoring import (
     Divergence,
     build_sequences,

@@ -2,7 +2,7 @@
 --teacher-drafts` and read by `distill`'s guidance and `sft` instead of sampling them in the run.
 
 Drafts are sampled with the preset's rollout settings (temperature, top_p, max_new_tokens; DESIGN.md §1
-item 4 wants y ~ pi_T) through the engine's `HFGenerateBackend`, in shards of `data.draft_shard_size`
+item 4 wants y ~ pi_T) through the engine's rollout backend (`rollout.backend`), in shards of `data.draft_shard_size`
 prompts in train.jsonl's order. Shard k is sampled with a seed made from the data seed and k, and written
 atomically when it is complete, so an interrupted prepare resumes at the missing shards and the result is
 the same as an uninterrupted one.
@@ -32,7 +32,7 @@ from rich.text import Text
 from tropd_cli.config import RunConfig
 from tropd_cli.data.prepared import DRAFTS, PreparedFolder
 from tropd_cli.engine.guidance import TeacherResponse
-from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
+from tropd_cli.engine.rollout import SamplingParams, make_rollout_backend
 from tropd_cli.engine.seeds import Stream, step_seed
 from tropd_cli.errors import Interrupted, TropdError
 from tropd_cli.files import atomic_write_text
@@ -120,8 +120,8 @@ def _generate(config: RunConfig, folder: PreparedFolder, chunks: list[list[dict[
         teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
                                  quantization=config.teacher.quantization, trainable=False,
                                  trust_remote_code=config.teacher.trust_remote_code)
-    backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, stop_token_ids(config.student.model, tokenizer),
-                                config.rollout.batch_size)
+    backend = make_rollout_backend(config.rollout.backend, teacher, tokenizer.pad_token_id,
+                                   stop_token_ids(config.student.model, tokenizer), config.rollout.batch_size)
     params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
     seed = data_seed(config)
     total = sum(len(chunk) for chunk in chunks)

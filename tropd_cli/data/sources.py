@@ -18,6 +18,7 @@ from tropd_cli.config import RunConfig
 from tropd_cli.data.drafts import PreparedTeacherResponses
 from tropd_cli.data.prepared import PreparedFolder, prepared_batches
 from tropd_cli.engine.guidance import InRunTeacherResponses, TeacherResponses
+from tropd_cli.engine.objectives import get_objective
 from tropd_cli.engine.rollout import RolloutBackend, SamplingParams
 from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import is_held_out, random_problem
@@ -54,7 +55,7 @@ def toylab_prompts(config: RunConfig, tokenizer, start_step: int = 0) -> Iterato
 
 def needs_teacher_responses(config: RunConfig) -> bool:
     """Whether the objective trains on one teacher response per prompt (guidance, sft)."""
-    return config.objective.guidance or config.objective.name == "sft"
+    return get_objective(config.objective.name).needs_teacher_responses(config.objective)
 
 
 def teacher_response_source(config: RunConfig, teacher_backend: RolloutBackend,

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from tropd_cli.engine.objectives import ObjectiveOutput, mean_pair
+from tropd_cli.engine.objectives.base import ObjectiveOutput, mean_pair
 from tropd_cli.engine.rollout import RolloutBackend, Rollouts, SamplingParams
 from tropd_cli.engine.seeds import Stream, step_seed
 

@@ -230,6 +230,23 @@ def _fused_head(head: torch.nn.Module) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None
 
 
+class StudentScorer(torch.nn.Module):
+    """The student's scoring as a module: `forward` runs `score_student` on the wrapped causal LM.
+
+    The training strategy wraps this module (not the causal LM), so a distributed wrapper's hooks see the
+    forward that touches every weight scoring uses: the decoder and the chunked head together.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: SequenceBatch, topk_ids: torch.Tensor, divergence: Divergence | None = None
+                ) -> StudentStats:
+        return score_student(self.model, batch, topk_ids, self.chunk_size, divergence)
+
+
 def score_student(model: torch.nn.Module, batch: SequenceBatch, topk_ids: torch.Tensor,
                   chunk_size: int, divergence: Divergence | None = None) -> StudentStats:
     """s_t and log pi_S at the teacher's top-k ids, differentiable, one chunk of positions at a time.

@@ -1,4 +1,4 @@
-"""Distillation objectives as pure functions: gathered per-token tensors in, loss and metrics out.
+"""What every objective shares: the gathered per-token tensors, the output, the spec, common pieces.
 
 Notation of DESIGN.md §1, for one sampled token x_t:
     s_t    = log pi_S(x_t | c_t), with gradient        (`student_logprobs`)
@@ -15,22 +15,28 @@ returns the per-token loss (zero where masked), the number of tokens its loss is
 (numerator, denominator) pairs and minimums, so that micro-batches aggregate exactly. The step loss is
 sum of per-token losses / sum of normalisers over the whole rollout batch.
 
-This module holds the shared pieces, OPD and TrOPD; `baselines.py` holds the other objectives.
+Each objective is one module of this package with its loss as a pure function and a `SPEC`
+(`ObjectiveSpec`): the options it reads, what it needs from scoring and data, and its own rules. The
+trainer, the preflight, the data sources and export read those traits; no other module compares objective
+names.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from tropd_cli.config import ObjectiveConfig, RunConfig
 
 LOG_PROB_FLOOR = math.log(1e-8)
 
 Metrics = dict[str, tuple[float, float]]
 
-TRUST_TESTS = ("bernoulli", "hard")
-OUTLIER_STRATEGIES = ("fkl", "fkl_grad", "mask", "clip")
 
 
 @dataclass
@@ -45,6 +51,7 @@ class TokenStats:
     old_logprobs: torch.Tensor | None = None  # sbar_t from the sampling policy; None: s_t detached
     teacher_entropy: torch.Tensor | None = None  # H(pi_T(. | c_t)), full vocabulary
     student_entropy: torch.Tensor | None = None  # H(pi_S(. | c_t)), full vocabulary, no gradient
+    divergence: torch.Tensor | None = None  # a full-vocabulary divergence from the teacher, with gradient (gkd)
 
 
 @dataclass
@@ -161,74 +168,86 @@ def telemetry(stats: TokenStats, output: ObjectiveOutput, loss_tokens: torch.Ten
     return output
 
 
-def opd(stats: TokenStats, clip_epsilon: float | None = None) -> ObjectiveOutput:
-    """On-policy distillation with the K1 reward: loss_t = -r_t rho_t on every token (PPO-clipped)."""
+def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, fraction: float) -> float:
+    """The smallest entropy among the top ceil(fraction * n) of the n masked tokens (inf when n = 0)."""
+    values = entropy.detach()[mask.bool()].flatten()
+    if values.numel() == 0:
+        return math.inf
+    count = min(values.numel(), max(1, math.ceil(fraction * values.numel())))
+    return float(values.topk(count).values[-1])
+
+
+def high_entropy(stats: TokenStats, fraction: float, threshold: float | None) -> torch.Tensor:
+    """1 on the response tokens whose student entropy is in the top `fraction` (of the whole rollout batch
+    when the caller passes its `threshold`, else of the tokens given)."""
+    if stats.student_entropy is None:
+        raise ValueError("this objective needs the student's entropy")
     mask = float_mask(stats)
-    loss, clipped = policy_gradient(k1_reward(stats), stats, mask, clip_epsilon)
-    reward = torch.where(mask.bool(), k1_reward(stats), torch.zeros_like(mask))
-    output = ObjectiveOutput(loss, float(mask.sum()), {
-        "trust_fraction": mean_pair(mask, mask),
-        "outlier_fraction": mean_pair(torch.zeros_like(mask), mask),
-        "reward_trusted": mean_pair(reward, mask),
-        "clip_fraction": mean_pair(clipped, mask),
-    })
-    return telemetry(stats, output, mask)
+    entropy = stats.student_entropy.detach()
+    if threshold is None:
+        threshold = entropy_threshold(entropy, mask, fraction)
+    return (entropy >= threshold).to(mask.dtype) * mask
 
 
-def trust_mask(stats: TokenStats, mode: str, generator: torch.Generator | None) -> torch.Tensor:
-    """M_t: 1 for trusted tokens.
+@dataclass
+class StepContext:
+    """What an objective may read of the step besides the tokens."""
 
-    bernoulli: M_t ~ Bernoulli(p_t), p_t = min(exp(tau_t - sbar_t), 1), drawn with `generator` (on the
-    CPU, so a seed gives the same mask on every device). hard: M_t = [tau_t >= sbar_t].
+    step: int  # 0-based step of the run
+    clip_epsilon: float | None  # train.clip_epsilon: PPO clip of rho_t (inactive on the first update)
+    generator: torch.Generator | None = None  # seeded CPU generator of the trust test's draws
+    entropy_threshold: float | None = None  # batch-wide student-entropy threshold (`entropy_fraction`)
+
+
+Loss = Callable[[TokenStats, "ObjectiveConfig", StepContext], ObjectiveOutput]
+# A per-position full-vocabulary divergence: (student logits, teacher logits) [chunk, vocab] -> [chunk].
+DivergenceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Sequences = Literal["student", "teacher_samples", "teacher_responses"]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective as the rest of tropd sees it: its loss and its traits.
+
+    `sequences` says what it trains on: student rollouts (with `on_policy_fraction`, that fraction of steps,
+    the others on fresh teacher samples), fresh teacher samples every step, or one cached teacher response
+    per prompt. `top_k_option` names the option that sets how many teacher top-k ids scoring gathers.
     """
-    reward = k1_reward(stats)
-    if mode == "hard":
-        return (reward >= 0).to(reward.dtype)
-    if mode != "bernoulli":
-        raise ValueError(f"unknown trust test {mode!r}")
-    accept = torch.exp(reward.clamp(max=0.0))
-    uniform = torch.rand(accept.shape, generator=generator, dtype=torch.float64).to(accept.device)
-    return (uniform < accept.double()).to(reward.dtype)
 
+    name: str
+    loss: Loss
+    summary: str  # one line: what it is and where it comes from
+    options: tuple[str, ...] = ()  # ObjectiveConfig fields that change what it computes
+    top_k_option: str = "top_k"  # scoring gathers the teacher's top-k for every objective (telemetry)
+    sequences: Sequences = "student"
+    on_policy_fraction: Callable[[ObjectiveConfig], float] | None = None
+    teacher_entropy: bool = False  # needs the teacher's full-vocabulary entropy
+    divergence: Callable[[ObjectiveConfig], DivergenceFn] | None = None  # full-vocabulary term (teacher logits)
+    entropy_fraction: Callable[[ObjectiveConfig, int], float | None] | None = None  # batch-wide selection
+    guidance: bool = False  # accepts objective.guidance
+    check: Callable[[RunConfig], None] | None = None  # its own configuration rules: raise ValueError
 
-def tropd(stats: TokenStats, trust: str = "bernoulli", outlier: str = "fkl", clip_lambda: float = 0.2,
-          generator: torch.Generator | None = None, clip_epsilon: float | None = None) -> ObjectiveOutput:
-    """Trust Region OPD (DESIGN.md §1): loss_t = -r_t rho_t on trusted tokens (M_t = 1); on outliers:
+    def top_k(self, options: ObjectiveConfig) -> int:
+        """How many teacher top-k ids scoring gathers."""
+        return getattr(options, self.top_k_option)
 
-    fkl:      -A_t rho_t (A_t the detached top-k forward-KL advantage);
-    fkl_grad: sum_{v in K_t} q(v) (log q(v) - log pi_S(v)), differentiable;
-    mask:     0 (the token still counts in the mean);
-    clip:     -max(r_t, c) rho_t, c = log(lambda / (1 - lambda)).
-    The policy-gradient terms are PPO-clipped with `clip_epsilon` (inactive on the first update).
-    """
-    if outlier not in OUTLIER_STRATEGIES:
-        raise ValueError(f"unknown outlier strategy {outlier!r}")
-    mask = float_mask(stats)
-    reward = k1_reward(stats)
-    trusted = trust_mask(stats, trust, generator) * mask
-    outliers = mask - trusted
-    is_outlier = outliers.bool()
-    if outlier == "fkl":
-        advantage = torch.where(is_outlier, topk_forward_kl_advantage(stats), reward)
-    elif outlier == "clip":
-        advantage = torch.where(is_outlier, reward.clamp(min=reward_floor(clip_lambda)), reward)
-    else:
-        advantage = reward
-    pg_weight = mask if outlier in ("fkl", "clip") else trusted
-    loss, clipped = policy_gradient(advantage, stats, pg_weight, clip_epsilon)
-    if outlier == "fkl_grad":
-        fkl = topk_forward_kl(stats)
-        loss = loss + torch.where(is_outlier, fkl, torch.zeros_like(fkl))
-    loss_tokens = trusted if outlier == "mask" else mask
-    safe = torch.where(mask.bool(), reward, torch.zeros_like(reward))
-    output = ObjectiveOutput(loss, float(mask.sum()), {
-        "trust_fraction": mean_pair(trusted, mask),
-        "outlier_fraction": mean_pair(outliers, mask),
-        "reward_trusted": mean_pair(safe * trusted, trusted),
-        "reward_outlier": mean_pair(safe * outliers, outliers),
-        "clip_fraction": mean_pair(clipped, mask),
-    })
-    if outlier == "fkl":
-        output.metrics["fkl_advantage_outlier"] = mean_pair(
-            torch.where(is_outlier, advantage, torch.zeros_like(advantage)), outliers)
-    return telemetry(stats, output, loss_tokens)
+    def selection_fraction(self, options: ObjectiveConfig, step: int) -> float | None:
+        """The top fraction of tokens by student entropy, over the rollout batch, that it keeps at `step`."""
+        return self.entropy_fraction(options, step) if self.entropy_fraction is not None else None
+
+    def teacher_generates(self) -> bool:
+        """Whether the teacher samples responses during a run for it (seqkd, gkd's off-policy steps)."""
+        return self.sequences == "teacher_samples" or self.on_policy_fraction is not None
+
+    def needs_teacher_responses(self, options: ObjectiveConfig) -> bool:
+        """Whether it trains on one teacher response per prompt (sft, or guidance)."""
+        return self.sequences == "teacher_responses" or (self.guidance and options.guidance)
+
+    def teacher_needs(self) -> frozenset[str]:
+        """What the teacher's scorer must return for it (see `engine/teacher.py`)."""
+        needs = {"logprobs", "topk"}
+        if self.teacher_entropy:
+            needs.add("entropy")
+        if self.divergence is not None:
+            needs.add("full_logits")
+        return frozenset(needs)

@@ -1,45 +1,14 @@
-"""Student sampling: the rollout backend seam and its Hugging Face `generate` implementation.
+"""Rollouts with transformers' `generate` on the training model itself (`rollout.backend: hf`).
 
-The trainer and the evaluators only see `RolloutBackend.generate`: token-id prompts in, token-id
-responses out. `HFGenerateBackend` batches the prompts with left padding, uses the KV cache and stops
-each sequence at any EOS id; another backend (vLLM, a server) only has to honour the same contract.
+`HFGenerateBackend` batches the prompts with left padding, uses the KV cache and stops each sequence at
+any EOS id. It samples from the very module that trains, so `sync` has nothing to do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
-
-@dataclass
-class SamplingParams:
-    """How to sample: `temperature` 0 means greedy."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-
-@dataclass
-class Rollouts:
-    """Sampled responses, one per (prompt, sample) pair, prompt-major.
-
-    `prompt_index[i]` is the prompt that response i continues; `finished[i]` is False when the response
-    hit `max_new_tokens` before an EOS token. Responses include their EOS token when finished and no
-    padding.
-    """
-
-    prompt_ids: list[list[int]]
-    prompt_index: list[int]
-    response_ids: list[list[int]]
-    finished: list[bool]
-
-
-class RolloutBackend(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
-                 generator_seed: int) -> Rollouts: ...
+from tropd_cli.engine.rollout.base import Rollouts, SamplingParams, cut_at_eos
 
 
 class HFGenerateBackend:
@@ -52,6 +21,9 @@ class HFGenerateBackend:
         self.eos_token_ids = list(eos_token_ids)
         self.batch_size = batch_size
         self.autocast = autocast  # compute (and KV cache) dtype of a float32 model on a GPU
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Nothing to do: `generate` runs the training model itself."""
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
@@ -83,7 +55,7 @@ class HFGenerateBackend:
                         pad_token_id=self.pad_token_id, use_cache=True, **kwargs,
                     )
                 for row in output[:, width:].tolist():
-                    response, done = _cut_at_eos(row, self.eos_token_ids)
+                    response, done = cut_at_eos(row, self.eos_token_ids)
                     responses.append(response)
                     finished.append(done)
         finally:
@@ -91,10 +63,3 @@ class HFGenerateBackend:
         return Rollouts(prompt_ids=list(prompt_ids), prompt_index=[i for i, _ in expanded],
                         response_ids=responses, finished=finished)
 
-
-def _cut_at_eos(tokens: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
-    """Keep tokens up to and including the first EOS; report whether one was found."""
-    for position, token in enumerate(tokens):
-        if token in eos_token_ids:
-            return tokens[:position + 1], True
-    return tokens, False
