@@ -1,7 +1,7 @@
 """Chat encoding: one user message in a tokenizer's chat template, as token ids ending with the assistant header.
 
-`tropd evaluate`, `tropd export`'s check and the toy lab all format prompts this one way, so that a model
-sees the same prompt whichever of them asks it.
+`tropd evaluate`, `tropd export`'s verification and the toy lab all format prompts this one way, so that
+a model sees the same prompt whichever of them asks it.
 """
 
 from __future__ import annotations
