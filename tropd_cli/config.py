@@ -17,7 +17,6 @@ from pydantic_core import PydanticCustomError
 
 from tropd_cli.engine.objectives import get_objective, objective_names
 from tropd_cli.errors import TropdError, first_line
-from tropd_cli.toylab.tasks import Difficulty
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -78,12 +77,21 @@ class StudentConfig(ModelSection):
         return value
 
 
+class ToyTaskConfig(Section):
+    """Knobs of the toy-task generator (`data.toylab`; the toy lab's `Difficulty`)."""
+
+    min_terms: int = Field(3, ge=2, description="Fewest numbers in an expression.")
+    max_terms: int = Field(5, ge=2, description="Most numbers in an expression.")
+    max_operand: int = Field(9, ge=1, description="Largest number added or subtracted after the first.")
+    max_value: int = Field(59, ge=2, le=999, description="Largest first term and intermediate result.")
+
+
 class DataConfig(Section):
     """Where prompts come from, and how `tropd prepare` turns a dataset into a prepared folder."""
 
     prompts: str = Field("toylab", description="Prompt source of `distill`: toylab (the built-in toy-task "
                          "generator) or the path of a folder written by `tropd prepare`.")
-    toylab: Difficulty = Field(default_factory=Difficulty, description="Toy-task difficulty knobs.")
+    toylab: ToyTaskConfig = Field(default_factory=ToyTaskConfig, description="Toy-task difficulty knobs.")
     max_prompt_tokens: int = Field(1024, ge=1, description="prepare: drop prompts longer than this many "
                                    "tokens once chat-formatted.")
     system_prompt: str = Field("", description="prepare: system message added to prompts that have none "

@@ -14,9 +14,8 @@ from tropd_cli.evaluation.graders import (
     grade_gsm8k,
     grade_math,
     grade_toylab,
-    gsm8k_gold,
 )
-from tropd_cli.evaluation.registry import EvalProblem
+from tropd_cli.evaluation.registry import EvalProblem, gsm8k_gold
 
 
 @pytest.mark.parametrize(("response", "gold", "correct"), [

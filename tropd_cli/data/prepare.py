@@ -45,6 +45,8 @@ from tropd_cli.data.rows import (
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_folder, atomic_write_text, check_output_dir
 from tropd_cli.models import load_tokenizer
+
+# The toy lab, offered as a data source (data.prompts / --data toylab):
 from tropd_cli.toylab.tasks import is_held_out, random_problem
 
 SAMPLE_ROWS = 3

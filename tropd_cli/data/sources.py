@@ -20,6 +20,8 @@ from tropd_cli.data.prepared import PreparedFolder, prepared_batches
 from tropd_cli.engine.guidance import InRunTeacherResponses, TeacherResponses
 from tropd_cli.engine.objectives import get_objective
 from tropd_cli.engine.rollout import RolloutBackend, SamplingParams
+
+# The toy lab, offered as a data source (data.prompts / --data toylab):
 from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import is_held_out, random_problem
 

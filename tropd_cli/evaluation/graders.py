@@ -7,7 +7,10 @@
   number in the text. Benchmarks use flexible; strict is offered for comparisons.
 - choice: the option letter, from the last `\\boxed{X}`, else the last "answer is X" / "Answer: X",
   else a response that is only a letter.
-- toylab: the toy tasks' own grader (`toylab.tasks.grade`).
+- toylab: the toy tasks' own grader (`toylab.tasks.grade`), imported only when a toy answer is graded.
+
+Gold answers arrive already in grader form (`registry.load_problems`; e.g. `registry.gsm8k_gold`), so this
+module reads responses only; it uses the registry's gsm8k number forms, and the registry never imports it.
 """
 
 from __future__ import annotations
@@ -19,14 +22,11 @@ import string
 import threading
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from math_verify import parse, verify
 
-from tropd_cli.toylab.tasks import Verdict, extract_answer, grade
-
-if TYPE_CHECKING:
-    from tropd_cli.evaluation.registry import EvalProblem
+from tropd_cli.evaluation.registry import GSM8K_STRICT, EvalProblem, normalise_number
 
 # math-verify warns once that its timeouts are off; grade_all provides them.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -56,20 +56,13 @@ def grade_math(response: str, gold: str) -> Grade:
     return Grade(extracted, bool(verify(gold_parsed, predicted, timeout_seconds=None)))
 
 
-_GSM8K_STRICT = re.compile(r"####\s*(-?[$]?[0-9][0-9,]*(?:\.[0-9]+)?)")
 _NUMBER = re.compile(r"-?[$]?[0-9][0-9,]*(?:\.[0-9]+)?")
-
-
-def gsm8k_gold(answer_field: str) -> str:
-    """The gold number of a gsm8k answer field (the text after `####`), normalised; the field itself if none."""
-    match = _GSM8K_STRICT.search(answer_field)
-    return _normalise_number(match.group(1)) if match else answer_field.strip()
 
 
 def extract_gsm8k(response: str, mode: Literal["strict", "flexible"] = "flexible") -> str | None:
     """The answer number: after the last `####` (strict) or the last number anywhere (flexible)."""
-    matches = (_GSM8K_STRICT if mode == "strict" else _NUMBER).findall(response)
-    return _normalise_number(matches[-1]) if matches else None
+    matches = (GSM8K_STRICT if mode == "strict" else _NUMBER).findall(response)
+    return normalise_number(matches[-1]) if matches else None
 
 
 def grade_gsm8k(response: str, gold: str, mode: Literal["strict", "flexible"] = "flexible") -> Grade:
@@ -78,13 +71,9 @@ def grade_gsm8k(response: str, gold: str, mode: Literal["strict", "flexible"] = 
     if extracted is None:
         return Grade(None, False)
     try:
-        return Grade(extracted, Decimal(extracted) == Decimal(_normalise_number(gold)))
+        return Grade(extracted, Decimal(extracted) == Decimal(normalise_number(gold)))
     except InvalidOperation:
         return Grade(extracted, extracted == gold)
-
-
-def _normalise_number(text: str) -> str:
-    return text.replace(",", "").replace("$", "").rstrip(".")
 
 
 def extract_choice(response: str, options: int) -> str | None:
@@ -111,6 +100,8 @@ def grade_choice(response: str, gold: str, options: int) -> Grade:
 
 def grade_toylab(response: str, gold: str) -> Grade:
     """The toy tasks' grader: the last `answer:` line must hold the gold integer."""
+    from tropd_cli.toylab.tasks import Verdict, extract_answer, grade  # the toy lab, offered as a benchmark
+
     return Grade(extract_answer(response), grade(response, int(gold)) is Verdict.CORRECT)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from tropd_cli.errors import TropdError, first_line
-from tropd_cli.evaluation.graders import gsm8k_gold
-from tropd_cli.toylab.tasks import Difficulty, sample_problems
 
 REGISTRY_PATH = Path(__file__).resolve().parent / "benchmarks.yaml"
 GraderName = Literal["math", "gsm8k", "choice", "toylab"]
+# A gsm8k final answer (`#### 1,434`): the gold answer's form, and what the strict grader reads in a response.
+GSM8K_STRICT = re.compile(r"####\s*(-?[$]?[0-9][0-9,]*(?:\.[0-9]+)?)")
 
 
 class HubSource(BaseModel):
@@ -112,11 +113,24 @@ def letters(count: int) -> str:
     return string.ascii_uppercase[:count]
 
 
+def gsm8k_gold(answer_field: str) -> str:
+    """The gold number of a gsm8k answer field (the text after `####`), normalised; the field itself if none."""
+    match = GSM8K_STRICT.search(answer_field)
+    return normalise_number(match.group(1)) if match else answer_field.strip()
+
+
+def normalise_number(text: str) -> str:
+    """A number as the gsm8k gold answers and graders write it: no thousands commas, no `$`, no final period."""
+    return text.replace(",", "").replace("$", "").rstrip(".")
+
+
 def load_problems(benchmark: Benchmark, data: Path | None, seed: int, limit: int | None) -> ProblemSet:
     """The first `limit` problems of a benchmark, from `data` (JSONL) when given, else from its source."""
     if limit is not None and limit < 1:
         raise TropdError(f"--limit must be at least 1, got {limit}")
     if benchmark.source == "toylab":
+        from tropd_cli.toylab.tasks import Difficulty, sample_problems  # the toy lab, offered as a benchmark
+
         if data is not None:
             raise TropdError("the toylab benchmark generates its problems; it takes no --data")
         # sample_problems draws a seeded sequence, so any count's problems are a prefix of a larger one's.

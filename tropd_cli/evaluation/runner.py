@@ -27,6 +27,8 @@ from rich.progress import (
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
+from tropd_cli.data.chat import chat_prompt_ids
+from tropd_cli.engine.generation import generate_texts
 from tropd_cli.engine.rollout import SamplingParams
 from tropd_cli.evaluation.graders import grade_all
 from tropd_cli.evaluation.loading import resolve_model_source
@@ -36,7 +38,6 @@ from tropd_cli.evaluation.report import EvalReport, print_table, write_report
 from tropd_cli.evaluation.settings import EvalSettings
 from tropd_cli.files import prepare_output_dir
 from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
-from tropd_cli.toylab.accuracy import chat_prompt_ids, generate_texts
 
 
 class ProblemRateColumn(ProgressColumn):

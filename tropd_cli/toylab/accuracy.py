@@ -1,20 +1,22 @@
 """Toy-task accuracy: sample k answers per held-out problem (or one greedy answer) and grade them.
 
 One function used by the toy-lab builder, the demo, and the trainer's periodic evaluation, so that
-every number about the toy lab is measured the same way. `chat_prompt_ids` and `generate_texts` are
-the two steps it shares with `tropd evaluate`, which must reproduce the manifest's accuracies.
+every number about the toy lab is measured the same way. Its two steps, `chat_prompt_ids` (data/chat.py)
+and `generate_texts` (engine/generation.py), are the ones `tropd evaluate` takes, which must reproduce the
+manifest's accuracies.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tropd_cli.engine.rollout import HFGenerateBackend, Rollouts, SamplingParams
+from tropd_cli.data.chat import chat_prompt_ids
+from tropd_cli.engine.generation import generate_texts
+from tropd_cli.engine.rollout import SamplingParams
 from tropd_cli.toylab.tasks import Problem, Verdict, grade
 
 
@@ -30,34 +32,9 @@ class AccuracyReport:
     mean_response_tokens: float
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, content: str, **template_kwargs: Any) -> list[int]:
-    """One user message in the tokenizer's chat template, ending with the assistant header; the plain
-    text, tokenized as the tokenizer does by default, when it has no template.
-
-    `template_kwargs` reach the template (e.g. `enable_thinking`); templates ignore unknown ones.
-    """
-    if not tokenizer.chat_template:
-        return list(tokenizer(content)["input_ids"])
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, **template_kwargs
-    )
-    return list(encoded["input_ids"])
-
-
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> list[int]:
     """The chat-formatted prompt for a problem, ending with the assistant header."""
     return chat_prompt_ids(tokenizer, problem.prompt)
-
-
-def generate_texts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
-                   n: int, params: SamplingParams, seed: int, batch_size: int = 256,
-                   stop_ids: list[int] | None = None) -> tuple[Rollouts, list[str]]:
-    """`n` responses per prompt through the batched backend, and their decoded texts (special tokens dropped).
-    Responses end at any of `stop_ids` (default: the tokenizer's EOS)."""
-    stop_ids = [tokenizer.eos_token_id] if stop_ids is None else stop_ids
-    backend = HFGenerateBackend(model, tokenizer.pad_token_id, stop_ids, batch_size)
-    rollouts = backend.generate(prompt_ids, n, params, seed)
-    return rollouts, tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
 
 
 def toy_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],

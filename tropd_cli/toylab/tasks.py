@@ -8,9 +8,10 @@ followed by a fixed final-answer line:
     40+9=49
     answer:49
 
-The generator is seeded and has difficulty knobs (number of terms, operand size, value range). A
-problem belongs to the held-out split iff a hash of its expression says so, so held-out problems never
-appear among training prompts, whatever the seed or the order of generation.
+The generator is seeded and has difficulty knobs (number of terms, operand size, value range), defined
+with the rest of the configuration as `data.toylab`. A problem belongs to the held-out split iff a hash
+of its expression says so, so held-out problems never appear among training prompts, whatever the seed
+or the order of generation.
 """
 
 from __future__ import annotations
@@ -21,22 +22,11 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from tropd_cli.config import ToyTaskConfig as Difficulty  # the generator's knobs are plain config (data.toylab)
 
 INSTRUCTION = "compute "
 ANSWER_PREFIX = "answer:"
 HELD_OUT_PER_MILLE = 100
-
-
-class Difficulty(BaseModel):
-    """Knobs of the task generator."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_terms: int = Field(3, ge=2, description="Fewest numbers in an expression.")
-    max_terms: int = Field(5, ge=2, description="Most numbers in an expression.")
-    max_operand: int = Field(9, ge=1, description="Largest number added or subtracted after the first.")
-    max_value: int = Field(59, ge=2, le=999, description="Largest first term and intermediate result.")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,217 @@
+"""Preflight's memory model: a rough peak-memory estimate of `tropd distill`, and its check.
+
+The estimate adds, from meta-device models (no weights are read) and the configuration's sizes: weights by
+dtype and quantization, gradients and AdamW states of the trainable parameters, the rollout KV cache, the
+scoring chunk's logits and the student's activations; `memory_check` compares it with the device's free
+memory: a warning above 80% of it, a refusal above all of it. `bench/preset_memory.py` and
+`bench/real_shape.py` hold it against measured peaks.
+
+Its toy prompt probe (`longest_prompt`) samples the toy tasks, the built-in prompt source, for the longest
+prompt of a run that has no prepared folder.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from tropd_cli.config import RunConfig
+from tropd_cli.data.prepared import PreparedFolder
+from tropd_cli.data.sources import needs_teacher_responses
+from tropd_cli.engine.precision import autocast_dtype
+from tropd_cli.engine.scoring import chunk_positions, vocab_rows
+from tropd_cli.errors import TropdError
+from tropd_cli.models import DTYPES
+from tropd_cli.preflight.pairs import Check
+
+# The toy lab, offered as the built-in prompt source (the toy prompt probe):
+from tropd_cli.toylab.accuracy import prompt_token_ids
+from tropd_cli.toylab.tasks import random_problem
+
+WARN_FRACTION = 0.8  # of free memory: the estimate is rough, so warn before it is reached
+# bitsandbytes bytes per quantized weight: nf4 with double quant (4-bit values, 8-bit absmax per block of 64,
+# fp32 per 256 absmax) and LLM.int8 (int8 values; its per-row scale is counted separately).
+QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
+FP32_BYTES = 4
+# float32 [chunk, vocab] tensors alive while a chunk is scored: the log-probs (logits first, in place) and
+# one temporary (the teacher's probabilities; the student's recomputed logits turned into their gradient).
+CHUNK_TENSORS = 3
+# Activations kept for backward per token and layer, in units of hidden and intermediate size (rough:
+# attention inputs/outputs and norms ~ 8 x hidden, MLP gate/up/activation ~ 3 x intermediate).
+ACTIVATIONS_PER_HIDDEN, ACTIVATIONS_PER_INTERMEDIATE = 8, 3
+
+
+@dataclass
+class MemoryEstimate:
+    """Rough peak memory of a run, component by component, and the device's free memory."""
+
+    device: torch.device
+    rows: list[tuple[str, int]]  # (component, bytes)
+    free: int
+
+    @property
+    def total(self) -> int:
+        return sum(size for _, size in self.rows)
+
+
+def weight_bytes(model: torch.nn.Module, dtype: str, quantization: str, upcast_unquantized: bool = False) -> int:
+    """Bytes of a model's weights: linear layers (not the output head) at the quantized size, the rest at
+    `dtype` (float32 when `upcast_unquantized`: peft's k-bit preparation upcasts them for training)."""
+    element = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    head = model.get_output_embeddings()
+    quantized, scales = 0, 0
+    if quantization != "none":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                quantized += module.weight.numel()
+                scales += module.out_features if quantization == "8bit" else 0
+    rest = sum(p.numel() for p in model.parameters()) - quantized
+    rest_element = FP32_BYTES if quantization != "none" and upcast_unquantized else element
+    return int(quantized * QUANTIZED_BYTES.get(quantization, 0) + scales * FP32_BYTES + rest * rest_element)
+
+
+def lora_parameters(model: torch.nn.Module, r: int, target_modules: str | list[str]) -> int:
+    """Parameters of LoRA adapters (A: r x in, B: out x r) on the targeted linear layers, as peft picks them."""
+    head = model.get_output_embeddings()
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if target_modules == "all-linear":
+            targeted = True
+        elif isinstance(target_modules, str):
+            targeted = re.fullmatch(target_modules, name) is not None
+        else:
+            targeted = any(name == target or name.endswith(f".{target}") for target in target_modules)
+        if targeted:
+            count += r * (module.in_features + module.out_features)
+    return count
+
+
+def _text_config(model: torch.nn.Module) -> PretrainedConfig:
+    return model.config.get_text_config()
+
+
+def kv_cache_bytes(model: torch.nn.Module, dtype: str, sequences: int, tokens: int) -> int:
+    """Keys and values of every layer for `sequences` x `tokens` positions."""
+    config = _text_config(model)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    element = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element * sequences * tokens
+
+
+def activation_bytes(model: torch.nn.Module, dtype: str, tokens: int, checkpointed: bool = False) -> int:
+    """Very rough: what one micro-batch's forward keeps for backward. With gradient checkpointing, each
+    layer's input, plus one layer's activations while it is recomputed."""
+    config = _text_config(model)
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    element = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    per_layer = ACTIVATIONS_PER_HIDDEN * config.hidden_size + ACTIVATIONS_PER_INTERMEDIATE * intermediate
+    if checkpointed:
+        return (config.num_hidden_layers * config.hidden_size + per_layer) * element * tokens
+    return config.num_hidden_layers * per_layer * element * tokens
+
+
+def longest_prompt(config: RunConfig, tokenizer: PreTrainedTokenizerBase, samples: int = 64) -> int:
+    """Tokens in the longest of a seeded sample of the run's prompts (the toy tasks); without a chat template
+    (a failed check, reported separately) the bare prompt text."""
+    rng = random.Random(config.train.seed)
+    problems = [random_problem(rng, config.data.toylab) for _ in range(samples)]
+    if tokenizer.chat_template is None:
+        return max(len(tokenizer(problem.prompt).input_ids) for problem in problems)
+    return max(len(prompt_token_ids(tokenizer, problem)) for problem in problems)
+
+
+def teacher_samples(config: RunConfig, prepared: PreparedFolder | None = None) -> bool:
+    """Whether the teacher generates during the run (then its KV cache counts too): for its held-out
+    accuracy, gkd's off-policy steps, seqkd, and guidance or sft without the `prepared` folder's teacher
+    drafts (a folder not prepared yet is assumed to get them)."""
+    if config.eval.teacher and config.eval.problems or config.objective.name in ("gkd", "seqkd"):
+        return True
+    if not needs_teacher_responses(config):
+        return False
+    if config.data.prompts == "toylab":
+        return True
+    return prepared is not None and prepared.drafts is None
+
+
+def longest_prompt_of(config: RunConfig, tokenizer: PreTrainedTokenizerBase, prepared: PreparedFolder | None
+                      ) -> int:
+    """Tokens in the longest training prompt: the `prepared` folder's, else a sample of the toy tasks'."""
+    if prepared is not None:
+        try:
+            return max(map(len, prepared.train_prompt_ids()))
+        except (TropdError, ValueError):  # no train.jsonl, or an empty one: the prompts check's concern
+            return config.data.max_prompt_tokens
+    return longest_prompt(config, tokenizer)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on a CUDA device, or the memory available to new processes on this machine."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.Module, student: torch.nn.Module,
+                    prompt_tokens: int, free: int | None = None, prepared: PreparedFolder | None = None
+                    ) -> MemoryEstimate:
+    """A rough peak-memory estimate of `tropd distill` from meta-device models and the config's sizes;
+    `free` defaults to the device's free memory now; `prepared` is the run's prepared folder, if any."""
+    t, s, rollout, train = config.teacher, config.student, config.rollout, config.train
+    student_weights = weight_bytes(student, s.dtype, s.quantization, upcast_unquantized=s.lora.enabled)
+    if s.lora.enabled:
+        trainable = lora_parameters(student, s.lora.r, s.lora.target_modules)
+        trainable_bytes = trainable * FP32_BYTES  # peft keeps adapters in float32 under a 16-bit base
+        student_weights += trainable_bytes
+    else:
+        trainable = sum(p.numel() for p in student.parameters())
+        trainable_bytes = weight_bytes(student, s.dtype, "none")
+    sequences = min(rollout.prompts_per_step * rollout.n, rollout.batch_size)
+    length = prompt_tokens + rollout.max_new_tokens
+    mixed = autocast_dtype(train.autocast, device)
+    compute = {dtype: name for name, dtype in DTYPES.items()}.get(mixed)  # autocast: 16-bit KV and activations
+    kv = kv_cache_bytes(student, compute or s.dtype, sequences, length)
+    if teacher_samples(config, prepared):
+        kv = max(kv, kv_cache_bytes(teacher, compute or t.dtype, sequences, length))
+    micro = min(train.micro_batch_size, sequences)
+    vocab = max(vocab_rows(model) for model in (teacher, student))
+    chunk = min(chunk_positions(train.logit_chunk_size, vocab), micro * rollout.max_new_tokens)
+    rows = [
+        (f"teacher weights ({t.dtype}, {t.quantization})", weight_bytes(teacher, t.dtype, t.quantization)),
+        (f"student weights ({s.dtype}, {s.quantization}{', LoRA' if s.lora.enabled else ''})", student_weights),
+        (f"gradients + AdamW states ({trainable:,} trainable)", 3 * trainable_bytes),
+        (f"rollout KV cache ({sequences} x {length} tokens)", kv),
+        (f"scoring logits ({chunk} positions x {vocab} vocab, float32)", CHUNK_TENSORS * chunk * vocab * FP32_BYTES),
+        (f"student activations ({micro} x {length} tokens{', checkpointed' if train.gradient_checkpointing else ''}"
+         ", rough)", activation_bytes(student, compute or s.dtype,
+                                      micro * length, train.gradient_checkpointing)),
+    ]
+    return MemoryEstimate(device, rows, free_memory(device) if free is None else free)
+
+
+def gib(size: float) -> str:
+    """A byte count for people: MiB below one GiB."""
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def memory_check(estimate: MemoryEstimate) -> Check:
+    """Refuse above the device's free memory, warn above WARN_FRACTION of it."""
+    total, free, where = estimate.total, estimate.free, str(estimate.device)
+    detail = f"~{gib(total)} of {gib(free)} free on {where}"
+    if total > free:
+        return Check("memory", detail, error=(
+            f"the run needs more memory than {where} has free: ~{gib(total)} (estimate) vs {gib(free)} (free); "
+            f"lower rollout.batch_size, train.micro_batch_size or train.logit_chunk_size, or quantize"))
+    if total > WARN_FRACTION * free:
+        return Check("memory", detail, warning=(
+            f"the run may not fit in memory on {where}: ~{gib(total)} (estimate) vs {gib(free)} (free)"))
+    return Check("memory", detail)

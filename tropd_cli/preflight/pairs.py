@@ -1,0 +1,150 @@
+"""Preflight checks of the pair: do the teacher's and the student's tokenizers agree, and can the prompts be read?
+
+Read from tokenizers and model configs alone (no weights):
+
+- vocabulary: the tokenizers' token -> id maps must be equal. Embedding rows are not compared: padded
+  vocabularies differ inside one family (Qwen2.5: 151936 vs 152064 rows for the same tokenizer); each
+  model only needs at least as many rows as its tokenizer has tokens;
+- EOS and pad tokens: a student that stops on another token than the teacher learns never to stop;
+- chat template: prompts are formatted with the student's template and scored by the teacher, so both
+  must have one and it must be the same; and whether the templates read `enable_thinking`;
+- prompts: a prepared folder must have been made with the student's tokenizer.
+
+Each check returns a `Check`; none prints or raises. Kept apart from `memory.py` because these checks
+compare two tokenizers, while the memory model sizes one run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from tropd_cli.config import RunConfig
+from tropd_cli.data.prepared import PreparedFolder
+from tropd_cli.data.rows import template_reads_thinking
+from tropd_cli.errors import TropdError
+
+
+@dataclass
+class Check:
+    """One preflight result: what was found, and the one-line error or warning if any."""
+
+    name: str
+    detail: str
+    error: str | None = None
+    warning: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "fail" if self.error else "warn" if self.warning else "ok"
+
+
+def special_token_check(label: str, teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
+                        attribute: str) -> Check:
+    """The teacher's and the student's `eos`/`pad` token must be the same token with the same id."""
+    tokens = [getattr(tok, f"{attribute}_token") for tok in (teacher, student)]
+    ids = [getattr(tok, f"{attribute}_token_id") for tok in (teacher, student)]
+    if tokens[0] == tokens[1] and ids[0] == ids[1]:
+        return Check(f"{label} token", f"{tokens[0]!r} (id {ids[0]})")
+    same_token = tokens[0] == tokens[1]  # then only the ids differ: show them
+    teacher_text, student_text = (f"{token!r} (id {token_id}, {role})" if same_token else f"{token!r} ({role})"
+                                  for token, token_id, role in zip(tokens, ids, ("teacher", "student")))
+    return Check(f"{label} token", "differ",
+                 error=f"teacher and student {label} tokens differ: {teacher_text} vs {student_text}")
+
+
+def vocabulary_check(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> Check:
+    """Equal token -> id maps (added tokens included); the error names the first token that differs."""
+    teacher_vocab, student_vocab = teacher.get_vocab(), student.get_vocab()
+    if teacher_vocab == student_vocab:
+        return Check("vocabulary", f"{len(teacher_vocab)} tokens, identical")
+    differing = [token for token in teacher_vocab.keys() | student_vocab.keys()
+                 if teacher_vocab.get(token) != student_vocab.get(token)]
+    token = min(differing, key=lambda t: (min(i for i in (teacher_vocab.get(t), student_vocab.get(t))
+                                              if i is not None), t))
+
+    def where(vocab: dict[str, int]) -> str:
+        return f"id {vocab[token]}" if token in vocab else "absent"
+
+    return Check("vocabulary", "differ", error=(
+        f"teacher and student vocabularies differ: {len(teacher_vocab)} tokens (teacher) vs "
+        f"{len(student_vocab)} tokens (student); first difference {token!r}: {where(teacher_vocab)} (teacher) "
+        f"vs {where(student_vocab)} (student)"))
+
+
+def embedding_check(tokenizers: tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase],
+                    configs: tuple[PretrainedConfig, PretrainedConfig]) -> Check:
+    """Each model needs an embedding row for every token of its tokenizer; padding rows may differ."""
+    rows = [config.get_text_config().vocab_size for config in configs]
+    detail = f"{rows[0]} (teacher), {rows[1]} (student)"
+    for role, tokenizer, row_count in zip(("teacher", "student"), tokenizers, rows):
+        if len(tokenizer) > row_count:
+            return Check("embedding rows", detail, error=(
+                f"the {role} tokenizer has more tokens than its model has embedding rows: {len(tokenizer)} "
+                f"(tokenizer) vs {row_count} (model)"))
+    return Check("embedding rows", detail)
+
+
+def _template_text(template: str | dict | None) -> str | None:
+    if isinstance(template, dict):  # named templates: compare them all, in a stable order
+        return "\n".join(f"{name}: {text}" for name, text in sorted(template.items()))
+    return template
+
+
+def chat_template_check(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
+                        allow_mismatch: bool = False) -> Check:
+    """Both tokenizers have a chat template, and it is the same (a difference only warns when
+    `allow_mismatch`, teacher.allow_template_mismatch)."""
+    texts = [_template_text(tok.chat_template) for tok in (teacher, student)]
+    if texts[0] is not None and texts[0] == texts[1]:
+        return Check("chat template", f"identical ({len(texts[0])} characters)")
+    if texts[0] is None or texts[1] is None:
+        described = ["missing" if text is None else f"{len(text)} characters" for text in texts]
+        who = "teacher and student tokenizers have" if texts[0] is None and texts[1] is None else \
+            f"the {'teacher' if texts[0] is None else 'student'} tokenizer has"
+        return Check("chat template", "missing", error=(
+            f"{who} no chat template: {described[0]} (teacher) vs {described[1]} (student)"))
+    at = next((i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(map(len, texts)))
+    snippets = [text[max(0, at - 10):at + 20] for text in texts]
+    message = (f"teacher and student chat templates differ at character {at}: {snippets[0]!r} (teacher) vs "
+               f"{snippets[1]!r} (student)")
+    if allow_mismatch:
+        return Check("chat template", "differ", warning=f"{message} (allowed by teacher.allow_template_mismatch)")
+    return Check("chat template", "differ", error=message)
+
+
+def tokenizer_checks(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
+                     configs: tuple[PretrainedConfig, PretrainedConfig], allow_template_mismatch: bool = False
+                     ) -> list[Check]:
+    """Vocabulary, embedding rows, EOS, pad and chat template, in that order."""
+    return [vocabulary_check(teacher, student), embedding_check((teacher, student), configs),
+            special_token_check("EOS", teacher, student, "eos"), special_token_check("pad", teacher, student, "pad"),
+            chat_template_check(teacher, student, allow_template_mismatch)]
+
+
+def thinking_check(config: RunConfig, teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> Check:
+    """Which templates read `enable_thinking`; data.thinking on a student template that ignores it warns."""
+    reads = [template_reads_thinking(tok) for tok in (teacher, student)]
+    detail = (f"enable_thinking read by the template: {'yes' if reads[0] else 'no'} (teacher), "
+              f"{'yes' if reads[1] else 'no'} (student); data.thinking: "
+              f"{'template default' if config.data.thinking is None else str(config.data.thinking).lower()}")
+    if config.data.thinking is not None and not reads[1]:
+        return Check("thinking mode", detail, warning=f"data.thinking={str(config.data.thinking).lower()} has no "
+                     "effect: the student's chat template does not read enable_thinking")
+    return Check("thinking mode", detail)
+
+
+def prompts_check(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Check, PreparedFolder | None]:
+    """The prompt source: the toy tasks, or a prepared folder made with the student's tokenizer (returned
+    when usable, so that the other checks read it once)."""
+    if config.data.prompts == "toylab":
+        return Check("prompts", "toy tasks (built-in generator)"), None
+    try:
+        folder = PreparedFolder.open(config.data.prompts)
+        folder.check_tokenizer(tokenizer, config.student.model)
+    except TropdError as error:
+        return Check("prompts", "unusable", error=str(error)), None
+    counts = folder.manifest.get("counts", {})
+    drafts = "with teacher drafts" if folder.drafts is not None else "no teacher drafts"
+    return Check("prompts", f"{config.data.prompts}: {counts.get('train', '?')} train prompts, {drafts}"), folder
