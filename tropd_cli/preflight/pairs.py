@@ -23,6 +23,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from tropd_cli.config import RunConfig
 from tropd_cli.data.prepared import PreparedFolder
 from tropd_cli.data.rows import template_reads_thinking
+from tropd_cli.engine.objectives import get_objective
 from tropd_cli.errors import TropdError
 
 
@@ -148,3 +149,14 @@ def prompts_check(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> tupl
     counts = folder.manifest.get("counts", {})
     drafts = "with teacher drafts" if folder.drafts is not None else "no teacher drafts"
     return Check("prompts", f"{config.data.prompts}: {counts.get('train', '?')} train prompts, {drafts}"), folder
+
+
+def objective_check(config: RunConfig, configs: tuple[PretrainedConfig, PretrainedConfig]) -> Check:
+    """The objective's teacher top-k must fit the student's vocabulary head (the teacher's forward pass
+    returns everything an objective can need of the teacher)."""
+    spec = get_objective(config.objective.name)
+    top_k, rows = spec.top_k(config.objective), configs[1].get_text_config().vocab_size
+    if top_k > rows:
+        return Check("objective", spec.name, error=f"objective.{spec.top_k_option}={top_k} is larger than the "
+                     f"vocabulary ({rows} tokens)")
+    return Check("objective", f"{spec.name}, teacher top-{top_k}")

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tropd_cli import __version__
-from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
+from tropd_cli.engine.rollout import SamplingParams, make_rollout_backend
 from tropd_cli.engine.scoring import build_sequences, score_teacher
 from tropd_cli.files import atomic_folder, atomic_write_json
 from tropd_cli.models import TOYLAB_ASSETS
@@ -117,7 +117,7 @@ def outlier_statistics(folder: Path, tokenizer, prompts: int = 128, seed: int = 
         if not is_held_out(problem.expression):
             problems.append(problem)
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in problems]
-    rollouts = HFGenerateBackend(student, tokenizer.pad_token_id, [tokenizer.eos_token_id]).generate(
+    rollouts = make_rollout_backend("hf", student, tokenizer.pad_token_id, [tokenizer.eos_token_id]).generate(
         prompt_ids, 4, SamplingParams(EVAL["max_new_tokens"], 1.0, 1.0), seed)
     batch = build_sequences([prompt_ids[i] for i in rollouts.prompt_index], rollouts.response_ids,
                             tokenizer.pad_token_id)
