@@ -206,3 +206,40 @@ def test_generalized_jsd_matches_trl(trl_jsd, beta):
         p, log_p, log_other = (log_t.exp(), log_t, log_s) if beta == 0 else (log_s.exp(), log_s, log_t)
         direct = (p * (log_p - log_other)).sum(-1)[mask].mean()
         assert float(ours) == pytest.approx(float(direct), abs=1e-5)
+
+
+# A later update: sampling-policy probs .2, .6, .8 against current .5, .25, .8 (rho = 2.5, 5/12, 1).
+OLD = [LOG(0.2), LOG(0.6), LOG(0.8)]
+RHO = [2.5, 0.25 / 0.6, 1.0]
+OLD_REWARD = [LOG(1.25), LOG(0.5 / 0.6), LOG(0.0125)]
+
+
+def later_update_stats() -> TokenStats:
+    token_stats = stats()
+    token_stats.old_logprobs = torch.tensor(OLD, dtype=torch.float64)
+    return token_stats
+
+
+def test_eopd_on_a_later_update_weights_the_reward_by_rho_and_differentiates_the_top_k():
+    token_stats = later_update_stats()
+    loss, grad, topk_grad = loss_and_grads(baselines.eopd(token_stats, entropy_min=0.8), token_stats)
+    pg = [-r * rho for r, rho in zip(OLD_REWARD, RHO)]
+    assert loss == pytest.approx((sum(pg) + FKL[0] + FKL[2]) / 3, abs=1e-12)
+    assert grad == pytest.approx([t / 3 for t in pg], abs=1e-12)
+    assert topk_grad == pytest.approx([-Q[0] / 3, -Q[1] / 3, 0.0, 0.0, -Q[0] / 3, -Q[1] / 3], abs=1e-12)
+
+
+def test_reopold_keeps_tokens_by_the_sampling_policy_reward():
+    token_stats = later_update_stats()
+    output = baselines.reopold(token_stats, lam=0.2, after_switch=False)
+    loss, grad, _ = loss_and_grads(output, token_stats)
+    # c = log .25: tokens 1 and 2 kept (r = log 1.25, log 5/6), token 3 dropped; normalised by 2.
+    assert loss == pytest.approx(-(OLD_REWARD[0] * RHO[0] + OLD_REWARD[1] * RHO[1]) / 2, abs=1e-12)
+    assert grad == pytest.approx([-OLD_REWARD[0] * RHO[0] / 2, -OLD_REWARD[1] * RHO[1] / 2, 0.0], abs=1e-12)
+
+
+def test_fkl_topk_gradient_is_minus_q_on_every_token_whatever_the_sampling_policy():
+    token_stats = later_update_stats()
+    loss, grad, topk_grad = loss_and_grads(baselines.fkl_topk(token_stats), token_stats)
+    assert loss == pytest.approx(sum(FKL) / 3, abs=1e-12)
+    assert topk_grad == pytest.approx([-Q[0] / 3, -Q[1] / 3] * 3, abs=1e-12)

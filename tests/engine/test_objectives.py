@@ -288,3 +288,59 @@ def test_telemetry_names_and_values():
     assert means["trust_fraction"] == pytest.approx(1 / 3) and means["outlier_fraction"] == pytest.approx(2 / 3)
     assert means["clip_fraction"] == 0.0 and means["loss_token_fraction"] == 1.0
     assert output.minimums["reward_min"] == pytest.approx(REWARD[2], abs=1e-12)
+
+
+# A later update of the batch: the sampling policy (sbar) gave the tokens probs .2, .6, .8 and the current
+# policy (s, STUDENT) gives .5, .25, .8, so rho = 2.5, 5/12, 1 and r = tau - sbar = log 1.25, log(5/6),
+# log .0125. The hard trust test on sbar trusts token 1 only; on s it would trust token 2 only.
+OLD = [LOG(0.2), LOG(0.6), LOG(0.8)]
+RHO = [2.5, 0.25 / 0.6, 1.0]
+OLD_REWARD = [LOG(1.25), LOG(0.5 / 0.6), LOG(0.0125)]
+
+
+def later_update_stats() -> TokenStats:
+    token_stats = stats_with_topk_grad()
+    token_stats.old_logprobs = torch.tensor(OLD, dtype=torch.float64)
+    return token_stats
+
+
+def test_tropd_trust_test_and_ratio_use_the_sampling_policy():
+    token_stats = later_update_stats()
+    output = objectives.tropd(token_stats, trust="hard", outlier="mask")
+    loss, grad = loss_and_grad(output, token_stats)
+    # loss = -r_1 rho_1 / 3, d/ds_1 = -r_1 rho_1 / 3
+    assert loss == pytest.approx(-OLD_REWARD[0] * RHO[0] / 3, abs=1e-12)
+    assert grad == pytest.approx([-OLD_REWARD[0] * RHO[0] / 3, 0.0, 0.0], abs=1e-12)
+    assert output.metrics["trust_fraction"] == (1.0, 3.0)
+    assert output.metrics["reward_trusted"][0] == pytest.approx(OLD_REWARD[0], abs=1e-12)
+
+
+def test_tropd_fkl_outliers_weight_the_detached_advantage_by_rho_and_leave_the_top_k_without_gradient():
+    token_stats = later_update_stats()
+    output = objectives.tropd(token_stats, trust="hard", outlier="fkl")
+    loss, grad = loss_and_grad(output, token_stats)
+    terms = [-OLD_REWARD[0] * RHO[0], -ADVANTAGE[1] * RHO[1], -ADVANTAGE[2] * RHO[2]]
+    assert loss == pytest.approx(sum(terms) / 3, abs=1e-12)
+    assert grad == pytest.approx([t / 3 for t in terms], abs=1e-12)  # d(-A rho)/ds = -A rho
+    topk_grad = token_stats.student_topk_logprobs.grad
+    assert topk_grad is None or not topk_grad.any()
+
+
+def test_tropd_fkl_grad_differentiates_the_top_k_of_the_sampling_policy_outliers():
+    token_stats = later_update_stats()
+    output = objectives.tropd(token_stats, trust="hard", outlier="fkl_grad")
+    loss, grad = loss_and_grad(output, token_stats)
+    assert loss == pytest.approx((-OLD_REWARD[0] * RHO[0] + FKL[1] + FKL[2]) / 3, abs=1e-12)
+    assert grad == pytest.approx([-OLD_REWARD[0] * RHO[0] / 3, 0.0, 0.0], abs=1e-12)
+    topk_grad = token_stats.student_topk_logprobs.grad.flatten().tolist()
+    assert topk_grad == pytest.approx([0.0, 0.0, -Q[0] / 3, -Q[1] / 3, -Q[0] / 3, -Q[1] / 3], abs=1e-12)
+
+
+def test_opd_clip_on_a_later_update_uses_the_sampling_policy():
+    token_stats = later_update_stats()
+    output = objectives.opd(token_stats, clip_epsilon=0.2)
+    loss, grad = loss_and_grad(output, token_stats)
+    # token 1: A > 0, rho 2.5 > 1.2, clipped to 1.2; token 2: A < 0, rho 5/12 < .8, clipped to .8; token 3 free
+    assert loss == pytest.approx(-(OLD_REWARD[0] * 1.2 + OLD_REWARD[1] * 0.8 + OLD_REWARD[2]) / 3, abs=1e-12)
+    assert grad == pytest.approx([0.0, 0.0, -OLD_REWARD[2] / 3], abs=1e-12)
+    assert output.metrics["clip_fraction"] == (2.0, 3.0)
