@@ -222,7 +222,7 @@ def later_update_stats() -> TokenStats:
 
 def test_eopd_on_a_later_update_weights_the_reward_by_rho_and_differentiates_the_top_k():
     token_stats = later_update_stats()
-    loss, grad, topk_grad = loss_and_grads(baselines.eopd(token_stats, entropy_min=0.8), token_stats)
+    loss, grad, topk_grad = loss_and_grads(eopd(token_stats, entropy_min=0.8), token_stats)
     pg = [-r * rho for r, rho in zip(OLD_REWARD, RHO)]
     assert loss == pytest.approx((sum(pg) + FKL[0] + FKL[2]) / 3, abs=1e-12)
     assert grad == pytest.approx([t / 3 for t in pg], abs=1e-12)
@@ -231,7 +231,7 @@ def test_eopd_on_a_later_update_weights_the_reward_by_rho_and_differentiates_the
 
 def test_reopold_keeps_tokens_by_the_sampling_policy_reward():
     token_stats = later_update_stats()
-    output = baselines.reopold(token_stats, lam=0.2, after_switch=False)
+    output = reopold(token_stats, lam=0.2, after_switch=False)
     loss, grad, _ = loss_and_grads(output, token_stats)
     # c = log .25: tokens 1 and 2 kept (r = log 1.25, log 5/6), token 3 dropped; normalised by 2.
     assert loss == pytest.approx(-(OLD_REWARD[0] * RHO[0] + OLD_REWARD[1] * RHO[1]) / 2, abs=1e-12)
@@ -240,6 +240,6 @@ def test_reopold_keeps_tokens_by_the_sampling_policy_reward():
 
 def test_fkl_topk_gradient_is_minus_q_on_every_token_whatever_the_sampling_policy():
     token_stats = later_update_stats()
-    loss, grad, topk_grad = loss_and_grads(baselines.fkl_topk(token_stats), token_stats)
+    loss, grad, topk_grad = loss_and_grads(fkl_topk(token_stats), token_stats)
     assert loss == pytest.approx(sum(FKL) / 3, abs=1e-12)
     assert topk_grad == pytest.approx([-Q[0] / 3, -Q[1] / 3] * 3, abs=1e-12)

@@ -306,7 +306,7 @@ def later_update_stats() -> TokenStats:
 
 def test_tropd_trust_test_and_ratio_use_the_sampling_policy():
     token_stats = later_update_stats()
-    output = objectives.tropd(token_stats, trust="hard", outlier="mask")
+    output = tropd(token_stats, trust="hard", outlier="mask")
     loss, grad = loss_and_grad(output, token_stats)
     # loss = -r_1 rho_1 / 3, d/ds_1 = -r_1 rho_1 / 3
     assert loss == pytest.approx(-OLD_REWARD[0] * RHO[0] / 3, abs=1e-12)
@@ -317,7 +317,7 @@ def test_tropd_trust_test_and_ratio_use_the_sampling_policy():
 
 def test_tropd_fkl_outliers_weight_the_detached_advantage_by_rho_and_leave_the_top_k_without_gradient():
     token_stats = later_update_stats()
-    output = objectives.tropd(token_stats, trust="hard", outlier="fkl")
+    output = tropd(token_stats, trust="hard", outlier="fkl")
     loss, grad = loss_and_grad(output, token_stats)
     terms = [-OLD_REWARD[0] * RHO[0], -ADVANTAGE[1] * RHO[1], -ADVANTAGE[2] * RHO[2]]
     assert loss == pytest.approx(sum(terms) / 3, abs=1e-12)
@@ -328,7 +328,7 @@ def test_tropd_fkl_outliers_weight_the_detached_advantage_by_rho_and_leave_the_t
 
 def test_tropd_fkl_grad_differentiates_the_top_k_of_the_sampling_policy_outliers():
     token_stats = later_update_stats()
-    output = objectives.tropd(token_stats, trust="hard", outlier="fkl_grad")
+    output = tropd(token_stats, trust="hard", outlier="fkl_grad")
     loss, grad = loss_and_grad(output, token_stats)
     assert loss == pytest.approx((-OLD_REWARD[0] * RHO[0] + FKL[1] + FKL[2]) / 3, abs=1e-12)
     assert grad == pytest.approx([-OLD_REWARD[0] * RHO[0] / 3, 0.0, 0.0], abs=1e-12)
@@ -338,7 +338,7 @@ def test_tropd_fkl_grad_differentiates_the_top_k_of_the_sampling_policy_outliers
 
 def test_opd_clip_on_a_later_update_uses_the_sampling_policy():
     token_stats = later_update_stats()
-    output = objectives.opd(token_stats, clip_epsilon=0.2)
+    output = opd(token_stats, clip_epsilon=0.2)
     loss, grad = loss_and_grad(output, token_stats)
     # token 1: A > 0, rho 2.5 > 1.2, clipped to 1.2; token 2: A < 0, rho 5/12 < .8, clipped to .8; token 3 free
     assert loss == pytest.approx(-(OLD_REWARD[0] * 1.2 + OLD_REWARD[1] * 0.8 + OLD_REWARD[2]) / 3, abs=1e-12)
