@@ -113,3 +113,35 @@ def test_the_graph_sees_known_imports():
     assert {"tropd_cli.preflight.memory", "tropd_cli.preflight.pairs"} <= graph["tropd_cli.preflight"]
     assert "tropd_cli.evaluation.registry" in graph["tropd_cli.evaluation.graders"]
     assert "tropd_cli.toylab.build" not in graph["tropd_cli.cli"]
+
+
+OBJECTIVES = "tropd_cli.engine.objectives"
+
+
+def objective_name_comparisons(path: Path, names: set[str]) -> list[str]:
+    """`x == "opd"`, `x in ("gkd", "seqkd")` and the like: comparisons with an objective's name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        literals = [element for operand in [node.left, *node.comparators]
+                    for element in (operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand])
+                    if isinstance(element, ast.Constant) and element.value in names]
+        found += [f"{path.name}:{node.lineno} compares with {literal.value!r}" for literal in literals]
+    return found
+
+
+def test_only_the_objective_registry_compares_objective_names():
+    """The trainer, preflight, data sources and export read an objective's traits (`ObjectiveSpec`)."""
+    names = {path.stem for path in (PACKAGE / "engine" / "objectives").glob("*.py")} - {"__init__", "base"}
+    assert {"tropd", "opd", "gkd", "sft"} <= names
+    found = [hit for name, path in modules().items() if not name.startswith(OBJECTIVES)
+             for hit in objective_name_comparisons(path, names)]
+    assert found == []
+
+
+def test_a_comparison_with_an_objective_name_is_seen(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text('if config.objective.name in ("gkd", "seqkd") or name == "opd":\n    pass\n')
+    assert objective_name_comparisons(path, {"gkd", "seqkd", "opd"}) == [
+        "probe.py:1 compares with 'gkd'", "probe.py:1 compares with 'seqkd'", "probe.py:1 compares with 'opd'"]
