@@ -114,7 +114,7 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
         except BaseException as error:
             if not replacing:
                 raise
-            if not (list_checkpoints(run.path) or run.metrics.is_file()):
+            if summary.steps_done == 0 and not list_checkpoints(run.path):
                 owned.abandon_replacement()  # nothing trained: nothing worth keeping
                 raise
             note = f"the new run stays in {run.path}; {run_dir} still holds the previous run"
@@ -389,7 +389,8 @@ def non_finite(record: dict[str, float], student: torch.nn.Module) -> str | None
 
 def _save_student(run: RunFolder, student: torch.nn.Module, tokenizer, summary: RunSummary,
                   final: RunFolder) -> None:
-    atomic_folder(run.student, lambda folder: save_student(folder, student, tokenizer))
+    with writing(f"the student {run.student}"):
+        atomic_folder(run.student, lambda folder: save_student(folder, student, tokenizer))
     summary.student_path = str(final.student)
 
 

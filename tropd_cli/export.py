@@ -207,7 +207,8 @@ def export(path: Path, out: Path, format_: str | None = None, dtype: str | None 
 
     with OwnedFolder(out, "export") as target:
         _check_target(target, source, overwrite)
-        target.replace(fill)
+        with writing(f"the export {out}"):
+            target.replace(fill)
     result.size_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print_export(console, result)
     return result

@@ -98,13 +98,12 @@ def writing(what: str) -> Iterator[None]:
 
     try:
         yield
-    except WriteError:
-        raise
+    except WriteError as error:  # the outer, more meaningful name wins
+        raise WriteError(what, error.reason) from None
     except OSError as error:
-        raise WriteError(f"cannot write {what}: {error.strerror or first_line(error)}") from None
+        raise WriteError(what, error.strerror or first_line(error)) from None
     except (RuntimeError, SafetensorError) as error:
-        raise WriteError(f"cannot write {what}: {_write_reason(error)} (is the disk full or a file-size "
-                         f"limit set?)") from None
+        raise WriteError(what, f"{_write_reason(error)} (is the disk full or a file-size limit set?)") from None
 
 
 def _write_reason(error: BaseException) -> str:
