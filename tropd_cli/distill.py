@@ -6,7 +6,9 @@ student in save_pretrained format with its tokenizer: the whole model, or only t
 student.lora is enabled) and summary.json (accuracies before and after, the teacher's, how the run ended,
 and the student's base model and format). The first Ctrl-C finishes the step in progress and saves a
 checkpoint; a second one stops at once, still saving the student and the summary so far.
-`tropd distill --resume RUN` continues from the newest checkpoint. The checks of `tropd doctor` run first.
+`tropd distill --resume RUN` continues from the newest checkpoint (or `--from-step N`), after checking its
+files' sha256 and that only RESUMABLE_KEYS changed. The checks of `tropd doctor` run first. The layout is
+`runfolder.RunFolder`'s; the folder is locked for the whole run and replaced only whole (`files.OwnedFolder`).
 """
 
 from __future__ import annotations
