@@ -112,7 +112,7 @@ def test_ctrl_c_saves_the_student_and_metrics(random_pair_dir, tmp_path, monkeyp
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert (out / "student" / "model.safetensors").is_file()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".tropd.json", ".tropd.lock"]
 
 
 def test_python_dash_m_entry_point():

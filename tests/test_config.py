@@ -92,5 +92,5 @@ def test_unknown_preset_lists_the_known_ones():
 def test_malformed_yaml_is_reported(tmp_path: Path):
     path = tmp_path / "broken.yaml"
     path.write_text("train: [\n")
-    with pytest.raises(TropdError, match=r"broken.yaml: not valid YAML"):
+    with pytest.raises(TropdError, match=r"broken.yaml:2:1: not valid YAML"):
         load_config(str(path))

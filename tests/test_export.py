@@ -315,7 +315,7 @@ def test_no_verify_skips_the_comparison(runs, tmp_path, capsys):
 
 def test_overwrite_replaces_a_non_empty_target(runs, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    assert cli.main(["export", str(runs["full"]), "--out", str(out), "--no-verify"]) == 0
     (out / "old.txt").write_text("old")
     assert cli.main(["export", str(runs["full"]), "--out", str(out), "--overwrite", "--no-verify"]) == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()

@@ -146,8 +146,8 @@ def test_resume_errors(uninterrupted, tmp_path, capsys):
     assert (f"error: {tmp_path} has no checkpoint to resume from (nothing in {tmp_path / 'checkpoints'})"
             in capsys.readouterr().err)
     assert cli.main(["distill", "--resume", str(reference)]) == 2
-    assert (f"error: {reference} already ran its 4 steps; to train on, raise them with --set train.steps=N"
-            in capsys.readouterr().err)
+    assert (f"error: {reference} already ran 4 steps and train.steps is 4; to train on, pass --set "
+            f"train.steps=N with N above 4" in capsys.readouterr().err)
     assert cli.main(["distill", "--resume", str(reference), "--preset", "toylab"]) == 2
     assert "error: --resume continues a run with its own config.yaml and folder" in capsys.readouterr().err
 

@@ -3,12 +3,15 @@
 A checkpoint holds `student/` (the student in save_pretrained format with its tokenizer: the whole model,
 or the peft adapter), `trainer_state.pt` (optimizer, scheduler, step, the teacher-response cache, and the
 Python, NumPy and torch random states; loaded with `torch.load(weights_only=True)`) and `state.json`
-(the step and the run summary so far). The prompt position needs no saving: the batch of step i is a pure
-function of the configuration and i. Only the newest `train.checkpoint_keep` checkpoints are kept.
+(the step, the run summary so far, the resolved configuration with its sha256, and the sha256 of every other
+file, checked before a resume or an export reads them). The prompt position needs no saving: the batch of
+step i is a pure function of the configuration and i. Only the newest `train.checkpoint_keep` checkpoints
+are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -20,25 +23,38 @@ import numpy as np
 import torch
 
 from tropd_cli.errors import TropdError, first_line
-from tropd_cli.files import atomic_folder, atomic_write_json
+from tropd_cli.files import atomic_folder, atomic_write_json, sha256_of, writing
+from tropd_cli.runfolder import RunFolder, RunSummary
 
 CHECKPOINTS = "checkpoints"
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
+STATE = "state.json"
+TRAINER_STATE = "trainer_state.pt"
+
+
+class DamagedCheckpoint(TropdError):
+    """A checkpoint whose files are missing, unreadable or differ from the sha256 recorded when it was saved."""
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """The sha256 of a resolved configuration (its JSON form, keys sorted)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINTS / f"step-{step:06d}"
+    return RunFolder(run_dir).checkpoint(step)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints of a run, oldest first, as (step, folder)."""
-    root = run_dir / CHECKPOINTS
+    """Every saved checkpoint of a run, oldest first, as (step, folder); damaged ones included (a checkpoint
+    folder only ever appears complete, so a missing file means damage, not a save in progress)."""
+    root = RunFolder(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = []
     for folder in root.iterdir():
         match = STEP_FOLDER.match(folder.name)
-        if match and (folder / "state.json").is_file() and (folder / "trainer_state.pt").is_file():
+        if match and folder.is_dir():
             found.append((int(match.group(1)), folder))
     return sorted(found)
 
@@ -70,34 +86,62 @@ def restore_random_states(states: dict[str, Any]) -> None:
 
 def save_student(folder: Path, student: torch.nn.Module, tokenizer) -> None:
     """The student in save_pretrained format (the whole model, or the peft adapter) with its tokenizer."""
-    student.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    with writing(f"the student to {folder}"):
+        student.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def save_checkpoint(run_dir: Path, step: int, student: torch.nn.Module, tokenizer, trainer_state: dict,
-                    summary: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep` (0: keep all)."""
+                    summary: RunSummary, keep: int, config: dict[str, Any]) -> Path:
+    """Write checkpoint `step` atomically with the sha256 of its files, then drop all but the newest `keep`
+    (0: keep all). `config` is the resolved configuration the run trains with."""
     target = checkpoint_dir(run_dir, step)
 
     def fill(folder: Path) -> None:
         save_student(folder / "student", student, tokenizer)
-        torch.save({**trainer_state, "random": random_states()}, folder / "trainer_state.pt")
-        atomic_write_json(folder / "state.json", {"step": step, "summary": summary})
+        torch.save({**trainer_state, "random": random_states()}, folder / TRAINER_STATE)
+        files = {path.relative_to(folder).as_posix(): sha256_of(path)
+                 for path in sorted(folder.rglob("*")) if path.is_file()}
+        atomic_write_json(folder / STATE, {"step": step, "summary": summary.to_json(), "config": config,
+                                           "config_sha256": config_sha256(config), "files": files})
 
-    atomic_folder(target, fill)
+    with writing(f"checkpoint {target}"):
+        atomic_folder(target, fill)
     if keep:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_checkpoint(folder: Path) -> tuple[dict, dict]:
-    """(state.json, trainer_state.pt) of a checkpoint folder; a damaged one is a one-line error."""
+def verify_checkpoint(folder: Path) -> dict:
+    """state.json of a checkpoint whose every listed file is present with its recorded sha256."""
     try:
-        state = json.loads((folder / "state.json").read_text())
-        trainer_state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+        state = json.loads((folder / STATE).read_text())
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {STATE} is unreadable "
+                                f"({getattr(error, 'strerror', None) or first_line(error)})") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {STATE} holds no object")
+    files = state.get("files")
+    listed = files if isinstance(files, dict) else {TRAINER_STATE: None}  # written before checksums
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {name} is missing")
+        if digest is not None and sha256_of(path) != digest:
+            raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {name} differs from the sha256 recorded "
+                                    f"when it was saved")
+    return state
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """(state.json, trainer_state.pt) of a verified checkpoint folder; a damaged one is a one-line error."""
+    state = verify_checkpoint(folder)
+    try:
+        trainer_state = torch.load(folder / TRAINER_STATE, weights_only=True, map_location="cpu")
     except (OSError, ValueError, RuntimeError) as error:
-        raise TropdError(f"cannot read checkpoint {folder}: {first_line(error)}") from None
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: cannot read {TRAINER_STATE} "
+                                f"({first_line(error)})") from None
     return state, trainer_state
 
 

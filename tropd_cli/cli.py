@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tropd_cli import __version__
-from tropd_cli.errors import Interrupted, TropdError
+from tropd_cli.errors import Interrupted, TropdError, WriteError, first_line
 from tropd_cli.evaluation.settings import EvalSettings
 
 app = typer.Typer(help="Trust Region On-Policy Distillation (TrOPD) and its baselines.",
@@ -73,9 +74,12 @@ def distill(
                                                "or path to a preset YAML file.")] = None,
     set_: SetOption = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder (default: output.dir).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run folder tropd wrote, once the new run has "
+                                            "finished.")] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its newest checkpoint "
                                                 "(its own config.yaml; --set may raise train.steps).")] = None,
+    from_step: Annotated[int | None, typer.Option(help="With --resume: continue from the checkpoint of this "
+                                                  "step instead of the newest.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (sets train.device).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let both models' repositories "
                                                     "run their own Python code when loading.")] = False,
@@ -94,8 +98,10 @@ def distill(
         if preset is not None or out is not None:
             raise TropdError("--resume continues a run with its own config.yaml and folder; "
                              "drop --preset and --out")
-        resume_run(resume, overrides, console=console)
+        resume_run(resume, overrides, console=console, from_step=from_step)
         return
+    if from_step is not None:
+        raise TropdError("--from-step chooses the checkpoint of --resume RUN_DIR; add --resume")
     if preset is None:
         raise TropdError("distill needs --preset (see `tropd presets list`) or --resume RUN_DIR")
     run_distill(load_config(preset, overrides), preset, out=out, overwrite=overwrite, console=console)
@@ -136,7 +142,10 @@ def evaluate(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda " + default_of("device"))] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 " + default_of("dtype"))] = None,
     markdown: Annotated[bool | None, typer.Option("--markdown", help="Also write report.md.")] = None,
-    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a non-empty --out.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an --out that tropd wrote.")]
+    = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let the models' repositories "
+                                                    "run their own Python code when loading.")] = False,
 ) -> None:
     """Evaluate models side by side on math, science, toy-lab or custom benchmarks (avg@k, pass@k, maj@k)."""
     from tropd_cli.evaluation.runner import evaluate as run_evaluate
@@ -146,7 +155,7 @@ def evaluate(
                  markdown=markdown, overwrite=overwrite)
     settings = EvalSettings(models=model, benchmarks=benchmark, out=out,
                             **{key: value for key, value in given.items() if value is not None})
-    run_evaluate(settings, console=console)
+    run_evaluate(settings, console=console, trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -163,13 +172,15 @@ def export(
                                          "logits with the run's model.")] = True,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest safetensors file of a merged export, "
                                                        "e.g. 2GB (default: 5GB).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an --out that tropd wrote.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let the student's repository "
+                                                    "run its own Python code when loading.")] = False,
 ) -> None:
     """Export a run's student as a merged checkpoint or a LoRA adapter, verified against the run."""
     from tropd_cli.export import export as run_export
 
     run_export(source, out, format_=format_, dtype=dtype, step=step, verify=verify, overwrite=overwrite,
-               max_shard_size=max_shard_size, console=console)
+               max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, console=console)
 
 
 @presets_app.command("list")
@@ -214,15 +225,23 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+debug = {"on": False}
+
+
 @app.callback()
 def root(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
-                                               help="Print the version and exit.")] = False) -> None:
+                                               help="Print the version and exit.")] = False,
+         debug_: Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure (also "
+                                              "TROPD_DEBUG=1).")] = False) -> None:
     """Trust Region On-Policy Distillation (TrOPD) and its baselines."""
+    debug["on"] = debug["on"] or debug_
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code: user errors print one line and give 2; Ctrl-C gives 130."""
+    """Run the CLI and return its exit code. Every failure prints one line and no traceback (unless --debug or
+    TROPD_DEBUG=1): user errors give 2, failed writes and other failures 1, Ctrl-C 130."""
     err = Console(stderr=True)
+    debug["on"] = os.environ.get("TROPD_DEBUG", "") not in ("", "0")
     try:
         app(args=argv, prog_name="tropd")
     except SystemExit as exit_:
@@ -230,14 +249,25 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as error:
         err.print(f"[yellow]stopped:[/] {error}", highlight=False, soft_wrap=True)
         return 130
-    except TropdError as error:
-        err.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
-        return 2
-    except OSError as error:  # full disk, permissions: the system's own words and the path
-        where = f": {error.filename}" if error.filename else ""
-        err.print(f"[red]error:[/] {error.strerror or error}{where}", highlight=False, soft_wrap=True)
-        return 1
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped:[/] interrupted", highlight=False, soft_wrap=True)
+        return 130
+    except Exception as error:
+        if debug["on"]:
+            err.print_exception()
+        err.print(f"[red]error:[/] {one_line(error)}", highlight=False, soft_wrap=True)
+        return 2 if isinstance(error, TropdError) and not isinstance(error, WriteError) else 1
     return 0
+
+
+def one_line(error: Exception) -> str:
+    """What a failure prints: our own message, the system's words and path for OSError, else the type and
+    the first line with a pointer to the traceback."""
+    if isinstance(error, TropdError):
+        return str(error)
+    if isinstance(error, OSError):  # full disk, permissions
+        return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    return f"{type(error).__name__}: {first_line(error)} (pass --debug or set TROPD_DEBUG=1 for the traceback)"
 
 
 def run() -> None:

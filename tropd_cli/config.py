@@ -8,6 +8,7 @@ that names the key and what is allowed.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -274,6 +275,11 @@ def load_config_file(path: Path, overrides: list[str] | None = None) -> RunConfi
     """A configuration file (a preset, or a run's config.yaml) with `overrides` applied, validated."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = error.problem or error.context or first_line(error)
+        raise TropdError(f"{path}{where}: not valid YAML ({problem})") from None
     except yaml.YAMLError as error:
         raise TropdError(f"{path}: not valid YAML ({first_line(error)})") from None
     if not isinstance(raw, dict):
@@ -325,9 +331,10 @@ def _check_key(key: str) -> None:
 
 
 def validate(raw: dict[str, Any], source: str) -> RunConfig:
-    """Validate a raw mapping into a RunConfig, turning the first error into one line."""
+    """Validate a raw mapping into a RunConfig, turning the first error into one line; no number in a
+    configuration may be infinite or NaN (`train.lr=inf` would train every weight into NaN)."""
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
@@ -340,6 +347,20 @@ def validate(raw: dict[str, Any], source: str) -> RunConfig:
                              ) from None
         raise TropdError(f"invalid value for {key}: {first['input']!r} ({first['msg'].lower()})"
                          ) from None
+    for key, value in _numbers(config.model_dump()):
+        if not math.isfinite(value):
+            raise TropdError(f"invalid value for {key}: {value!r} (a finite number is required)")
+    return config
+
+
+def _numbers(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    found = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found += _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, float):
+            found.append((f"{prefix}{key}", value))
+    return found
 
 
 def _fields_at(dotted: str) -> list[str]:

@@ -6,11 +6,14 @@ student in save_pretrained format with its tokenizer: the whole model, or only t
 student.lora is enabled) and summary.json (accuracies before and after, the teacher's, how the run ended,
 and the student's base model and format). The first Ctrl-C finishes the step in progress and saves a
 checkpoint; a second one stops at once, still saving the student and the summary so far.
-`tropd distill --resume RUN` continues from the newest checkpoint. The checks of `tropd doctor` run first.
+`tropd distill --resume RUN` continues from the newest checkpoint (or `--from-step N`), after checking its
+files' sha256 and that only RESUMABLE_KEYS changed. The checks of `tropd doctor` run first. The layout is
+`runfolder.RunFolder`'s; the folder is locked for the whole run and replaced only whole (`files.OwnedFolder`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -34,7 +37,8 @@ from rich.table import Table
 
 from tropd_cli import __version__
 from tropd_cli.checkpoints import (
-    CHECKPOINTS,
+    DamagedCheckpoint,
+    config_sha256,
     list_checkpoints,
     load_checkpoint,
     restore_adapter,
@@ -47,19 +51,23 @@ from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.rollout import HFGenerateBackend
 from tropd_cli.engine.trainer import Models, Trainer
-from tropd_cli.errors import Interrupted, TropdError
-from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
+from tropd_cli.errors import Interrupted, TropdError, first_line
+from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
 from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
 from tropd_cli.preflight import Preflight, check_before_distill
+from tropd_cli.runfolder import RunFolder, RunSummary
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
 from tropd_cli.toylab.accuracy import toy_accuracy
 from tropd_cli.toylab.tasks import sample_problems
+
+RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.checkpoint_keep", "train.threads", "train.device",
+                  "output.log_to", "output.wandb_project")
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    summary: dict
+    summary: dict  # summary.json as written
 
 
 def run_dir_for(config: RunConfig, preset: str, out: str | None) -> Path:
@@ -79,46 +87,137 @@ def student_lora(config: RunConfig) -> LoraSpec | None:
 
 def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: bool = False,
             console: Console | None = None) -> RunResult:
-    """Run a distillation described by `config` and write its run folder."""
+    """Run a distillation described by `config` and write its run folder.
+
+    A new or empty folder is written in place. With `overwrite`, a run folder tropd wrote is replaced only
+    once the new run has finished: the new run trains in a temporary sibling `.NAME.new-*`, swapped in at
+    the end; if it fails or is interrupted, the previous run stays untouched and the message names the
+    sibling that holds the new one (resumable with `--resume`).
+    """
     console = console or Console()
     preflight = check_before_distill(config, console)
     run_dir = run_dir_for(config, preset, out)
-    prepare_output_dir(run_dir, overwrite)
-    write_config(run_dir, config, preset)
-    summary: dict = {"preset": preset, "objective": config.objective.name, "seed": config.train.seed,
-                     "steps_done": 0, "steps": config.train.steps, "status": "running",
-                     "student_base_model": config.student.model,
-                     "student_format": "adapter" if config.student.lora.enabled else "full"}
-    return _train(config, run_dir, preflight, summary, console, checkpoint=None)
+    with OwnedFolder(run_dir, "distill") as owned:
+        owned.claim(overwrite)
+        replacing = owned.needs_replacement
+        if replacing:
+            run = RunFolder(owned.begin_replacement())
+        else:
+            owned.create_in_place()
+            run = RunFolder(run_dir)
+        resolved = config.model_dump(mode="json")
+        summary = RunSummary(preset=preset, objective=config.objective.name, seed=config.train.seed,
+                             steps=config.train.steps, student_base_model=config.student.model,
+                             student_format="adapter" if config.student.lora.enabled else "full",
+                             config_sha256=config_sha256(resolved))
+        try:
+            write_config(run, config, preset)
+            result = _train(config, run, preflight, summary, console, checkpoint=None, final=RunFolder(run_dir))
+        except BaseException as error:
+            if not replacing:
+                raise
+            if summary.steps_done == 0 and not list_checkpoints(run.path):
+                owned.abandon_replacement()  # nothing trained: nothing worth keeping
+                raise
+            note = f"the new run stays in {run.path}; {run_dir} still holds the previous run"
+            if isinstance(error, TropdError):
+                raise type(error)(f"{error}; {note}") from None
+            console.print(note, highlight=False, soft_wrap=True)
+            raise
+        if replacing:
+            owned.commit_replacement()
+    return RunResult(run_dir, result.summary)
 
 
-def resume(run_dir: Path, overrides: list[str] | None = None, console: Console | None = None) -> RunResult:
-    """Continue a run from its newest checkpoint with its own config.yaml (plus `overrides`, such as more
-    train.steps); the steps it redoes give the metrics an uninterrupted run would have given."""
+def resume(run_dir: Path, overrides: list[str] | None = None, console: Console | None = None,
+           from_step: int | None = None) -> RunResult:
+    """Continue a run from its newest checkpoint (or the one of `from_step`) with its own config.yaml; only
+    the keys in RESUMABLE_KEYS may differ from the configuration the run was started with (through
+    `overrides`, such as more train.steps, or an edited config.yaml). The steps it redoes give the metrics an
+    uninterrupted run would have given."""
     console = console or Console()
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
+    run = RunFolder(run_dir)
+    if not run.is_run():
         raise TropdError(f"{run_dir} is not a run folder (no config.yaml)")
-    config = load_config_file(config_path, overrides)
-    found = list_checkpoints(run_dir)
+    with OwnedFolder(run_dir, "distill --resume") as owned:
+        owned.lock_in_place()
+        config = load_config_file(run.config, overrides)
+        step, folder = _checkpoint_to_resume(run, from_step)
+        state, trainer_state = _load_resumable(run, step, folder)
+        resolved = config.model_dump(mode="json")
+        _check_unchanged(run_dir, state.get("config"), resolved)
+        if step >= config.train.steps:
+            raise TropdError(f"{run_dir} already ran {step} steps and train.steps is {config.train.steps}; to "
+                             f"train on, pass --set train.steps=N with N above {step}")
+        preflight = check_before_distill(config, console)
+        summary = RunSummary.from_json(state["summary"])
+        summary.steps, summary.status, summary.error = config.train.steps, "running", None
+        summary.config_sha256 = config_sha256(resolved)
+        summary.resumed_from = [*summary.resumed_from, step]
+        write_config(run, config, summary.preset)
+        newer = [later for later, _ in list_checkpoints(run_dir) if later > step]
+        if newer:
+            console.print(f"resuming from step {step} on purpose; the checkpoints of steps "
+                          f"{', '.join(map(str, newer))} are replaced as the run passes them", highlight=False)
+        console.print(f"resuming {run_dir} from step {step} of {config.train.steps}", highlight=False)
+        result = _train(config, run, preflight, summary, console, checkpoint=(folder, trainer_state), final=run)
+    return RunResult(run_dir, result.summary)
+
+
+def _checkpoint_to_resume(run: RunFolder, from_step: int | None) -> tuple[int, Path]:
+    found = list_checkpoints(run.path)
     if not found:
-        raise TropdError(f"{run_dir} has no checkpoint to resume from (nothing in {run_dir / CHECKPOINTS})")
-    step, folder = found[-1]
-    if step >= config.train.steps:
-        raise TropdError(f"{run_dir} already ran its {config.train.steps} steps; to train on, raise them "
-                         f"with --set train.steps=N")
-    state, trainer_state = load_checkpoint(folder)
-    preflight = check_before_distill(config, console)
-    summary = {**state["summary"], "steps": config.train.steps, "status": "running"}
-    summary["resumed_from"] = [*summary.get("resumed_from", []), step]
-    if overrides:
-        write_config(run_dir, config, summary["preset"])
-    console.print(f"resuming {run_dir} from step {step} of {config.train.steps}", highlight=False)
-    return _train(config, run_dir, preflight, summary, console, checkpoint=(folder, trainer_state))
+        raise TropdError(f"{run.path} has no checkpoint to resume from (nothing in {run.checkpoints})")
+    if from_step is None:
+        return found[-1]
+    for step, folder in found:
+        if step == from_step:
+            return step, folder
+    raise TropdError(f"{run.path} has no checkpoint at step {from_step}; saved: {', '.join(str(s) for s, _ in found)}")
 
 
-def write_config(run_dir: Path, config: RunConfig, preset: str) -> None:
-    atomic_write_text(run_dir / "config.yaml", f"# tropd {__version__}, preset {preset}\n" + to_yaml(config))
+def _load_resumable(run: RunFolder, step: int, folder: Path) -> tuple[dict, dict]:
+    """The checkpoint's state and trainer state; a damaged one names the older checkpoints there are."""
+    try:
+        return load_checkpoint(folder)
+    except DamagedCheckpoint as error:
+        older = [str(s) for s, _ in list_checkpoints(run.path) if s < step]
+        hint = (f"to resume from an older checkpoint on purpose, pass --from-step {older[-1]} (saved: "
+                f"{', '.join(older)})" if older else "no older checkpoint is saved")
+        raise DamagedCheckpoint(f"{error}; {hint}") from None
+
+
+def _check_unchanged(run_dir: Path, recorded: dict | None, resolved: dict) -> None:
+    """Only RESUMABLE_KEYS may differ from the configuration the checkpoint was trained with."""
+    if not isinstance(recorded, dict) or config_sha256(recorded) == config_sha256(resolved):
+        return
+    before, after = _flatten(recorded), _flatten(resolved)
+    changed = [key for key in sorted(before.keys() | after.keys())
+               if before.get(key) != after.get(key) and key not in RESUMABLE_KEYS]
+    if changed:
+        shown = ", ".join(f"{key} ({_short(before.get(key))} -> {_short(after.get(key))})" for key in changed)
+        raise TropdError(f"cannot resume {run_dir}: {shown} differ from the run's configuration; --resume may "
+                         f"change only {', '.join(RESUMABLE_KEYS)}; start a new run for the rest")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def write_config(run: RunFolder, config: RunConfig, preset: str) -> None:
+    with writing(str(run.config)):
+        atomic_write_text(run.config, f"# tropd {__version__}, preset {preset}\n" + to_yaml(config))
 
 
 def load_models(config: RunConfig, device: torch.device, checkpoint: Path | None
@@ -162,11 +261,23 @@ class StopAfterStep:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict, console: Console,
-           checkpoint: tuple[Path, dict] | None) -> RunResult:
+def _train(config: RunConfig, run: RunFolder, preflight: Preflight, summary: RunSummary, console: Console,
+           checkpoint: tuple[Path, dict] | None, final: RunFolder) -> RunResult:
     """Load the pair, evaluate before (fresh runs), train from the checkpoint's step to train.steps with
     periodic checkpoints, evaluate after, and save the student and summary. `checkpoint` is a checkpoint
-    folder and its loaded trainer state."""
+    folder and its loaded trainer state; `final` is where the run folder ends up (`run` itself, or the
+    folder it replaces at the end)."""
+    started = time.perf_counter() - summary.train_seconds
+    try:
+        return _run_loop(config, run, preflight, summary, console, checkpoint, final, started)
+    except BaseException as error:
+        _record_end(run, summary, error, started)
+        raise
+
+
+def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: RunSummary, console: Console,
+              checkpoint: tuple[Path, dict] | None, final: RunFolder, started: float) -> RunResult:
+    _write_summary(run, summary, started)  # status running, from the first moment
     tokenizer = preflight.student_tokenizer
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -194,7 +305,7 @@ def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         restore_random_states(trainer_state["random"])
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        truncate_metrics(run.metrics, start_step)
 
     held_out = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab, held_out=True)
 
@@ -203,90 +314,118 @@ def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict
                             max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
                             batch_size=config.rollout.batch_size).accuracy
 
+    resolved = config.model_dump(mode="json")
+
     def save_checkpoint_now() -> Path:
-        return save_checkpoint(run_dir, trainer.step, student, tokenizer, trainer.state_dict(), summary,
-                               config.train.checkpoint_keep)
+        summary.train_seconds = round(time.perf_counter() - started, 2)
+        return save_checkpoint(run.path, trainer.step, student, tokenizer, trainer.state_dict(), summary,
+                               config.train.checkpoint_keep, resolved)
 
     if checkpoint is None and config.eval.problems:
         with console.status("evaluating before training"):
             if config.eval.teacher:
-                summary["teacher_accuracy"] = accuracy(teacher)
-            summary["student_accuracy_before"] = accuracy(student)
-    started = time.perf_counter() - summary.get("train_seconds", 0.0)
+                summary.teacher_accuracy = accuracy(teacher)
+            summary.student_accuracy_before = accuracy(student)
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), console=console)
-    sinks = open_sinks(config, run_dir, start_step, summary)
+    sinks = open_sinks(config, run, start_step, summary)
     stop = StopAfterStep(console)
     try:
         with progress, stop:
             task = progress.add_task("distill", total=config.train.steps, completed=start_step, info="")
             while trainer.step < config.train.steps:
                 record = trainer.train_step()
-                if not all(map(math.isfinite, (record["loss"], record["grad_norm"]))):
-                    raise TropdError(f"non-finite loss or gradient at step {record['step']} "
-                                     f"(loss {record['loss']}, grad norm {record['grad_norm']}); "
-                                     f"lower train.lr or check the teacher")
+                diverged = non_finite(record, student)
+                if diverged:
+                    raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "
+                                     f"stopped; lower train.lr (now {config.train.lr:g}) and start again")
                 if config.eval.every and record["step"] % config.eval.every == 0 and config.eval.problems:
                     record["eval_accuracy"] = accuracy(student)
                 for sink in sinks:
                     sink.log(record)
-                summary["steps_done"] = record["step"]
+                summary.steps_done = record["step"]
                 progress.update(task, advance=1, info=f"loss {record['loss']:+.4f} "
                                 f"trust {record.get('trust_fraction', float('nan')):.3f} "
                                 f"len {record['response_length']:.1f}")
                 every = config.train.checkpoint_every
                 if stop.requested or trainer.step == config.train.steps or (every and trainer.step % every == 0):
-                    summary["train_seconds"] = round(time.perf_counter() - started, 2)
                     saved = save_checkpoint_now()
                 if stop.requested:
-                    summary["status"] = "interrupted"
-                    _save(run_dir, student, tokenizer, summary, started)
+                    summary.status = "interrupted"
+                    _save_student(run, student, tokenizer, summary, final)
+                    _write_summary(run, summary, started)
                     raise Interrupted(f"stopped after step {trainer.step}; checkpoint saved in {saved}; "
-                                      f"continue with: tropd distill --resume {run_dir}")
+                                      f"continue with: tropd distill --resume {run.path}")
     except KeyboardInterrupt:
-        summary["status"] = "interrupted"
-        _save(run_dir, student, tokenizer, summary, started)
-        newest = list_checkpoints(run_dir)
+        summary.status = "interrupted"
+        _save_student(run, student, tokenizer, summary, final)
+        _write_summary(run, summary, started)
+        newest = list_checkpoints(run.path)
         where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
         raise Interrupted(f"interrupted during step {trainer.step + 1}; student and metrics saved in "
-                          f"{run_dir}; {where}") from None
-    except Interrupted:
-        raise
-    except BaseException:
-        summary["status"] = "failed"
-        _save(run_dir, student, tokenizer, summary, started)
-        raise
+                          f"{run.path}; {where}") from None
     finally:
         close_sinks(sinks)
     with console.status("evaluating after training"):
         if config.eval.problems:
-            summary["student_accuracy_after"] = accuracy(student)
-    summary["status"] = "finished"
-    _save(run_dir, student if config.output.save_model else None, tokenizer, summary, started)
-    print_summary(console, run_dir, summary)
-    return RunResult(run_dir, summary)
+            summary.student_accuracy_after = accuracy(student)
+    if config.output.save_model:
+        _save_student(run, student, tokenizer, summary, final)
+    summary.status = "finished"
+    _write_summary(run, summary, started)
+    print_summary(console, final.path, summary)
+    return RunResult(final.path, summary.to_json())
 
 
-def _save(run_dir: Path, student: torch.nn.Module | None, tokenizer, summary: dict, started: float) -> None:
-    summary["train_seconds"] = round(time.perf_counter() - started, 2)
-    if student is not None:
-        atomic_folder(run_dir / "student", lambda folder: save_student(folder, student, tokenizer))
-        summary["student_path"] = str(run_dir / "student")
-    atomic_write_json(run_dir / "summary.json", summary)
+def non_finite(record: dict[str, float], student: torch.nn.Module) -> str | None:
+    """What went non-finite in a step, if anything: the loss, the gradient norm, or the updated weights."""
+    for name in ("loss", "grad_norm"):
+        if not math.isfinite(record[name]):
+            return f"{name.replace('_', ' ')} is {record[name]}"
+    sums = [parameter.detach().sum().float() for parameter in student.parameters() if parameter.requires_grad]
+    if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+        return "the updated weights are not finite"
+    return None
 
 
-def print_summary(console: Console, run_dir: Path, summary: dict) -> None:
+def _save_student(run: RunFolder, student: torch.nn.Module, tokenizer, summary: RunSummary,
+                  final: RunFolder) -> None:
+    with writing(f"the student {run.student}"):
+        atomic_folder(run.student, lambda folder: save_student(folder, student, tokenizer))
+    summary.student_path = str(final.student)
+
+
+def _write_summary(run: RunFolder, summary: RunSummary, started: float) -> None:
+    summary.train_seconds = round(time.perf_counter() - started, 2)
+    with writing(str(run.summary)):
+        run.write_summary(summary)
+
+
+def _record_end(run: RunFolder, summary: RunSummary, error: BaseException, started: float) -> None:
+    """summary.json after a stop: interrupted, or failed with the error's line; a second failure while
+    writing it (the disk that broke the run) must not hide the first."""
+    if isinstance(error, (KeyboardInterrupt, Interrupted)):
+        summary.status = "interrupted"
+    else:
+        summary.status = "failed"
+        summary.error = str(error) if isinstance(error, TropdError) else f"{type(error).__name__}: {first_line(error)}"
+    with contextlib.suppress(Exception):
+        _write_summary(run, summary, started)
+
+
+def print_summary(console: Console, run_dir: Path, summary: RunSummary) -> None:
     """The held-out accuracies of the teacher and of the student before and after."""
-    table = Table(title=f"held-out accuracy, {summary['objective']} seed {summary['seed']}")
+    table = Table(title=f"held-out accuracy, {summary.objective} seed {summary.seed}")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     for label, key in (("teacher", "teacher_accuracy"), ("student before", "student_accuracy_before"),
                        ("student after", "student_accuracy_after")):
-        if key in summary:
-            table.add_row(label, f"{100 * summary[key]:.1f}%")
-    if "student_accuracy_before" in summary and "student_accuracy_after" in summary:
-        gain = 100 * (summary["student_accuracy_after"] - summary["student_accuracy_before"])
+        value = getattr(summary, key)
+        if value is not None:
+            table.add_row(label, f"{100 * value:.1f}%")
+    if summary.student_accuracy_before is not None and summary.student_accuracy_after is not None:
+        gain = 100 * (summary.student_accuracy_after - summary.student_accuracy_before)
         table.add_row("gain", f"{gain:+.1f} points")
     console.print(table)
-    console.print(f"run folder: {run_dir}  ({summary['steps_done']} steps in {summary['train_seconds']:.0f}s)")
+    console.print(f"run folder: {run_dir}  ({summary.steps_done} steps in {summary.train_seconds:.0f}s)")

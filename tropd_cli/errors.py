@@ -9,6 +9,14 @@ class Interrupted(TropdError):
     """Ctrl-C during long work: what was done so far is saved; the CLI exits with code 130."""
 
 
+class WriteError(TropdError):
+    """A file could not be written (full disk, file-size limit, permissions): the CLI exits with code 1."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"cannot write {what}: {reason}")
+        self.what, self.reason = what, reason
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its type name when the message is empty."""
     lines = str(error).strip().splitlines()

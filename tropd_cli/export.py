@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from tropd_cli import __version__
-from tropd_cli.checkpoints import CHECKPOINTS, STEP_FOLDER, checkpoint_dir, list_checkpoints
+from tropd_cli.checkpoints import CHECKPOINTS, STEP_FOLDER, list_checkpoints, verify_checkpoint
 from tropd_cli.config import RunConfig, load_config_file
 from tropd_cli.errors import TropdError
-from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, check_output_dir
+from tropd_cli.files import OwnedFolder, atomic_write_json, atomic_write_text, writing
 from tropd_cli.models import DTYPES, load_adapter, load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
+from tropd_cli.runfolder import RunFolder
 from tropd_cli.toylab.accuracy import chat_prompt_ids
 
 FORMATS = ("merged", "adapter")
@@ -110,32 +111,33 @@ def find_source(path: Path, step: int | None = None) -> ExportSource:
     state: dict = {}
     folder_step = STEP_FOLDER.match(path.name)
     if folder_step and path.parent.name == CHECKPOINTS and (path / "student").is_dir():
-        run_dir, student_dir = path.parent.parent, path / "student"
-        state = _read_json(path / "state.json")
+        run = RunFolder(path.parent.parent)
+        student_dir = path / "student"
+        state = verify_checkpoint(path)
         checkpoint_step = state["step"] if isinstance(state.get("step"), int) else int(folder_step.group(1))
         if step is not None and step != checkpoint_step:
             raise TropdError(f"--step {step} disagrees with checkpoint folder '{path}' (step {checkpoint_step})")
-        if not (run_dir / "config.yaml").is_file():
-            raise TropdError(f"checkpoint folder '{path}' is not inside a run folder (no {run_dir / 'config.yaml'})")
-    elif (path / "config.yaml").is_file():
-        run_dir = path
+        if not run.is_run():
+            raise TropdError(f"checkpoint folder '{path}' is not inside a run folder (no {run.config})")
+    elif RunFolder(path).is_run():
+        run = RunFolder(path)
         if step is None:
-            student_dir = path / "student"
+            student_dir = run.student
             if not student_dir.is_dir():
                 raise TropdError(f"run folder '{path}' holds no student/ (the run saved no model)"
                                  f"{_saved_steps_hint(path)}")
         else:
             checkpoint_step = step
-            student_dir = checkpoint_dir(path, step) / "student"
+            student_dir = run.checkpoint(step) / "student"
             if not student_dir.is_dir():
                 raise TropdError(f"run folder '{path}' has no checkpoint at step {step}{_saved_steps_hint(path)}")
-            state = _read_json(student_dir.parent / "state.json")
+            state = verify_checkpoint(student_dir.parent)
     else:
         raise TropdError(f"'{path}' is not a tropd run folder (no config.yaml) or checkpoint folder "
                          f"(RUN/checkpoints/step-NNNNNN with student/)")
-    config = load_config_file(run_dir / "config.yaml")
-    summary = state.get("summary") if isinstance(state.get("summary"), dict) else _read_json(run_dir / "summary.json")
-    return ExportSource(run_dir, student_dir, config, summary, checkpoint_step)
+    config = load_config_file(run.config)
+    summary = state.get("summary") if isinstance(state.get("summary"), dict) else run.read_summary()
+    return ExportSource(run.path, student_dir, config, summary, checkpoint_step)
 
 
 def _saved_steps_hint(run_dir: Path) -> str:
@@ -170,13 +172,16 @@ def tolerance(dtype: str, reference_scale: float) -> float:
 
 def export(path: Path, out: Path, format_: str | None = None, dtype: str | None = None, step: int | None = None,
            verify: bool = True, overwrite: bool = False, max_shard_size: str | None = None,
-           console: Console | None = None) -> ExportResult:
-    """Export a run's student (or a checkpoint's) to `out` as a merged checkpoint or an adapter."""
+           trust_remote_code: bool = False, console: Console | None = None) -> ExportResult:
+    """Export a run's student (or a checkpoint's) to `out` as a merged checkpoint or an adapter;
+    `trust_remote_code` lets the student's repository run its own code even when the run did not."""
     console = console or Console()
     format_ = format_ or "merged"
     if format_ not in FORMATS:
         raise TropdError(f"--format must be merged or adapter, got '{format_}'")
     source = find_source(Path(path), step)
+    if trust_remote_code:
+        source.config.student.trust_remote_code = True
     dtype = dtype or RUN_DTYPES[source.config.student.dtype]
     if dtype not in EXPORT_DTYPES:
         raise TropdError(f"--dtype must be bf16, fp16 or fp32, got '{dtype}'")
@@ -189,26 +194,29 @@ def export(path: Path, out: Path, format_: str | None = None, dtype: str | None 
     if source.is_adapter and not (source.student_dir / "adapter_model.safetensors").is_file():
         raise TropdError(f"adapter folder '{source.student_dir}' has no adapter_model.safetensors")
     out = Path(out)
-    _check_target(out, source, overwrite)
     provenance = describe(source, format_, dtype)
     result = ExportResult(out, format_, dtype, 0, provenance)
 
     def fill(folder: Path) -> None:
         result.verification = _write_and_verify(source, folder, format_, dtype, verify, max_shard_size, console)
         record = {**provenance, "verification": asdict(result.verification) if result.verification else None}
-        atomic_write_json(folder / "tropd_export.json", record)
-        atomic_write_text(folder / "tropd_config.yaml", (source.run_dir / "config.yaml").read_text())
-        atomic_write_text(folder / "README.md", model_card(record))
+        with writing(f"the export to {folder}"):
+            atomic_write_json(folder / "tropd_export.json", record)
+            atomic_write_text(folder / "tropd_config.yaml", RunFolder(source.run_dir).config.read_text())
+            atomic_write_text(folder / "README.md", model_card(record))
 
-    atomic_folder(out, fill)
+    with OwnedFolder(out, "export") as target:
+        _check_target(target, source, overwrite)
+        with writing(f"the export {out}"):
+            target.replace(fill)
     result.size_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print_export(console, result)
     return result
 
 
-def _check_target(out: Path, source: ExportSource, overwrite: bool) -> None:
+def _check_target(output: OwnedFolder, source: ExportSource, overwrite: bool) -> None:
     """Refuse a target that is a file, non-empty without --overwrite, or holds what is being exported."""
-    check_output_dir(out, overwrite)
+    out = output.target
     target = out.resolve()
     inputs = [("the run folder", source.run_dir)]
     base = Path(resolve_model_path(source.config.student.model))
@@ -218,6 +226,7 @@ def _check_target(out: Path, source: ExportSource, overwrite: bool) -> None:
         folder = folder.resolve()
         if target == folder or target in folder.parents:
             raise TropdError(f"--out {out} would replace {what} it exports from; choose another --out")
+    output.claim(overwrite)
 
 
 def describe(source: ExportSource, format_: str, dtype: str) -> dict:
@@ -239,7 +248,7 @@ def describe(source: ExportSource, format_: str, dtype: str) -> dict:
         if "student_accuracy_after" in summary:
             evaluation["student_accuracy"] = summary["student_accuracy_after"]
     else:
-        at_step = _eval_at_step(source.run_dir / "metrics.jsonl", source.checkpoint_step)
+        at_step = _eval_at_step(RunFolder(source.run_dir).metrics, source.checkpoint_step)
         if at_step is not None:
             evaluation["student_accuracy"] = at_step
     return {
@@ -330,7 +339,8 @@ def _write_and_verify(source: ExportSource, folder: Path, format_: str, dtype: s
         with console.status(f"saving {dtype} weights"):
             _save_merged(model, folder, EXPORT_DTYPES[dtype], eos_ids, tokenizer.pad_token_id, max_shard_size)
             del model
-    tokenizer.save_pretrained(folder)
+    with writing(f"the tokenizer to {folder}"):
+        tokenizer.save_pretrained(folder)
     if not verify:
         return None
     with console.status("verifying the export against the run's model"):
@@ -369,9 +379,11 @@ def _run_model(source: ExportSource, quantized: bool = False) -> torch.nn.Module
 def _write_adapter(source: ExportSource, folder: Path, dtype: torch.dtype) -> None:
     """The run's peft adapter with its tensors cast to `dtype`; adapter_config.json as the run wrote it."""
     tensors = load_file(str(source.student_dir / "adapter_model.safetensors"))
-    save_file({name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(source.student_dir / "adapter_config.json", folder / "adapter_config.json")
+    with writing(f"the adapter to {folder}"):
+        save_file({name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                   for name, tensor in tensors.items()}, str(folder / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        shutil.copyfile(source.student_dir / "adapter_config.json", folder / "adapter_config.json")
 
 
 def _save_merged(model: torch.nn.Module, folder: Path, dtype: torch.dtype, eos_ids: list[int], pad_id: int | None,
@@ -382,7 +394,8 @@ def _save_merged(model: torch.nn.Module, folder: Path, dtype: torch.dtype, eos_i
     generation.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     if pad_id is not None:
         generation.pad_token_id = pad_id
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    with writing(f"the merged model to {folder}"):
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
 
 
 def verify_texts(source: ExportSource) -> list[str]:

@@ -51,6 +51,47 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(spec: str) -> None:
+    """Refuse a local model folder whose weights are pickle files only (tropd never unpickles weights), saying
+    how to convert it. Hub ids and folders with safetensors pass (a hub repository without safetensors fails
+    when loading, with the same advice)."""
+    path = Path(resolve_model_path(spec))
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise TropdError(f"model '{spec}' has pickle weights only ({', '.join(pickles[:3])}); tropd loads "
+                         f"safetensors only. {_convert_hint(str(path))}")
+
+
+def _convert_hint(path: str) -> str:
+    return (f"If you trust the files, convert them once with: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{path}', use_safetensors=False)"
+            f".save_pretrained('{path.rstrip('/')}-safetensors')\" and use that folder")
+
+
+def _load_error(what: str, spec: str, error: BaseException) -> TropdError:
+    """One line for a loading failure, with what to do for custom code and missing safetensors."""
+    text = first_line(error)
+    if "trust_remote_code" in str(error):
+        return TropdError(f"{what} '{spec}' needs its repository's own Python code (a custom architecture); if you "
+                          f"trust it, pass --trust-remote-code (or set trust_remote_code: true in the model's "
+                          f"section)")
+    if "safetensors" in text and ("no file named" in text or "does not appear to have" in text):
+        return TropdError(f"cannot load {what} '{spec}': it has no safetensors weights and tropd never reads "
+                          f"pickle weights. {_convert_hint(spec)}")
+    return TropdError(f"cannot load {what} '{spec}': {text}")
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last components of a model's linear module names (what LoRA target_modules can name)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)})
+
+
 def pick_device(name: str) -> torch.device:
     """`auto`: CUDA when present, else CPU; `cuda` without a GPU is a user error."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -66,7 +107,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise TropdError(f"cannot load the tokenizer of '{spec}': {first_line(error)}") from None
+        raise _load_error("the tokenizer of", spec, error) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -91,6 +132,7 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
     a saved peft adapter folder merged into the weights when `merge_adapter` is given. Weights are read
     from safetensors only; the repository's own code runs only with `trust_remote_code`."""
     path = resolve_model_path(spec)
+    check_safetensors(spec)
     kwargs: dict = {"dtype": DTYPES[dtype], "use_safetensors": True, "trust_remote_code": trust_remote_code}
     device = torch.device(device)
     if quantization in ("4bit", "8bit"):
@@ -107,7 +149,7 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:
-        raise TropdError(f"cannot load model '{spec}': {first_line(error)}") from None
+        raise _load_error("model", spec, error) from None
     disable_cpu_weight_repacking(model)
     if quantization == "none":
         model.to(device)
@@ -118,10 +160,15 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
 
         if quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = get_peft_model(model, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM",
-        ))
+        try:
+            model = get_peft_model(model, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=lora.target_modules, task_type="CAUSAL_LM",
+            ))
+        except ValueError as error:
+            raise TropdError(f"student.lora.target_modules {lora.target_modules!r} does not fit '{spec}' "
+                             f"({first_line(error)}); its linear modules are: "
+                             f"{', '.join(linear_module_names(model))} (or use all-linear)") from None
     if not trainable:
         model.requires_grad_(False)
         model.eval()
@@ -144,7 +191,7 @@ def load_model_config(spec: str, trust_remote_code: bool = False) -> PretrainedC
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise TropdError(f"cannot load the config of model '{spec}': {first_line(error)}") from None
+        raise _load_error("the config of model", spec, error) from None
 
 
 def empty_model(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:

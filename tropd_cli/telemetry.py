@@ -13,6 +13,7 @@ from typing import Protocol
 from tropd_cli.config import RunConfig
 from tropd_cli.errors import TropdError
 from tropd_cli.files import atomic_write_text
+from tropd_cli.runfolder import RunFolder, RunSummary
 
 
 class Sink(Protocol):
@@ -79,15 +80,15 @@ class WandbSink:
         self.run.finish()
 
 
-def open_sinks(config: RunConfig, run_dir: Path, start_step: int, summary: dict) -> list[Sink]:
+def open_sinks(config: RunConfig, run: RunFolder, start_step: int, summary: RunSummary) -> list[Sink]:
     """metrics.jsonl plus the configured sinks; a W&B run id is kept in `summary` for resuming."""
-    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    sinks: list[Sink] = [JsonlSink(run.metrics)]
     try:
         if "tensorboard" in config.output.log_to:
-            sinks.append(TensorBoardSink(run_dir / "tensorboard", start_step))
+            sinks.append(TensorBoardSink(run.tensorboard, start_step))
         if "wandb" in config.output.log_to:
-            sink = WandbSink(config, run_dir, summary.get("wandb_run_id"))
-            summary["wandb_run_id"] = sink.run_id
+            sink = WandbSink(config, run.path, summary.wandb_run_id)
+            summary.wandb_run_id = sink.run_id
             sinks.append(sink)
     except BaseException:
         close_sinks(sinks)

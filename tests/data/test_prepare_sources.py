@@ -248,7 +248,10 @@ def test_preparing_twice_is_byte_identical(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     for out in (first, second):
         assert run(FIXTURES / "folder", out, sets=("data.eval_fraction=0.34",)) == 0
-    assert sorted(p.name for p in first.iterdir()) == ["eval.jsonl", "manifest.json", "train.jsonl"]
+    assert sorted(p.name for p in first.iterdir()) == [".tropd.json", ".tropd.lock", "eval.jsonl", "manifest.json",
+                                                      "train.jsonl"]
+    first_files = {p.name: p.read_bytes() for p in first.iterdir() if not p.name.startswith(".")}
+    assert first_files == {p.name: p.read_bytes() for p in second.iterdir() if not p.name.startswith(".")}
     for name in ("eval.jsonl", "manifest.json", "train.jsonl"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     before = (first / "manifest.json").read_bytes()

@@ -18,6 +18,7 @@ from tropd_cli.distill import distill
 from tropd_cli.engine.guidance import InRunTeacherResponses
 from tropd_cli.engine.rollout import HFGenerateBackend
 from tropd_cli.errors import TropdError
+from tropd_cli.files import OWN_FILES
 from tropd_cli.models import load_tokenizer
 
 TINY = ["train.steps=2", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8", "eval.problems=0",
@@ -44,7 +45,9 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes but tropd's own marker and lock (which record when and by whom)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in OWN_FILES}
 
 
 def test_toylab_folder_holds_the_generator_stream(tmp_path):

@@ -41,7 +41,7 @@ def test_two_toy_models_side_by_side_match_toy_accuracy(tmp_path, capsys):
     assert samples[0]["prompt"] == problems[0].prompt and samples[0]["answer"] == str(problems[0].answer)
     markdown = (out / "report.md").read_text()
     assert "| toylab | greedy | 100.0 ± 0.0 |" in markdown
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".tropd.json", ".tropd.lock"]
 
 
 @pytest.mark.parametrize(("benchmark", "fixture", "graders"), [

@@ -43,7 +43,7 @@ from tropd_cli.data.rows import (
     tokenizer_fingerprint,
 )
 from tropd_cli.errors import TropdError
-from tropd_cli.files import atomic_folder, atomic_write_text, check_output_dir
+from tropd_cli.files import OwnedFolder, atomic_write_text, check_output_path, writing
 from tropd_cli.models import load_tokenizer
 
 # The toy lab, offered as a data source (data.prompts / --data toylab):
@@ -87,22 +87,32 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
         raise TropdError("pass --out DIR for the prepared folder (or --dry-run to only look)")
     out = request.out
     if out is not None:
-        check_output_dir(out, overwrite=True)  # a file in the way fails before any work; emptiness below
+        check_output_path(out)  # a file in the way fails before any work; emptiness below
     prepared = build(config, request)
     counts_table(console, prepared.manifest)
     if request.dry_run:
         dry_run_report(console, config, request, prepared)
         return prepared
     assert out is not None
+    with OwnedFolder(out, "prepare") as output:
+        _write(config, request, prepared, output, preset, console)
+    return prepared
+
+
+def _write(config: RunConfig, request: PrepareRequest, prepared: PreparedData, output: OwnedFolder, preset: str,
+           console: Console) -> None:
+    """Keep the same prompts or write them whole, then the teacher drafts, holding the folder's lock."""
+    out = output.target
     existing = _existing_manifest(out)
     manifest = prepared.manifest
     if existing is not None and not request.overwrite and _without_drafts(existing) == manifest:
+        output.lock_in_place()
         say(console, f"{out} already holds these prompts (fingerprint {manifest['fingerprint'][:16]}); keeping them")
         if existing.get("drafts") is not None:
             manifest["drafts"] = existing["drafts"]
     else:
-        check_output_dir(out, request.overwrite)
-        _write_folder(out, prepared)
+        output.claim(request.overwrite)
+        output.replace(lambda folder: _fill_folder(folder, prepared))
     if request.teacher_drafts:
         wanted = draft_settings(config, len(prepared.train))
         _check_drafts_resumable(out, manifest.get("drafts"), wanted)
@@ -114,7 +124,6 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
     say(console, f"prepared folder: {out}  ({len(prepared.train)} train, {len(prepared.eval)} eval, fingerprint "
                  f"{manifest['fingerprint'][:16]})")
     say(console, f"use it with: tropd distill --preset {preset} --set data.prompts={out}")
-    return prepared
 
 
 def build(config: RunConfig, request: PrepareRequest) -> PreparedData:
@@ -319,12 +328,9 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(out / MANIFEST, manifest_text(manifest))
 
 
-def _write_folder(out: Path, prepared: PreparedData) -> None:
-    """The prompts and manifest, swapped in at once in place of whatever `out` held."""
-
-    def fill(folder: Path) -> None:
+def _fill_folder(folder: Path, prepared: PreparedData) -> None:
+    """The prompts and manifest, written into the new folder that replaces `out` whole."""
+    with writing(f"the prepared folder {folder}"):
         for name, text in prepared.files.items():
             (folder / name).write_text(text, encoding="utf-8")
         (folder / MANIFEST).write_text(manifest_text(prepared.manifest), encoding="utf-8")
-
-    atomic_folder(out, fill)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tropd_cli.errors import TropdError
 from tropd_cli.models import TOYLAB_PREFIX
+from tropd_cli.runfolder import RunFolder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
@@ -34,8 +35,9 @@ def resolve_model_source(spec: str) -> ModelSource:
             raise TropdError(f"model folder '{spec}' does not exist")
         return ModelSource(spec, spec, spec)
     folder = Path(spec)
-    if not _has_weights(folder) and _has_weights(folder / "student"):
-        folder = folder / "student"  # a tropd run folder
+    run = RunFolder(folder)
+    if not _has_weights(folder) and _has_weights(run.student):
+        folder = run.student  # a tropd run folder
     adapter_config = folder / "adapter_config.json"
     if adapter_config.is_file():
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")

@@ -10,7 +10,7 @@ match the manifest's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from rich.console import Console
@@ -36,7 +36,7 @@ from tropd_cli.evaluation.metrics import summarise
 from tropd_cli.evaluation.registry import EvalProblem, ProblemSet, get_benchmark, load_problems
 from tropd_cli.evaluation.report import EvalReport, print_table, write_report
 from tropd_cli.evaluation.settings import EvalSettings
-from tropd_cli.files import prepare_output_dir
+from tropd_cli.files import OwnedFolder, writing
 from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
 
 
@@ -67,14 +67,29 @@ class BenchmarkRun:
     samples: list[dict] = field(default_factory=list)
 
 
-def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalReport:
-    """Evaluate `settings.models` on `settings.benchmarks`, write the report folder and print the table."""
+def evaluate(settings: EvalSettings, console: Console | None = None, trust_remote_code: bool = False) -> EvalReport:
+    """Evaluate `settings.models` on `settings.benchmarks`, write the report folder and print the table.
+
+    The folder is written whole at the end (a failure leaves no folder behind); `overwrite` replaces only a
+    folder tropd wrote, which stays locked against other writers while the evaluation runs.
+    """
     console = console or Console()
+    with OwnedFolder(settings.out, "evaluate") as output:
+        output.claim(bool(settings.overwrite))
+        report = _evaluate(settings, console, trust_remote_code)
+        with writing(f"the report to {settings.out}"):
+            output.replace(lambda folder: write_report(report, replace(settings, out=folder)))
+    print_table(console, report)
+    console.print(f"report: {settings.out / 'report.json'}  samples: {settings.out / 'samples.jsonl'}")
+    return report
+
+
+def _evaluate(settings: EvalSettings, console: Console, trust_remote_code: bool) -> EvalReport:
     benchmarks = [get_benchmark(name) for name in settings.benchmarks]
     problem_sets = [load_problems(b, settings.data, settings.seed, settings.limit) for b in benchmarks]
     sources = [resolve_model_source(spec) for spec in settings.models]
-    tokenizers = [load_tokenizer(source.tokenizer) for source in sources]  # every tokenizer error before any work
-    prepare_output_dir(settings.out, settings.overwrite)
+    tokenizers = [load_tokenizer(source.tokenizer, trust_remote_code)  # every tokenizer error before any work
+                  for source in sources]
     device = pick_device(settings.device)
     report = EvalReport.start(settings, sources, problem_sets)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -82,7 +97,8 @@ def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalRepo
                         console=console)
     with progress:
         for label, source, tokenizer in zip(settings.labels, sources, tokenizers):
-            model = load_causal_lm(source.model, settings.dtype, device, trainable=False, merge_adapter=source.adapter)
+            model = load_causal_lm(source.model, settings.dtype, device, trainable=False, merge_adapter=source.adapter,
+                                   trust_remote_code=trust_remote_code)
             stop_ids = stop_token_ids(source.model, tokenizer)
             for problem_set in problem_sets:
                 run = run_benchmark(model, tokenizer, problem_set, settings, progress, label, stop_ids)
@@ -90,9 +106,6 @@ def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalRepo
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    write_report(report, settings)
-    print_table(console, report)
-    console.print(f"report: {settings.out / 'report.json'}  samples: {settings.out / 'samples.jsonl'}")
     return report
 
 

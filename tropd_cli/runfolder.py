@@ -1,0 +1,121 @@
+"""The run folder's layout and its summary: the one place that knows where a run keeps what.
+
+    RUN/config.yaml      the resolved configuration (`distill --resume` reads it back)
+    RUN/summary.json     how the run stands: `RunSummary`, rewritten at start, at each stop and at the end
+    RUN/metrics.jsonl    one line per step
+    RUN/checkpoints/     step-NNNNNN/ folders (see `checkpoints.py`)
+    RUN/student/         the final student (save_pretrained format)
+    RUN/tensorboard/     event files when output.log_to has tensorboard
+    RUN/.tropd.json      the marker of a folder tropd owns; .tropd.lock and .tropd.lock.json: its writer
+
+`summary.json` always tells the truth: `status` is running while a process trains, then finished, failed
+(with `error`, the one line the command printed) or interrupted, and `steps_done` counts the steps whose
+metrics were logged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from tropd_cli.files import LOCK, LOCK_INFO, MARKER, atomic_write_json
+
+Status = Literal["running", "finished", "failed", "interrupted"]
+
+
+@dataclass
+class RunSummary:
+    """summary.json as a typed record; accuracies are fractions of the held-out problems."""
+
+    preset: str
+    objective: str
+    seed: int
+    steps: int  # train.steps: the steps planned
+    student_base_model: str
+    student_format: Literal["full", "adapter"]
+    status: Status = "running"
+    steps_done: int = 0
+    config_sha256: str | None = None  # of the resolved configuration (see `checkpoints.config_sha256`)
+    error: str | None = None  # the failure's one line, when status is failed
+    teacher_accuracy: float | None = None
+    student_accuracy_before: float | None = None
+    student_accuracy_after: float | None = None
+    train_seconds: float = 0.0
+    student_path: str | None = None
+    resumed_from: list[int] = field(default_factory=list)
+    wandb_run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of summary.json: unset optional fields are left out."""
+        data = {key: value for key, value in asdict(self).items()
+                if key != "extra" and value is not None and not (key == "resumed_from" and not value)}
+        return {**data, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSummary:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{key: value for key, value in data.items() if key in known},
+                   extra={key: value for key, value in data.items() if key not in known})
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths inside one run folder."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def student(self) -> Path:
+        return self.path / "student"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK
+
+    @property
+    def lock_info(self) -> Path:
+        return self.path / LOCK_INFO
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def read_summary(self) -> dict[str, Any]:
+        """summary.json as written, or {} when it is missing or unreadable."""
+        try:
+            data = json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic_write_json(self.summary, summary.to_json())
