@@ -20,7 +20,6 @@ TOYLAB_IMPORTERS = {
     "tropd_cli.data.prepare": "the toy lab as a data source of `tropd prepare --data toylab`",
     "tropd_cli.preflight.memory": "the toy prompt probe: the longest of a sample of toy prompts, for the estimate",
     "tropd_cli.distill": "the toy lab's held-out accuracy during a run (toy_accuracy, sample_problems), for now",
-    "tropd_cli.export": "chat_prompt_ids through toylab.accuracy (its home is data/chat.py), for now",
 }
 
 

@@ -7,6 +7,7 @@ limit a process (SIGKILL, RLIMIT_FSIZE, a second process) run `python -m tropd_c
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,7 +252,7 @@ def test_a_file_size_limit_during_an_export_is_one_line_and_leaves_nothing(finis
 def test_an_infinite_learning_rate_is_refused_before_anything_is_written(random_pair_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(distill_argv(random_pair_dir, out, 1, "train.lr=inf")) == 2
-    assert error_line(capsys) == "error: invalid value for train.lr: inf (a finite number is required)"
+    assert error_line(capsys) == "error: invalid value for train.lr: 'inf' (input should be a finite number)"
     assert not out.exists()
 
 
@@ -379,6 +380,20 @@ def test_pickle_only_weights_are_refused_with_how_to_convert(random_pair_dir, tm
         assert "has pickle weights only (pytorch_model.bin); tropd loads safetensors only" in message
         assert "use_safetensors=False).save_pretrained(" in message and "\n" not in message
     check_safetensors(str(random_pair_dir / "student"))
+
+
+def test_doctor_refuses_pickle_only_weights_as_distill_does(random_pair_dir, tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    shutil.copytree(random_pair_dir / "student", folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    code = cli.main(["doctor", "--preset", "toylab", "--set", f"teacher.model={random_pair_dir / 'teacher'}",
+                     "--set", f"student.model={folder}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "ready to distill" not in err
+    assert err.startswith(f"error: student model '{folder}' has pickle weights only (pytorch_model.bin)")
+    assert len(err.splitlines()) == 1
 
 
 def test_custom_code_names_trust_remote_code(random_pair_dir, tmp_path):

@@ -49,7 +49,7 @@ from tropd_cli.checkpoints import (
 from tropd_cli.config import RunConfig, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.precision import autocast_dtype
-from tropd_cli.engine.rollout import HFGenerateBackend
+from tropd_cli.engine.rollout import make_rollout_backend
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError, first_line
 from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
@@ -293,10 +293,10 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
     teacher, student = load_models(config, device, folder)
     mixed = autocast_dtype(config.train.autocast, device)
-    backend = HFGenerateBackend(student, tokenizer.pad_token_id, preflight.stop_ids, config.rollout.batch_size,
-                                autocast=mixed)
-    teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, preflight.stop_ids,
-                                        config.rollout.batch_size, autocast=mixed)
+    backend = make_rollout_backend(config.rollout.backend, student, tokenizer.pad_token_id, preflight.stop_ids,
+                                   config.rollout.batch_size, autocast=mixed)
+    teacher_backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id, preflight.stop_ids,
+                                           config.rollout.batch_size, autocast=mixed)
     start_step = trainer_state["step"] if trainer_state is not None else 0
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
                       prompt_batches(config, tokenizer, start_step, preflight.prepared),

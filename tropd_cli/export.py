@@ -31,11 +31,12 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from tropd_cli import __version__
 from tropd_cli.checkpoints import CHECKPOINTS, STEP_FOLDER, list_checkpoints, verify_checkpoint
 from tropd_cli.config import RunConfig, load_config_file
+from tropd_cli.data.chat import chat_prompt_ids
+from tropd_cli.engine.objectives import get_objective
 from tropd_cli.errors import TropdError
 from tropd_cli.files import OwnedFolder, atomic_write_json, atomic_write_text, writing
 from tropd_cli.models import DTYPES, load_adapter, load_causal_lm, load_tokenizer, resolve_model_path, stop_token_ids
 from tropd_cli.runfolder import RunFolder
-from tropd_cli.toylab.accuracy import chat_prompt_ids
 
 FORMATS = ("merged", "adapter")
 RUN_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # student.dtype -> --dtype
@@ -49,16 +50,6 @@ ROUNDING_FACTOR = 32
 VERIFY_PROMPTS = ("What is 17 * 24? Think step by step.", "If 3x + 5 = 20, what is x?",
                   "Name three prime numbers greater than 10.")
 VERIFY_MAX_NEW_TOKENS = 64
-# Options that change what each objective computes (the whole section is in tropd_export.json).
-OBJECTIVE_OPTIONS = {
-    "tropd": ("trust", "outlier", "top_k", "clip_lambda", "guidance", "guidance_beta"),
-    "opd": (), "sft": (), "seqkd": (),
-    "eopd": ("eopd_top_k", "eopd_entropy_min"),
-    "reopold": ("clip_lambda", "reopold_beta", "reopold_switch_step"),
-    "entropy_opd": ("entropy_top_fraction",),
-    "gkd": ("gkd_beta", "gkd_lambda"),
-    "fkl_topk": ("top_k",),
-}
 
 
 @dataclass
@@ -233,7 +224,7 @@ def describe(source: ExportSource, format_: str, dtype: str) -> dict:
     """The facts a model card records: teacher, student base, objective, steps, data, evaluation."""
     config, summary = source.config, source.summary
     objective = config.objective
-    options = OBJECTIVE_OPTIONS.get(objective.name, tuple(type(objective).model_fields))
+    options = get_objective(objective.name).options  # what changes what it computes; the whole section is kept too
     if not objective.guidance:
         options = tuple(name for name in options if name != "guidance_beta")
     student = config.student

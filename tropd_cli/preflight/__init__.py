@@ -56,6 +56,7 @@ from tropd_cli.preflight.pairs import (
     thinking_check,
     tokenizer_checks,
     vocabulary_check,
+    weights_check,
 )
 
 __all__ = [
@@ -64,7 +65,7 @@ __all__ = [
     "longest_prompt", "longest_prompt_of", "lora_parameters", "memory_check", "memory_table", "objective_check",
     "prompts_check",
     "run_preflight", "special_token_check", "teacher_samples", "thinking_check", "tokenizer_checks",
-    "vocabulary_check", "weight_bytes",
+    "vocabulary_check", "weight_bytes", "weights_check",
 ]
 
 
@@ -90,7 +91,8 @@ def run_preflight(config: RunConfig) -> Preflight:
                     for section in (config.teacher, config.student))
     checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs, config.teacher.allow_template_mismatch)
     prompts, prepared = prompts_check(config, student_tokenizer)
-    checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts, objective_check(config, configs)]
+    checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts, objective_check(config, configs),
+               weights_check(config)]
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))

@@ -25,6 +25,7 @@ from tropd_cli.data.prepared import PreparedFolder
 from tropd_cli.data.rows import template_reads_thinking
 from tropd_cli.engine.objectives import get_objective
 from tropd_cli.errors import TropdError
+from tropd_cli.models import check_safetensors
 
 
 @dataclass
@@ -160,3 +161,14 @@ def objective_check(config: RunConfig, configs: tuple[PretrainedConfig, Pretrain
         return Check("objective", spec.name, error=f"objective.{spec.top_k_option}={top_k} is larger than the "
                      f"vocabulary ({rows} tokens)")
     return Check("objective", f"{spec.name}, teacher top-{top_k}")
+
+
+def weights_check(config: RunConfig) -> Check:
+    """Both models must have safetensors weights: tropd never unpickles weights (a pickle-only folder is
+    refused here, with how to convert it, as distill's loader would refuse it)."""
+    for role, section in (("teacher", config.teacher), ("student", config.student)):
+        try:
+            check_safetensors(section.model)
+        except TropdError as error:
+            return Check("weights", "pickle only", error=f"{role} {error}")
+    return Check("weights", "safetensors")
