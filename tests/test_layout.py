@@ -118,10 +118,15 @@ OBJECTIVES = "tropd_cli.engine.objectives"
 
 
 def objective_name_comparisons(path: Path, names: set[str]) -> list[str]:
-    """`x == "opd"`, `x in ("gkd", "seqkd")` and the like: comparisons with an objective's name."""
+    """`objective.name == "opd"`, `name in ("gkd", "seqkd")` and the like: comparisons of a name with an
+    objective's name (a literal "tropd" compared with anything else is the tool's name)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if not isinstance(node, ast.Compare):
+            continue
+        others = [ast.unparse(operand) for operand in [node.left, *node.comparators]
+                  if not isinstance(operand, (ast.Constant, ast.Tuple, ast.List, ast.Set))]
+        if not any("name" in other or "objective" in other for other in others):
             continue
         literals = [element for operand in [node.left, *node.comparators]
                     for element in (operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand])
@@ -141,6 +146,6 @@ def test_only_the_objective_registry_compares_objective_names():
 
 def test_a_comparison_with_an_objective_name_is_seen(tmp_path):
     path = tmp_path / "probe.py"
-    path.write_text('if config.objective.name in ("gkd", "seqkd") or name == "opd":\n    pass\n')
+    path.write_text('if config.objective.name in ("gkd", "seqkd") or name == "opd" or tool == "tropd":\n    pass\n')
     assert objective_name_comparisons(path, {"gkd", "seqkd", "opd"}) == [
         "probe.py:1 compares with 'gkd'", "probe.py:1 compares with 'seqkd'", "probe.py:1 compares with 'opd'"]

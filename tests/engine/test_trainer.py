@@ -210,7 +210,8 @@ def test_distill_stops_with_one_line_on_a_non_finite_loss(tmp_path, monkeypatch,
     settings = [a for s in [*TINY, "output.save_model=false"] for a in ("--set", s)]
     assert cli.main(["distill", "--preset", "toylab", "--out", str(tmp_path / "run"), *settings]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: non-finite loss or gradient at step 1") and len(err.splitlines()) == 1
+    assert err.startswith("error: training diverged at step 1: loss is nan; the run stopped; lower train.lr")
+    assert len(err.splitlines()) == 1
     assert not (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
