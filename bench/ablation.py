@@ -39,7 +39,7 @@ import yaml  # noqa: E402
 from ablation_report import write_report  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from tropd_cli.config import RunConfig, apply_override, load_config, preset_path  # noqa: E402
+from tropd_cli.config import RunConfig, apply_override, dotted, load_config, preset_path  # noqa: E402
 from tropd_cli.distill import distill  # noqa: E402
 from tropd_cli.errors import Interrupted, TropdError  # noqa: E402
 from tropd_cli.files import atomic_folder, atomic_write_json  # noqa: E402
@@ -300,7 +300,7 @@ def reusable_summary(run_dir: Path, overrides: list[str]) -> dict | None:
     summary = json.loads(summary_path.read_text())
     if summary.get("status") not in ("finished", "failed"):
         return None
-    stored = _flatten(yaml.safe_load(config_path.read_text()) or {})
+    stored = dotted(yaml.safe_load(config_path.read_text()) or {})
     if any(stored.get(key, _MISSING) != value for key, value in chosen_settings(overrides).items()):
         return None
     return summary
@@ -314,17 +314,7 @@ def chosen_settings(overrides: list[str]) -> dict[str, object]:
     raw = yaml.safe_load(preset_path(PRESET).read_text()) or {}
     for override in overrides:
         apply_override(raw, override)
-    return _flatten(raw)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return dotted(raw)
 
 
 def execute(config: RunConfig, run_dir: Path) -> dict:

@@ -358,6 +358,17 @@ def _fields_at(dotted: str) -> list[str]:
     return list(model.model_fields)
 
 
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested configuration mapping as {"section.key": value} (a raw file's, or a model_dump's)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def to_yaml(config: RunConfig) -> str:
     """The fully resolved configuration as YAML, sections in schema order."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -46,7 +46,7 @@ from tropd_cli.checkpoints import (
     save_checkpoint,
     save_student,
 )
-from tropd_cli.config import RunConfig, load_config_file, to_yaml
+from tropd_cli.config import RunConfig, dotted, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.rollout import make_rollout_backend
@@ -191,23 +191,13 @@ def _check_unchanged(run_dir: Path, recorded: dict | None, resolved: dict) -> No
     """Only RESUMABLE_KEYS may differ from the configuration the checkpoint was trained with."""
     if not isinstance(recorded, dict) or config_sha256(recorded) == config_sha256(resolved):
         return
-    before, after = _flatten(recorded), _flatten(resolved)
+    before, after = dotted(recorded), dotted(resolved)
     changed = [key for key in sorted(before.keys() | after.keys())
                if before.get(key) != after.get(key) and key not in RESUMABLE_KEYS]
     if changed:
         shown = ", ".join(f"{key} ({_short(before.get(key))} -> {_short(after.get(key))})" for key in changed)
         raise TropdError(f"cannot resume {run_dir}: {shown} differ from the run's configuration; --resume may "
                          f"change only {', '.join(RESUMABLE_KEYS)}; start a new run for the rest")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _short(value: object) -> str:
