@@ -61,7 +61,7 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
                       "string as an integer)"),
     ("rollout.n=0", "invalid value for rollout.n: 0 (input should be greater than or equal to 1)"),
     ("objective.name=ppo", "invalid value for objective.name: 'ppo' (input should be one of: tropd, entropy_opd, "
-                           "eopd, fkl_topk, gkd, opd, reopold, seqkd, sft)"),
+                           "eopd, fkl_topk, gkd, jsd_onpolicy, opd, reopold, seqkd, sft)"),
     ("objective.outlier=drop", "invalid value for objective.outlier: 'drop' (input should be 'fkl', 'fkl_grad', "
                                "'mask' or 'clip')"),
     ("train.steps", "--set expects section.key=value, got 'train.steps'"),

@@ -101,6 +101,7 @@ def test_doctor_on_the_toylab_preset_passes_and_prints_the_checks(capsys):
     for text in ("vocabulary", "1037 tokens, identical", "EOS token", "'<|im_end|>' (id 1)", "pad token",
                  "chat template", "identical (198 characters)", "memory", "rough peak memory on", "teacher weights",
                  "gradients + AdamW states", "rollout KV cache", "scoring logits", "total", "free",
+                 "objective", "tropd, teacher top-64", "weights", "safetensors", "sampling", "temperature 1, top_p 1",
                  "ready to distill"):
         assert text in out, text
 
@@ -178,3 +179,22 @@ def test_allowed_template_mismatch_is_a_warning(random_pair_dir, tmp_path, capsy
 
     check = next(c for c in run_preflight(load_config("toylab", args[1::2])).checks if c.name == "chat template")
     assert check.status == "warn" and check.warning == f"{message} (allowed by teacher.allow_template_mismatch)"
+
+
+@pytest.mark.parametrize(("settings", "warned"), [([], False), (["rollout.temperature=0.7"], True),
+                                                  (["rollout.top_p=0.95"], True)])
+def test_sampling_away_from_temperature_one_is_warned(settings, warned):
+    from tropd_cli.config import load_config
+    from tropd_cli.preflight import sampling_check
+
+    check = sampling_check(load_config("toylab", settings))
+    assert (check.status == "warn") == warned
+    if warned:
+        assert check.warning.startswith("rollouts are sampled at temperature")
+        assert "temperature-1 log-probs" in check.warning
+
+
+def test_top_k_larger_than_the_student_vocabulary_fails_before_any_model_loads(capsys):
+    assert cli.main(["doctor", "-p", "toylab", "--set", "objective.top_k=5000"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: objective.top_k=5000 is larger than the vocabulary "
+                                               "(1037 tokens)")

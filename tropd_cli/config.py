@@ -156,6 +156,14 @@ class ObjectiveConfig(Section):
                            "schedule over train.steps.")
     guidance_beta: float = Field(0.001, ge=0, description="tropd with guidance: beta of the imitation term "
                                  "beta * CE(pi_S, y[:l_i]) on the prefix tokens.")
+    fkl_form: Literal["grad", "advantage"] = Field(
+        "grad", description="fkl_topk: grad, the differentiable top-k forward KL; advantage, -A_t rho_t with "
+        "the detached top-k forward-KL advantage on every token (the form the paper's collapse fits).")
+    reopold_form: Literal["two_stage", "static_floor"] = Field(
+        "two_stage", description="reopold: two_stage (the floor mask, then student entropy from "
+        "reopold_switch_step); static_floor, the floored reward on every token (the paper's \"clip outliers\" row).")
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="jsd_onpolicy: weight of the K1 reverse-KL term; the "
+                            "top-k forward KL gets 1 - jsd_beta (0.5: the paper's JSD row).")
 
     @field_validator("name")
     @classmethod

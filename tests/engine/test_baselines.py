@@ -11,6 +11,8 @@ from tropd_cli.engine.objectives.entropy_opd import entropy_opd
 from tropd_cli.engine.objectives.eopd import eopd
 from tropd_cli.engine.objectives.fkl_topk import fkl_topk
 from tropd_cli.engine.objectives.gkd import generalized_jsd, gkd
+from tropd_cli.engine.objectives.jsd_onpolicy import jsd_onpolicy
+from tropd_cli.engine.objectives.opd import opd
 from tropd_cli.engine.objectives.reopold import reopold
 
 LOG = math.log
@@ -243,3 +245,51 @@ def test_fkl_topk_gradient_is_minus_q_on_every_token_whatever_the_sampling_polic
     loss, grad, topk_grad = loss_and_grads(fkl_topk(token_stats), token_stats)
     assert loss == pytest.approx(sum(FKL) / 3, abs=1e-12)
     assert topk_grad == pytest.approx([-Q[0] / 3, -Q[1] / 3] * 3, abs=1e-12)
+
+
+# A_t of the same tokens: the student's top-2 log-probs clamped at log 1e-8 (token 3's 1e-12).
+ADVANTAGE = [-0.5187311326384293, -0.5187311326384293, -12.411468025338113]
+
+
+def test_fkl_topk_advantage_form_is_the_detached_advantage_on_every_token():
+    token_stats = stats()
+    output = fkl_topk(token_stats, form="advantage")
+    loss, grad, topk_grad = loss_and_grads(output, token_stats)
+    assert loss == pytest.approx(-sum(ADVANTAGE) / 3, abs=1e-12)  # rho = 1 on the first update
+    assert grad == pytest.approx([-a / 3 for a in ADVANTAGE], abs=1e-12)
+    assert topk_grad == [0.0] * 6  # A_t carries no gradient
+    with pytest.raises(ValueError, match="unknown top-k forward KL form 'soft'"):
+        fkl_topk(stats(), form="soft")
+
+
+def test_the_advantage_uses_the_sampling_policys_top_k_on_a_later_update():
+    token_stats = stats()
+    token_stats.old_topk_logprobs = torch.tensor([[0.5, 0.25]] * 3, dtype=torch.float64).log()  # = q's ratio
+    loss, grad, _ = loss_and_grads(fkl_topk(token_stats, form="advantage"), token_stats)
+    # sbar = s (no old_logprobs): rho = 1; A_t = sum q (log p_old - log q) = log .75 on every token.
+    assert loss == pytest.approx(-LOG(0.75), abs=1e-12)
+    assert grad == pytest.approx([-LOG(0.75) / 3] * 3, abs=1e-12)
+
+
+def test_reopold_static_floor_floors_the_reward_on_every_token():
+    token_stats = stats()
+    output = reopold(token_stats, lam=0.2, static_floor=True)
+    loss, grad, _ = loss_and_grads(output, token_stats)
+    floored = [max(r, LOG(0.25)) for r in REWARD]  # c = log(.2 / .8)
+    assert loss == pytest.approx(-sum(floored) / 3, abs=1e-12) and output.normaliser == 3.0
+    assert grad == pytest.approx([-r / 3 for r in floored], abs=1e-12)
+    assert output.metrics["loss_token_fraction"] == (3.0, 3.0)
+
+
+def test_jsd_onpolicy_mixes_opd_and_the_top_k_forward_kl_and_reaches_both_ends():
+    token_stats = stats()
+    loss, grad, topk_grad = loss_and_grads(jsd_onpolicy(token_stats, beta=0.5), token_stats)
+    assert loss == pytest.approx(0.5 * -sum(REWARD) / 3 + 0.5 * sum(FKL) / 3, abs=1e-12)
+    assert grad == pytest.approx([-0.5 * r / 3 for r in REWARD], abs=1e-12)
+    assert topk_grad == pytest.approx([-0.5 * q / 3 for q in Q] * 3, abs=1e-12)
+    for beta, other in ((1.0, lambda s: opd(s)), (0.0, lambda s: fkl_topk(s))):
+        mixed, alone = stats(), stats()
+        got, expected = loss_and_grads(jsd_onpolicy(mixed, beta=beta), mixed), loss_and_grads(other(alone), alone)
+        assert got[0] == pytest.approx(expected[0], abs=1e-12)
+        for got_grad, expected_grad in zip(got[1:], expected[1:]):
+            assert got_grad == pytest.approx(expected_grad, abs=1e-12)

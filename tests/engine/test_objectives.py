@@ -283,7 +283,7 @@ def test_telemetry_names_and_values():
     means = {name: num / den for name, (num, den) in output.metrics.items()}
     assert means["reward_mean"] == pytest.approx(sum(REWARD) / 3, abs=1e-12)
     assert means["kl_k1"] == pytest.approx(-sum(REWARD) / 3, abs=1e-12)
-    assert means["fkl_topk"] == pytest.approx(-sum(ADVANTAGE) / 3, abs=1e-12)
+    assert means["fkl_topk"] == pytest.approx(sum(FKL) / 3, abs=1e-12)  # unclamped, like the losses
     assert means["teacher_entropy"] == pytest.approx(3.5 / 3) and means["student_entropy"] == pytest.approx(2.4 / 3)
     assert means["trust_fraction"] == pytest.approx(1 / 3) and means["outlier_fraction"] == pytest.approx(2 / 3)
     assert means["clip_fraction"] == 0.0 and means["loss_token_fraction"] == 1.0

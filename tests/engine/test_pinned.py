@@ -51,6 +51,10 @@ RUNS = {
     "gkd-off-policy": (["objective.name=gkd", "objective.gkd_lambda=0", "objective.gkd_beta=1"],
                        ["gkd_divergence", "on_policy"]),
     "fkl_topk": (["objective.name=fkl_topk"], ["fkl_topk"]),
+    "fkl_topk-advantage": (["objective.name=fkl_topk", "objective.fkl_form=advantage"], ["fkl_topk"]),
+    "jsd_onpolicy": (["objective.name=jsd_onpolicy"], ["fkl_topk", "kl_k1"]),
+    "reopold-static_floor": (["objective.name=reopold", "objective.reopold_form=static_floor"],
+                             ["loss_token_fraction", "reward_mean"]),
     # three steps: the middle one starts from half the teacher response
     "tropd-guidance": (["objective.guidance=true", "train.steps=3"], ["prefix_length", "prefix_loss", "prefix_ce"]),
     "sft": (["objective.name=sft"], ["response_length"]),
@@ -118,7 +122,24 @@ PINNED = {
     "fkl_topk": {
         "loss": [2.40763068, 1.13365431],
         "grad_norm": [5.89968348, 5.59932375],
-        "fkl_topk": [2.40750408, 1.1321744],
+        "fkl_topk": [2.40763068, 1.13365431],  # the metric is the unclamped top-k KL: equal to the loss
+    },
+    "fkl_topk-advantage": {
+        "loss": [2.40750408, 2.82619715],  # step 1: -mean A_t, the clamped top-k KL
+        "grad_norm": [4.73530197, 12.1560402],
+        "fkl_topk": [2.40763068, 2.8543067],
+    },
+    "jsd_onpolicy": {
+        "loss": [4.64338112, 2.10547409],  # step 1: (kl_k1 + fkl_topk) / 2
+        "grad_norm": [39.2102203, 32.3733025],
+        "fkl_topk": [2.40763068, 1.18331642],
+        "kl_k1": [6.87913084, 3.02763176],
+    },
+    "reopold-static_floor": {
+        "loss": [0.327113271, 0.147271287],
+        "grad_norm": [6.60531378, 10.4133396],
+        "loss_token_fraction": [1, 1],
+        "reward_mean": [-6.87913084, -4.13909225],
     },
     "tropd-guidance": {
         "loss": [-0.0730429292, 0.384944049, 6.19855626],

@@ -145,3 +145,28 @@ def test_the_student_scorer_module_gives_what_score_student_gives_with_the_same_
     assert torch.equal(through.logprobs, direct.logprobs) and torch.equal(through.topk_logprobs, direct.topk_logprobs)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected))
     assert [p for p in scorer.parameters()] == list(model.parameters())
+
+
+@pytest.mark.parametrize(("lora_dropout", "expected"), [
+    (0.0, [(True, True)] * 1),  # the first update's own forward gives sbar_t
+    (0.5, [(False, False), (True, True)]),  # an eval-mode pass without gradients first
+])
+def test_the_sampling_policy_is_scored_without_dropout(lora_dropout, expected, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    calls = []
+    real_forward = StudentScorer.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append((torch.is_grad_enabled(), self.training))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(StudentScorer, "forward", spy)
+    student = get_peft_model(new_toy_model("student", seed=2),
+                             LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=lora_dropout))
+    assert trainer.has_dropout(student) == (lora_dropout > 0)
+    config = RunConfig.model_validate({"objective": {"name": "opd"}, "rollout": {"n": 2, "prompts_per_step": 1}})
+    models = trainer.Models(new_toy_model("teacher", seed=1).eval(), student, 0, torch.device("cpu"))
+    trainer.Trainer(config, models, RecordingBackend(student), iter([[[2, 5, 6]]])).train_step()
+    assert calls == expected
+    assert student.training  # back in training mode for the updates

@@ -52,6 +52,17 @@ class Models:
     device: torch.device
 
 
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training-mode forward of `model` drops anything: a dropout module with p > 0 (LoRA's
+    included), or a dropout probability in its configuration (attention dropout is functional)."""
+    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    settings = config.get_text_config().to_dict() if config is not None else {}
+    return any(isinstance(value, float) and value > 0 and ("dropout" in key or key.endswith("pdrop"))
+               for key, value in settings.items())
+
+
 def check_wiring(config: RunConfig, spec: ObjectiveSpec, vocab_size: int, scorer: TeacherScorer,
                  has_teacher_backend: bool, has_teacher_responses: bool) -> None:
     """What the configuration cannot know: the sources the objective needs were given, its top-k fits the
@@ -142,6 +153,7 @@ class Trainer:
                 models.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student_chunk = chunk_positions(chunk, vocab_rows(models.student))
         self.scorer = self.strategy.wrap(StudentScorer(models.student, student_chunk))
+        self.dropout = has_dropout(models.student)
         self.trainable = [p for p in self.scorer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr,
                                            weight_decay=config.train.weight_decay, fused=True)
@@ -200,6 +212,8 @@ class Trainer:
         micro = micro_batches(rollouts, prefix_lengths, config.train.micro_batch_size, models.pad_token_id,
                               models.device)
         fraction = self.spec.selection_fraction(config.objective, self.step)
+        if fraction is not None or self.dropout:
+            self._score_sampling_policy(micro)
         threshold = self._entropy_threshold(micro, fraction) if fraction is not None else None
         metrics: Metrics = {}
         minimums: dict[str, float] = {}
@@ -253,16 +267,22 @@ class Trainer:
         return item.teacher
 
     @torch.no_grad()
-    def _entropy_threshold(self, micro: list[MicroBatch], fraction: float) -> float:
-        """Score the sampling policy without gradients; the batch-wide student-entropy threshold."""
-        entropies = []
-        self.scorer.train()
+    def _score_sampling_policy(self, micro: list[MicroBatch]) -> None:
+        """sbar_t, its top-k and the student's entropy of every micro-batch, without gradients, before the
+        first update: for a batch-wide entropy selection, and whenever the student has dropout, which must
+        not reach the sampling policy's log-probs (the trust test and rho_t). Without dropout the scoring
+        runs in training mode, so that these values equal those of the first update's own forward."""
+        self.scorer.train(not self.dropout)
         for item in micro:
             teacher = self._score_teacher(item)
             with self.autocast():
                 item.sampled = self.scorer(item.sequences, teacher.topk_ids)
-            entropies.append(item.sampled.entropy)
-        entropy = torch.cat(entropies)
+        self.scorer.train()
+
+    @staticmethod
+    def _entropy_threshold(micro: list[MicroBatch], fraction: float) -> float:
+        """The batch-wide student-entropy threshold over the sampling policy's entropies."""
+        entropy = torch.cat([item.sampled.entropy for item in micro])
         return entropy_threshold(entropy, torch.ones_like(entropy), fraction)
 
     def _accumulate(self, micro: list[MicroBatch], threshold: float | None, metrics: Metrics,
@@ -306,6 +326,7 @@ class Trainer:
                     mask=torch.ones_like(teacher.logprobs) if item.prefix_mask is None else 1 - item.prefix_mask,
                     teacher_topk_logprobs=teacher.topk_logprobs,
                     student_topk_logprobs=student.topk_logprobs, old_logprobs=item.sampled.logprobs,
+                    old_topk_logprobs=item.sampled.topk_logprobs,
                     teacher_entropy=teacher.entropy, student_entropy=item.sampled.entropy,
                     divergence=student.divergence,
                 )

@@ -52,6 +52,7 @@ from tropd_cli.preflight.pairs import (
     embedding_check,
     objective_check,
     prompts_check,
+    sampling_check,
     special_token_check,
     thinking_check,
     tokenizer_checks,
@@ -64,7 +65,7 @@ __all__ = [
     "checks_table", "doctor", "embedding_check", "estimate_memory", "free_memory", "gib", "kv_cache_bytes",
     "longest_prompt", "longest_prompt_of", "lora_parameters", "memory_check", "memory_table", "objective_check",
     "prompts_check",
-    "run_preflight", "special_token_check", "teacher_samples", "thinking_check", "tokenizer_checks",
+    "run_preflight", "sampling_check", "special_token_check", "teacher_samples", "thinking_check", "tokenizer_checks",
     "vocabulary_check", "weight_bytes", "weights_check",
 ]
 
@@ -92,7 +93,7 @@ def run_preflight(config: RunConfig) -> Preflight:
     checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs, config.teacher.allow_template_mismatch)
     prompts, prepared = prompts_check(config, student_tokenizer)
     checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts, objective_check(config, configs),
-               weights_check(config)]
+               weights_check(config), sampling_check(config)]
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))

@@ -172,3 +172,15 @@ def weights_check(config: RunConfig) -> Check:
         except TropdError as error:
             return Check("weights", "pickle only", error=f"{role} {error}")
     return Check("weights", "safetensors")
+
+
+def sampling_check(config: RunConfig) -> Check:
+    """Rollouts sampled at a temperature other than 1 or with top_p below 1 come from another policy than the
+    temperature-1 log-probs that the trust test, r_t and rho_t use: a warning, not an error."""
+    rollout = config.rollout
+    detail = f"temperature {rollout.temperature:g}, top_p {rollout.top_p:g}"
+    if rollout.temperature == 1 and rollout.top_p == 1:
+        return Check("sampling", detail)
+    return Check("sampling", detail, warning=(
+        f"rollouts are sampled at {detail}, but r_t, rho_t and the trust test use the student's and teacher's "
+        "temperature-1 log-probs (as in the paper); set rollout.temperature=1 and rollout.top_p=1 to match them"))

@@ -49,6 +49,7 @@ class TokenStats:
     teacher_topk_logprobs: torch.Tensor | None = None  # [..., k] log pi_T over the teacher's top-k ids
     student_topk_logprobs: torch.Tensor | None = None  # [..., k] log pi_S at the same ids, with gradient
     old_logprobs: torch.Tensor | None = None  # sbar_t from the sampling policy; None: s_t detached
+    old_topk_logprobs: torch.Tensor | None = None  # [..., k] the sampling policy's, for A_t; None: current detached
     teacher_entropy: torch.Tensor | None = None  # H(pi_T(. | c_t)), full vocabulary
     student_entropy: torch.Tensor | None = None  # H(pi_S(. | c_t)), full vocabulary, no gradient
     divergence: torch.Tensor | None = None  # a full-vocabulary divergence from the teacher, with gradient (gkd)
@@ -124,9 +125,13 @@ def topk_forward_kl_advantage(stats: TokenStats) -> torch.Tensor:
     """A_t = sum_{v in K_t} q(v) (max(log pi_S(v), log 1e-8) - log q(v)), no gradient.
 
     q is the teacher's distribution renormalised over its top-k ids K_t; A_t = -KL(q || pi_S) on K_t
-    (with the student's log-probs from its full softmax), so A_t <= 0 up to the clamp.
+    (with the student's log-probs from its full softmax), so A_t <= 0 up to the clamp. pi_S is the sampling
+    policy (`old_topk_logprobs` when given), so that the advantage of a token stays fixed across the updates
+    of one rollout batch, as r_t does.
     """
     log_q, student_topk = _topk_logq(stats)
+    if stats.old_topk_logprobs is not None:
+        student_topk = stats.old_topk_logprobs
     student_topk = student_topk.detach().clamp(min=LOG_PROB_FLOOR)
     return (log_q.exp() * (student_topk - log_q)).sum(dim=-1)
 
@@ -146,7 +151,8 @@ def telemetry(stats: TokenStats, output: ObjectiveOutput, loss_tokens: torch.Ten
     """Add the metrics every objective reports to `output` (names are stable; see the README).
 
     reward_mean / reward_min: r_t over response tokens; kl_k1: mean of sbar_t - tau_t (the K1 estimate of
-    KL(pi_S || pi_T)); fkl_topk: mean KL(q || pi_S) on K_t (clamped as in A_t) when top-k is gathered;
+    KL(pi_S || pi_T)); fkl_topk: mean KL(q || pi_S) on K_t, unclamped like the top-k forward-KL losses, when
+    top-k is gathered;
     teacher_entropy / student_entropy: mean full-vocabulary entropies; loss_token_fraction: tokens that
     carry loss over response tokens.
     """
@@ -157,7 +163,7 @@ def telemetry(stats: TokenStats, output: ObjectiveOutput, loss_tokens: torch.Ten
     metrics["kl_k1"] = mean_pair(-reward, mask)
     metrics["loss_token_fraction"] = mean_pair(loss_tokens * mask, mask)
     if stats.teacher_topk_logprobs is not None and stats.student_topk_logprobs is not None:
-        fkl = torch.where(mask.bool(), -topk_forward_kl_advantage(stats), torch.zeros_like(mask))
+        fkl = torch.where(mask.bool(), topk_forward_kl(stats).detach(), torch.zeros_like(mask))
         metrics["fkl_topk"] = mean_pair(fkl, mask)
     for name, entropy in (("teacher_entropy", stats.teacher_entropy),
                           ("student_entropy", stats.student_entropy)):
