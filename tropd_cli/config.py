@@ -8,8 +8,9 @@ that names the key and what is allowed.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -26,6 +27,33 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 class Section(BaseModel):
     # No number in a configuration may be infinite or NaN (`train.lr=inf` would train every weight into NaN).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        """Numbers and booleans as written: a boolean is never a number nor a number a boolean (pydantic would
+        read `true` as 1), and an integer field takes `1e3` or `1000.0` only as an exact integer."""
+        kinds = scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool):
+            if bool not in kinds and kinds & {int, float}:
+                raise PydanticCustomError("strict_number", "expects a number, not a boolean")
+            return value
+        if kinds & {int, float} and bool in kinds:
+            return value
+        if bool in kinds and isinstance(value, (int, float)):
+            raise PydanticCustomError("strict_bool", "expects true or false, not a number")
+        if int in kinds and float not in kinds:
+            number = value
+            if isinstance(value, str):
+                try:
+                    number = float(value.strip())
+                except ValueError:
+                    return value
+            if isinstance(number, float):
+                if not number.is_integer():
+                    raise PydanticCustomError("strict_int", "expects an integer")
+                return int(number)
+        return value
 
 
 class ModelSection(Section):
@@ -196,6 +224,12 @@ class TrainConfig(Section):
     @field_validator("logit_chunk_size", mode="before")
     @classmethod
     def _positive_or_auto(cls, value: Any) -> int | str:
+        if isinstance(value, (str, float)) and value != "auto":
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            value = int(number) if number.is_integer() else value
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise PydanticCustomError("chunk_size", "input should be a positive integer or 'auto'")
@@ -245,6 +279,19 @@ class RunConfig(Section):
         if spec.check is not None:
             spec.check(self)
         return self
+
+
+def scalar_kinds(annotation: Any) -> set[type]:
+    """The scalar types a field annotation admits among bool, int, float and str (Literal members by type)."""
+    if annotation in (bool, int, float, str):
+        return {annotation}
+    kinds: set[type] = set()
+    for argument in get_args(annotation):
+        if get_origin(annotation) is Literal:
+            kinds.add(type(argument))
+        else:
+            kinds |= scalar_kinds(argument)
+    return kinds
 
 
 def preset_path(name: str) -> Path:
@@ -344,8 +391,15 @@ def validate(raw: dict[str, Any], source: str) -> RunConfig:
             raise TropdError(f"unknown config key '{key}' in {source}; "
                              f"{parent or 'the configuration'} has: {', '.join(_fields_at(parent))}"
                              ) from None
-        raise TropdError(f"invalid value for {key}: {first['input']!r} ({first['msg'].lower()})"
+        raise TropdError(f"invalid value for {key}: {_shown(first['input'])} ({first['msg'].lower()})"
                          ) from None
+
+
+def _shown(value: Any) -> str:
+    """A rejected value as the user wrote it: YAML's true/false/null, repr for the rest."""
+    if isinstance(value, bool) or value is None:
+        return yaml.safe_dump(value).split("\n")[0]
+    return repr(value)
 
 
 def _fields_at(dotted: str) -> list[str]:
