@@ -24,7 +24,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tropd_cli.export as export_module
+import tropd_cli.export.write as export_write
 from tropd_cli import cli
 from tropd_cli.config import load_config
 from tropd_cli.distill import distill
@@ -398,7 +398,7 @@ def skip_the_merge(model):
 @pytest.mark.parametrize("sabotage", ["weights", "merge"])
 def test_failed_verification_is_loud_and_writes_nothing(sabotage, runs, tmp_path, monkeypatch, capsys):
     if sabotage == "weights":
-        monkeypatch.setattr(export_module, "_save_merged", nudge_one_weight(export_module._save_merged))
+        monkeypatch.setattr(export_write, "save_merged", nudge_one_weight(export_write.save_merged))
         expected = "error: verification failed: the exported fp32 logits differ from the run's model by "
     else:
         monkeypatch.setattr(LoraModel, "merge_and_unload", skip_the_merge)

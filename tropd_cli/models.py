@@ -3,13 +3,13 @@
 Model specs are hub ids, local folders, or `toylab:teacher` / `toylab:student` for the toy lab's
 shipped checkpoints. A new LoRA adapter names its base by the spec it was given (`toylab:student`, a hub id),
 so that a saved adapter_config.json never points into the installed package; `resolve_model_path` turns such
-an id back into the shipped folder wherever an adapter's base is loaded. Loading 4-bit layers also neutralises a bitsandbytes CPU defect (see
+an id back into the shipped folder wherever an adapter's base is loaded. Loading 4-bit layers also
+neutralises a bitsandbytes CPU defect (see
 `disable_cpu_weight_repacking`).
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,21 +35,6 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 # vocabulary changed; it did not (tropd never resizes embeddings).
 warnings.filterwarnings("ignore", message="Could not find a config file in toylab:", category=UserWarning)
 
-
-class _DropMessage(logging.Filter):
-    """Drops the records of one logger whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-# bitsandbytes logs, when it is imported on an AVX512-BF16 CPU (peft imports it for every LoRA student), that
-# an optional faster 4-bit kernel package is missing; tropd works without it, 4-bit or not.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
