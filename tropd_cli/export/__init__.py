@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tropd_cli.errors import TropdError
-from tropd_cli.export.card import model_card, student_card
+from tropd_cli.export.card import MERGED_INTO, model_card, student_card
 from tropd_cli.export.source import ExportSource, describe, find_source, run_facts
 from tropd_cli.export.verify import EXPORT_DTYPES, FP32_TOLERANCE, RUN_DTYPES, Verification, tolerance
 from tropd_cli.export.write import write_and_verify
@@ -134,7 +134,7 @@ def print_export(console: Console, result: ExportResult) -> None:
     table = Table(title=f"export of {result.provenance['run_dir']}", show_header=False)
     table.add_column("")
     table.add_column("")
-    table.add_row("format", result.format + (f", merged into the {result.provenance['base']} base"
+    table.add_row("format", result.format + (f" into {MERGED_INTO[result.provenance['base']]}"
                                              if result.provenance["quantized_base"] and result.format == "merged"
                                              else ""))
     table.add_row("dtype", result.dtype)
