@@ -253,18 +253,18 @@ def presets_list() -> None:
     from tropd_cli.config import load_config, preset_names
 
     names = preset_names()
-    # Names are what users type: never cut. Below 140 columns the description (which names the pair) stands
-    # for the teacher and student columns.
+    # Names are what users type: never cut. Below 140 columns one column holds the pair above the description.
     wide = console.width >= 140
-    table = Table(title="presets")
+    table = Table(title="presets", show_lines=not wide)
     table.add_column("name", no_wrap=True, min_width=max(map(len, names)))
     table.add_column("objective", no_wrap=True)
-    for column in (("teacher", "student", "description") if wide else ("description",)):
+    for column in (("teacher", "student", "description") if wide else ("teacher -> student / description",)):
         table.add_column(column, overflow="fold")
     for name in names:
         config = load_config(name)
-        pair = [config.teacher.model, config.student.model] if wide else []
-        table.add_row(name, config.objective.name, *pair, config.description)
+        pair = [config.teacher.model, config.student.model]
+        cells = [*pair, config.description] if wide else [f"{' -> '.join(pair)}\n[dim]{config.description}[/]"]
+        table.add_row(name, config.objective.name, *cells)
     console.print(table)
 
 
