@@ -233,7 +233,8 @@ def test_presets_show_explain_names_each_fields_description_and_origin(capsys):
         return lines[lines.index(key) - 1]
 
     assert comment_above("  lr_schedule: cosine").endswith("[--set]")
-    assert comment_above("  steps: 100") == "  # Rollout batches (each gets updates_per_batch optimizer steps). [preset]"
+    assert comment_above("  steps: 100") == ("  # Rollout batches (each gets updates_per_batch optimizer steps). "
+                                             "[preset]")
     assert comment_above("  weight_decay: 0.0").endswith("[preset]")
     assert comment_above("  micro_batch_size: 64").endswith("[default]")
     assert comment_above("train:").startswith("#")

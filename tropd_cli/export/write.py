@@ -2,9 +2,10 @@
 
 `--base full` (default) merges a LoRA adapter into the full-precision base, W' = W + (alpha / r) B @ A, in
 float32. For a QLoRA run that is not the model the run trained: its adapter learned against the 4-bit
-weights. `--base quantized` merges into those weights, dequantized to float32 (nf4 -> float32 is exact), and
-so reproduces the trained model; the reference it is checked against is the 4-bit base with the adapter, as
-the run computes it. Both bases are measured, so the card can put the other one beside this export.
+weights. `--base quantized` merges into those weights, dequantized (the very values the 4-bit layers
+compute with) and held in float32, and so reproduces the trained model; the reference it is checked
+against is the 4-bit base with the adapter, as the run computes it. Both bases are measured, so the card
+can put the other one beside this export.
 """
 
 from __future__ import annotations
