@@ -181,3 +181,69 @@ def test_full_disk_is_one_line(random_pair_dir, tmp_path, monkeypatch, capsys):
     code = cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and err == f"error: No space left on device: {tmp_path / 'run' / 'checkpoints'}\n"
+
+
+COMMANDS = [["prepare"], ["distill"], ["doctor"], ["evaluate"], ["export"], ["presets", "list"],
+            ["presets", "show"], ["toylab", "build"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_teaches_itself_with_examples(command, capsys):
+    assert cli.main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    examples = out.split("Examples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert examples and examples[0].strip().startswith(f"tropd {' '.join(command)}")
+    assert all(line.strip().startswith("tropd ") for line in examples)
+    assert "<bool>" not in out and "{" not in out.splitlines()[0]
+
+
+def test_flags_are_flags_and_export_names_its_argument(capsys):
+    assert cli.main(["export", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: tropd export [OPTIONS] RUN_OR_CHECKPOINT")
+    assert "--overwrite  " in out and "--no-overwrite" not in out and "--base" in out and "--no-eval" in out
+    assert cli.main(["prepare", "--help"]) == 0
+    assert "  --dry-run  " in capsys.readouterr().out
+
+
+def test_shell_completion_is_offered(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--install-completion" in out and "--show-completion" in out
+
+
+def test_presets_list_never_cuts_a_name_at_80_columns(monkeypatch, capsys):
+    from rich.console import Console
+
+    from tropd_cli.config import preset_names
+
+    monkeypatch.setattr(cli, "console", Console(width=80))
+    assert cli.main(["presets", "list"]) == 0
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= 80 and "…" not in out
+    for name in preset_names():
+        assert f"│ {name} " in out
+
+
+def test_presets_show_explain_names_each_fields_description_and_origin(capsys):
+    assert cli.main(["presets", "show", "toylab", "--explain", "--set", "train.lr_schedule=cosine"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def comment_above(key: str) -> str:
+        return lines[lines.index(key) - 1]
+
+    assert comment_above("  lr_schedule: cosine").endswith("[--set]")
+    assert comment_above("  steps: 100") == ("  # Rollout batches (each gets updates_per_batch optimizer steps). "
+                                             "[preset]")
+    assert comment_above("  weight_decay: 0.0").endswith("[preset]")
+    assert comment_above("  micro_batch_size: 64").endswith("[default]")
+    assert comment_above("train:").startswith("#")
+    import yaml
+
+    assert yaml.safe_load("\n".join(lines))["train"]["lr_schedule"] == "cosine"  # still YAML
+
+
+def test_set_errors_are_one_line(capsys):
+    assert cli.main(["presets", "show", "toylab", "--set", "train.steps=true"]) == 2
+    assert capsys.readouterr().err.strip() == "error: invalid value for train.steps: true (expects a number, not a " \
+                                              "boolean)"

@@ -94,3 +94,39 @@ def test_malformed_yaml_is_reported(tmp_path: Path):
     path.write_text("train: [\n")
     with pytest.raises(TropdError, match=r"broken.yaml:2:1: not valid YAML"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.steps=1e3", 1000), ("train.steps=2.0", 2), ("train.steps=1_000", 1000), ("train.seed=-1e2", -100),
+    ("train.logit_chunk_size=2e2", 200), ("train.lr=1e-3", 1e-3), ("train.lr=2", 2.0),
+])
+def test_numbers_in_overrides_are_read_exactly(override, expected):
+    key, _, _ = override.partition("=")
+    section, name = key.split(".")
+    value = getattr(getattr(load_config("toylab", [override]), section), name)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.steps=true", "invalid value for train.steps: true (expects a number, not a boolean)"),
+    ("train.lr=false", "invalid value for train.lr: false (expects a number, not a boolean)"),
+    ("train.steps=1.5e3", None),
+    ("train.steps=2.5", "invalid value for train.steps: 2.5 (expects an integer)"),
+    ("train.steps=1e-3", "invalid value for train.steps: '1e-3' (expects an integer)"),
+    ("output.save_model=1", "invalid value for output.save_model: 1 (expects true or false, not a number)"),
+    ("data.thinking=0", "invalid value for data.thinking: 0 (expects true or false, not a number)"),
+])
+def test_booleans_are_never_numbers_and_integers_are_exact(override, message):
+    if message is None:
+        assert load_config("toylab", [override]).train.steps == 1500
+        return
+    with pytest.raises(TropdError) as error:
+        load_config("toylab", [override])
+    assert str(error.value) == message and "\n" not in str(error.value)
+
+
+def test_preset_files_are_read_as_strictly(tmp_path: Path):
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  steps: yes\n")
+    with pytest.raises(TropdError, match="train.steps: true .expects a number, not a boolean"):
+        load_config(str(path))

@@ -18,13 +18,13 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
-from peft import AutoPeftModelForCausalLM, PeftModel
+from peft import PeftModel
 from peft.tuners.lora import LoraModel
 from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tropd_cli.export as export_module
+import tropd_cli.export.write as export_write
 from tropd_cli import cli
 from tropd_cli.config import load_config
 from tropd_cli.distill import distill
@@ -87,9 +87,13 @@ def run_model(run: Path) -> torch.nn.Module:
 
 
 def plain_load(folder: Path) -> torch.nn.Module:
-    """The export as a user loads it: transformers, or peft for an adapter folder."""
+    """The export as a user loads it: transformers, or peft for an adapter folder (whose base, toylab:student,
+    names tropd's shipped toy model: the one step only tropd can do)."""
     if (folder / "adapter_config.json").is_file():
-        return AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert base == "toylab:student"
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch.float32)
+        return PeftModel.from_pretrained(model, folder).eval()
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
@@ -133,7 +137,7 @@ def test_fp32_export_reloads_with_the_runs_logits_and_greedy_text(mode, format_,
     assert check.greedy_identical and check.max_abs_diff <= check.tolerance == 1e-4
     assert check.prompts == 3
     assert (check.merge_diff is not None) == (mode != "full" and format_ == "merged")
-    assert (check.quantized_base_diff is not None) == (mode == "qlora")
+    assert (check.other_base_diff is not None) == (mode == "qlora")
 
 
 def test_trained_adapters_change_the_model(runs, probes):
@@ -233,15 +237,22 @@ def test_card_records_the_provenance(runs, exports):
     assert rows["steps"] == "2 of 2 (run finished)"
     assert rows["seed"] == "0"
     assert rows["data"] == "`toylab`"
+    record = json.loads((folder / "tropd_export.json").read_text())
+    measured = record["eval"]
     assert rows["held-out accuracy (4 problems)"] == (
         f"teacher {100 * summary['teacher_accuracy']:.1f}%, student before "
-        f"{100 * summary['student_accuracy_before']:.1f}%, this model {100 * summary['student_accuracy_after']:.1f}%")
-    assert rows["export"] == "merged, fp32, tropd 0.1.0"
+        f"{100 * summary['student_accuracy_before']:.1f}%, this model (measured on it at export) "
+        f"{100 * measured['export_accuracy']:.1f}%, the 4-bit base + the adapter (the model the run trained) "
+        f"{100 * measured['other_base_accuracy']:.1f}%")
+    # The run measured the 4-bit model it trained; the card's "other base" is that model, measured again here.
+    assert measured["other_base_accuracy"] == summary["student_accuracy_after"] == measured["run_accuracy"]
+    assert rows["export"] == "merged, fp32, tropd 0.1.0, merged into the full-precision base"
     assert rows["verification"].startswith("max absolute logit difference ")
+    assert "from the full-precision base + the adapter over" in rows["verification"]
+    assert rows["the other base"].startswith("the 4-bit base + the adapter (the model the run trained): max ")
     text = (folder / "README.md").read_text()
     assert text.startswith("---\nlibrary_name: transformers\ntags:\n- tropd\n")
-    assert "merged here into the full-precision base, never into quantized weights" in text
-    record = json.loads((folder / "tropd_export.json").read_text())
+    assert "merged here into the full-precision base (`tropd export --base full`): a different model" in text
     assert record["objective_config"]["name"] == "tropd" and record["steps"] == 2
     assert record["verification"]["greedy_identical"] is True
     assert (folder / "tropd_config.yaml").read_text() == (runs["qlora"] / "config.yaml").read_text()
@@ -398,7 +409,7 @@ def skip_the_merge(model):
 @pytest.mark.parametrize("sabotage", ["weights", "merge"])
 def test_failed_verification_is_loud_and_writes_nothing(sabotage, runs, tmp_path, monkeypatch, capsys):
     if sabotage == "weights":
-        monkeypatch.setattr(export_module, "_save_merged", nudge_one_weight(export_module._save_merged))
+        monkeypatch.setattr(export_write, "save_merged", nudge_one_weight(export_write.save_merged))
         expected = "error: verification failed: the exported fp32 logits differ from the run's model by "
     else:
         monkeypatch.setattr(LoraModel, "merge_and_unload", skip_the_merge)
@@ -425,3 +436,67 @@ def test_help_names_every_option(capsys):
     out = capsys.readouterr().out
     for option in ("--out", "--format", "--dtype", "--step", "--no-verify", "--max-shard-size", "--overwrite"):
         assert option in out
+
+
+def test_quantized_base_merges_into_the_dequantized_4bit_weights(runs, tmp_path, probes):
+    """--base quantized: merged = dequantised nf4 base + (alpha / r) B @ A, and it reproduces the 4-bit model
+    the run trained (logits and greedy text), which the full-precision merge does not."""
+    result = export(runs["qlora"], tmp_path / "q", base="quantized", console=quiet())
+    merged = load_file(result.out / "model.safetensors")
+    quantized = load_causal_lm("toylab:student", quantization="4bit", trainable=False)
+    pairs = lora_pairs(load_file(runs["qlora"] / "student" / "adapter_model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    layer = quantized.get_submodule(name.removesuffix(".weight"))
+    dequantized = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    lora_a, lora_b = pairs[name]
+    torch.testing.assert_close(merged[name], dequantized + 2.0 * lora_b.float() @ lora_a.float(), rtol=0, atol=1e-6)
+    trained = PeftModel.from_pretrained(quantized, runs["qlora"] / "student").eval()
+    trained_text, trained_logits = greedy_and_logits(trained, probes)
+    exported_text, exported_logits = greedy_and_logits(plain_load(result.out), probes)
+    assert exported_text == trained_text and max_diff(exported_logits, trained_logits) <= 1e-4
+    full_logits = logits_on(run_model(runs["qlora"]), trained_text)  # the full-precision base + adapter
+    assert max_diff(full_logits, trained_logits) > 100 * max_diff(exported_logits, trained_logits)
+    check = result.verification
+    assert check.reference == "the 4-bit base + the adapter (the model the run trained)" and check.greedy_identical
+    record = json.loads((result.out / "tropd_export.json").read_text())
+    assert record["base"] == "quantized" and record["eval"]["export_accuracy"] == record["eval"]["run_accuracy"]
+    rows = card_rows(result.out)
+    assert rows["export"] == "merged, fp32, tropd 0.1.0, merged into the dequantized 4-bit base"
+    assert "this model (measured on it at export)" in rows["held-out accuracy (4 problems)"]
+    assert "the full-precision base + the adapter" in rows["held-out accuracy (4 problems)"]
+    assert "so this model reproduces the one the run trained" in (result.out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("mode", "argv", "message"), [
+    ("lora", ["--base", "quantized"], "--base quantized merges into the 4-bit base a QLoRA run trained on"),
+    ("qlora", ["--base", "quantized", "--format", "adapter"], "--base quantized chooses what the adapter merges"),
+    ("qlora", ["--base", "half"], "--base must be full or quantized, got 'half'"),
+])
+def test_base_errors_are_one_line(mode, argv, message, runs, tmp_path, capsys):
+    assert cli.main(["export", str(runs[mode]), "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_eval_keeps_the_runs_number_and_says_whose_it_is(runs, tmp_path):
+    result = export(runs["qlora"], tmp_path / "out", evaluate=False, console=quiet())
+    rows = card_rows(result.out)
+    assert "the 4-bit model the run trained, not this export (measured during the run)" in \
+        rows["held-out accuracy (4 problems)"]
+    assert "export_accuracy" not in json.loads((result.out / "tropd_export.json").read_text())["eval"]
+
+
+@pytest.mark.parametrize("mode", ["full", "qlora"])
+def test_the_runs_student_folder_has_a_real_model_card(runs, mode):
+    text = (runs[mode] / "student" / "README.md").read_text()
+    assert "[More Information Needed]" not in text and "assets/student" not in text
+    rows = card_rows(runs[mode] / "student")
+    summary = json.loads((runs[mode] / "summary.json").read_text())
+    assert rows["teacher"] == "`toylab:teacher`" and rows["steps"] == "2 of 2"
+    assert rows["data"] == "`toylab`"
+    after = "student after" + (" (4-bit base + this adapter)" if mode == "qlora" else "")
+    assert rows["held-out accuracy (4 problems)"].endswith(f"{after} {100 * summary['student_accuracy_after']:.1f}%")
+    if mode == "qlora":
+        adapter = json.loads((runs[mode] / "student" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == "toylab:student"

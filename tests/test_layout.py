@@ -19,7 +19,6 @@ TOYLAB_IMPORTERS = {
     "tropd_cli.data.sources": "the toy lab as distill's built-in prompt source (data.prompts: toylab)",
     "tropd_cli.data.prepare": "the toy lab as a data source of `tropd prepare --data toylab`",
     "tropd_cli.preflight.memory": "the toy prompt probe: the longest of a sample of toy prompts, for the estimate",
-    "tropd_cli.distill": "the toy lab's held-out accuracy during a run (toy_accuracy, sample_problems), for now",
 }
 
 

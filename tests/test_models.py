@@ -8,6 +8,10 @@ test has an unguarded counterpart showing that, on this CPU, the same steps do g
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -218,3 +222,28 @@ def test_unknown_toylab_model_is_a_tropd_error() -> None:
     """`toylab:NAME` must name a shipped checkpoint; the error names the spec."""
     with pytest.raises(TropdError, match="toylab:nope"):
         resolve_model_path("toylab:nope")
+
+
+def test_lora_adapter_names_its_base_by_its_spec(tmp_path: Path) -> None:
+    """A toy adapter's adapter_config.json says toylab:student, never a path inside the package, and loads."""
+    from tropd_cli.evaluation.loading import resolve_model_source
+    from tropd_cli.models import LoraSpec, load_causal_lm
+
+    model = load_causal_lm("toylab:student", lora=LoraSpec(r=2, alpha=4, dropout=0.0, target_modules="all-linear"))
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "toylab:student"
+    source = resolve_model_source(str(tmp_path / "adapter"))
+    assert source.model == "toylab:student"
+    merged = load_causal_lm(source.model, trainable=False, merge_adapter=source.adapter)
+    assert sum(p.numel() for p in merged.parameters()) > 0
+
+
+def test_a_lora_student_prints_no_bitsandbytes_warning() -> None:
+    """Importing peft (and with it bitsandbytes) through tropd's loader is silent on the CPU."""
+    code = ("from tropd_cli.models import LoraSpec, load_causal_lm; "
+            "load_causal_lm('toylab:student', lora=LoraSpec(2, 4, 0.0, 'all-linear'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr
+    assert "gemm_4bit_forward" not in result.stderr and "bitsandbytes" not in result.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tropd_cli.config import PRESETS_DIR, load_config, preset_names
+from tropd_cli.evaluation.heldout import eval_data_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
@@ -43,7 +44,11 @@ def test_preset_loads_and_its_header_names_its_commands(name):
         assert re.search(rf"tropd prepare (--teacher-drafts )?--preset {re.escape(name)} ", text)
         assert f"--out {config.data.prompts}" in text  # prepare writes the folder that distill reads
         assert config.teacher.model in SHAPES and config.student.model in SHAPES
-        assert config.eval.problems == 0  # the toy held-out set means nothing to a real model
+        # The toy held-out set means nothing to a real model: a small, cheap check on the prepared eval split,
+        # which needs no hub; the teacher is not evaluated in the run (its generation would change the estimate).
+        assert config.eval.benchmark == "custom" and config.eval.data is None
+        assert 0 < config.eval.problems <= 64 and config.eval.every and not config.eval.teacher
+        assert eval_data_path(config) == Path(config.data.prompts) / "eval.jsonl"
 
 
 @pytest.mark.parametrize("name", REAL)

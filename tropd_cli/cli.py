@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from tropd_cli import __version__
 from tropd_cli.errors import Interrupted, TropdError, WriteError, first_line
 from tropd_cli.evaluation.settings import EvalSettings
 
 app = typer.Typer(help="Trust Region On-Policy Distillation (TrOPD) and its baselines.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 presets_app = typer.Typer(help="List and show presets.", no_args_is_help=True)
 toylab_app = typer.Typer(help="The offline toy lab: rebuild its shipped teacher and student.",
                          no_args_is_help=True)
@@ -24,10 +28,19 @@ app.add_typer(presets_app, name="presets")
 app.add_typer(toylab_app, name="toylab")
 console = Console()
 
-PresetOption = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `tropd presets list`) "
-                                           "or path to a preset YAML file.")]
+PresetOption = Annotated[str, typer.Option("--preset", "-p", metavar="NAME", help="Preset name (see `tropd presets "
+                                           "list`) or path to a preset YAML file.")]
 SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", "-s", help="Override a config field: section.key=value (repeatable).")]
+    "--set", "-s", metavar="SECTION.KEY=VALUE", help="Override a config field (repeatable); the value is checked "
+    "against the schema: `tropd presets show NAME --explain` lists every field.")]
+
+
+class PlainUsage(TyperCommand):
+    """Usage lines that name a required argument as click does (`RUN_OR_CHECKPOINT`, not typer's
+    `{RUN_OR_CHECKPOINT}`, which reads as a literal or a shell brace expansion)."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
 def default_of(name: str) -> str:
@@ -55,10 +68,17 @@ def prepare(
                                                  "per training prompt, for guidance and sft (resumable).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the counts and a few rows; write "
                                           "nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out that holds something else.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out that holds something "
+                                            "else.")] = False,
     set_: SetOption = None,
 ) -> None:
-    """Prepare prompts for `distill` and `evaluate`: normalise, chat template, length filter, dedupe, split."""
+    """Prepare prompts for `distill` and `evaluate`: normalise, chat template, length filter, dedupe, split.
+
+    \b
+    Examples:
+      tropd prepare --preset toylab --data toylab --teacher-drafts --out prepared/toy
+      tropd prepare --preset qwen3-4b-0.6b-lora --data questions.jsonl --prompt-field question --dry-run
+    """
     from tropd_cli.config import load_config
     from tropd_cli.data.prepare import PrepareRequest
     from tropd_cli.data.prepare import prepare as run_prepare
@@ -74,8 +94,8 @@ def distill(
                                                "or path to a preset YAML file.")] = None,
     set_: SetOption = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder (default: output.dir).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run folder tropd wrote, once the new run has "
-                                            "finished.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run folder tropd wrote, once the new "
+                                            "run has finished.")] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its newest checkpoint "
                                                 "(its own config.yaml; --set may raise train.steps).")] = None,
     from_step: Annotated[int | None, typer.Option(help="With --resume: continue from the checkpoint of this "
@@ -84,7 +104,16 @@ def distill(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let both models' repositories "
                                                     "run their own Python code when loading.")] = False,
 ) -> None:
-    """Distill the teacher into the student on-policy and write a run folder."""
+    """Distill the teacher into the student on-policy and write a run folder.
+
+    \b
+    Examples:
+      tropd distill --preset toylab
+      tropd distill --preset toylab --set objective.name=opd --set train.seed=1 --out runs/opd-1
+      tropd distill --preset toylab --set train.lr_schedule=cosine --set eval.every=20
+      tropd distill --resume runs/opd-1 --set train.steps=200
+      tropd distill --resume runs/opd-1 --from-step 50
+    """
     from tropd_cli.config import load_config
     from tropd_cli.distill import distill as run_distill
     from tropd_cli.distill import resume as resume_run
@@ -109,7 +138,13 @@ def distill(
 
 @app.command()
 def doctor(preset: PresetOption, set_: SetOption = None) -> None:
-    """Check a run before starting it: tokenizers, EOS/pad, chat template, and a rough memory estimate."""
+    """Check a run before starting it: tokenizers, EOS/pad, chat template, and a rough memory estimate.
+
+    \b
+    Examples:
+      tropd doctor --preset toylab
+      tropd doctor --preset qwen3-8b-1.7b-qlora --set rollout.max_new_tokens=2048
+    """
     from tropd_cli.config import load_config
     from tropd_cli.preflight import doctor as run_doctor
 
@@ -147,7 +182,14 @@ def evaluate(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let the models' repositories "
                                                     "run their own Python code when loading.")] = False,
 ) -> None:
-    """Evaluate models side by side on math, science, toy-lab or custom benchmarks (avg@k, pass@k, maj@k)."""
+    """Evaluate models side by side on math, science, toy-lab or custom benchmarks (avg@k, pass@k, maj@k).
+
+    \b
+    Examples:
+      tropd evaluate -m toylab:teacher -m toylab:student -b toylab --out runs/eval
+      tropd evaluate -m runs/demo -b math500 --data math500.jsonl --limit 50 --out runs/eval-math
+      tropd evaluate -m Qwen/Qwen3-1.7B -b aime24 -k 8 --temperature 0.6 --top-p 0.95 --out reports/q
+    """
     from tropd_cli.evaluation.runner import evaluate as run_evaluate
 
     given = dict(data=data, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
@@ -158,9 +200,10 @@ def evaluate(
     run_evaluate(settings, console=console, trust_remote_code=trust_remote_code)
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def export(
-    source: Annotated[Path, typer.Argument(help="Run folder, or a checkpoint folder RUN/checkpoints/step-NNNNNN.")],
+    source: Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="Run folder, or a checkpoint folder "
+                                           "RUN/checkpoints/step-NNNNNN.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
     format_: Annotated[str | None, typer.Option("--format", help="merged (base + adapter merged, or a full run's "
                                                 "weights) or adapter (LoRA runs) (default: merged).")] = None,
@@ -168,43 +211,81 @@ def export(
     = None,
     step: Annotated[int | None, typer.Option(help="Export the checkpoint saved at this step instead of the "
                                              "final student.")] = None,
+    base: Annotated[str | None, typer.Option(help="QLoRA runs: merge into the full-precision base (full, the "
+                                             "default) or into the dequantized 4-bit weights the adapter was "
+                                             "trained against (quantized: reproduces the trained model).")]
+    = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload the export and compare its "
-                                         "logits with the run's model.")] = True,
+                                         "logits with the model --base names.")] = True,
+    evaluate_: Annotated[bool, typer.Option("--eval/--no-eval", help="With verification, measure the export's "
+                                            "accuracy on the run's held-out problems for the model card.")] = True,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest safetensors file of a merged export, "
                                                        "e.g. 2GB (default: 5GB).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an --out that tropd wrote.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --out that tropd wrote.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let the student's repository "
                                                     "run its own Python code when loading.")] = False,
 ) -> None:
-    """Export a run's student as a merged checkpoint or a LoRA adapter, verified against the run."""
+    """Export a run's student as a merged checkpoint or a LoRA adapter, verified against the run.
+
+    \b
+    Examples:
+      tropd export runs/demo --out exports/demo
+      tropd export runs/qlora --base quantized --out exports/qlora-as-trained
+      tropd export runs/qlora --format adapter --dtype bf16 --out exports/qlora-adapter
+      tropd export runs/demo/checkpoints/step-000050 --out exports/demo-step50
+    """
     from tropd_cli.export import export as run_export
 
     run_export(source, out, format_=format_, dtype=dtype, step=step, verify=verify, overwrite=overwrite,
-               max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, console=console)
+               max_shard_size=max_shard_size, trust_remote_code=trust_remote_code, console=console, base=base,
+               evaluate=evaluate_)
 
 
 @presets_app.command("list")
 def presets_list() -> None:
-    """Show every preset: name, teacher, student, objective, description."""
+    """Show every preset: name, teacher -> student, objective, description.
+
+    \b
+    Examples:
+      tropd presets list
+      tropd presets show toylab --explain
+    """
     from tropd_cli.config import load_config, preset_names
 
-    table = Table(title="presets")
-    for column in ("name", "teacher", "student", "objective", "description"):
-        table.add_column(column)
-    for name in preset_names():
+    names = preset_names()
+    # Names are what users type: never cut. Below 140 columns one column holds the pair above the description.
+    wide = console.width >= 140
+    table = Table(title="presets", show_lines=not wide)
+    table.add_column("name", no_wrap=True, min_width=max(map(len, names)))
+    table.add_column("objective", no_wrap=True)
+    for column in (("teacher", "student", "description") if wide else ("teacher -> student / description",)):
+        table.add_column(column, overflow="fold")
+    for name in names:
         config = load_config(name)
-        table.add_row(name, config.teacher.model, config.student.model, config.objective.name,
-                      config.description)
+        pair = [config.teacher.model, config.student.model]
+        cells = [*pair, config.description] if wide else [f"{' -> '.join(pair)}\n[dim]{config.description}[/]"]
+        table.add_row(name, config.objective.name, *cells)
     console.print(table)
 
 
-@presets_app.command("show")
-def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML path.")],
-                 set_: SetOption = None) -> None:
-    """Print a preset's fully resolved configuration as YAML."""
-    from tropd_cli.config import load_config, to_yaml
+@presets_app.command("show", cls=PlainUsage)
+def presets_show(name: Annotated[str, typer.Argument(metavar="NAME", help="Preset name or YAML path.",
+                                                    show_default=False)],
+                 set_: SetOption = None,
+                 explain: Annotated[bool, typer.Option("--explain", help="Also print each field's description and "
+                                                       "where its value came from (default, preset, --set).")]
+                 = False) -> None:
+    """Print a preset's fully resolved configuration as YAML.
 
-    typer.echo(to_yaml(load_config(name, set_)), nl=False)
+    \b
+    Examples:
+      tropd presets show toylab
+      tropd presets show toylab --explain --set train.lr_schedule=cosine
+    """
+    from tropd_cli.config import explain_yaml, load_config, to_yaml
+
+    config = load_config(name, set_)
+    typer.echo(explain_yaml(config, name, set_) if explain else to_yaml(config), nl=False)
 
 
 @toylab_app.command("build")
@@ -213,7 +294,13 @@ def toylab_build(
                                              "(default: the package's shipped assets).")] = None,
     only: Annotated[str | None, typer.Option(help="Rebuild only 'teacher' or 'student'.")] = None,
 ) -> None:
-    """Train the toy teacher and the weaker toy student from scratch and record how (minutes on a CPU)."""
+    """Train the toy teacher and the weaker toy student from scratch and record how (minutes on a CPU).
+
+    \b
+    Examples:
+      tropd toylab build --out /tmp/toylab
+      tropd toylab build --only student
+    """
     from tropd_cli.toylab.build import build_toylab
 
     build_toylab(out, only=only, console=console)

@@ -8,8 +8,9 @@ that names the key and what is allowed.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -26,6 +27,33 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 class Section(BaseModel):
     # No number in a configuration may be infinite or NaN (`train.lr=inf` would train every weight into NaN).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        """Numbers and booleans as written: a boolean is never a number nor a number a boolean (pydantic would
+        read `true` as 1), and an integer field takes `1e3` or `1000.0` only as an exact integer."""
+        kinds = scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool):
+            if bool not in kinds and kinds & {int, float}:
+                raise PydanticCustomError("strict_number", "expects a number, not a boolean")
+            return value
+        if kinds & {int, float} and bool in kinds:
+            return value
+        if bool in kinds and isinstance(value, (int, float)):
+            raise PydanticCustomError("strict_bool", "expects true or false, not a number")
+        if int in kinds and float not in kinds:
+            number = value
+            if isinstance(value, str):
+                try:
+                    number = float(value.strip())
+                except ValueError:
+                    return value
+            if isinstance(number, float):
+                if not number.is_integer():
+                    raise PydanticCustomError("strict_int", "expects an integer")
+                return int(number)
+        return value
 
 
 class ModelSection(Section):
@@ -176,8 +204,9 @@ class ObjectiveConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(200, ge=1, description="Rollout batches (each gets updates_per_batch optimizer steps).")
-    lr: float = Field(5e-6, gt=0, description="AdamW learning rate (constant after warmup).")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup from lr/warmup_steps.")
+    lr: float = Field(5e-6, gt=0, description="AdamW peak learning rate (see lr_schedule).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up: step i of the first "
+                              "warmup_steps trains at lr x i / warmup_steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     updates_per_batch: int = Field(1, ge=1, description="Optimizer steps per rollout batch; after the first, "
@@ -200,22 +229,49 @@ class TrainConfig(Section):
                                   "the end and on Ctrl-C); 0: only at the end and on Ctrl-C.")
     checkpoint_keep: int = Field(2, ge=0, description="Newest checkpoints kept in checkpoints/ (0: all).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning rate after the warm-up: constant, or a linear or cosine decay to "
+        "lr_min_ratio x lr at the last step (transformers' schedulers).")
+    lr_min_ratio: float = Field(0.0, ge=0, le=1, description="linear and cosine: the floor, as a fraction of lr "
+                                "(warm-up starts from it too).")
 
     @field_validator("logit_chunk_size", mode="before")
     @classmethod
     def _positive_or_auto(cls, value: Any) -> int | str:
+        if isinstance(value, (str, float)) and value != "auto":
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            value = int(number) if number.is_integer() else value
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise PydanticCustomError("chunk_size", "input should be a positive integer or 'auto'")
 
 
 class EvalConfig(Section):
-    problems: int = Field(200, ge=0, description="Held-out toy problems graded before and after.")
+    problems: int = Field(200, ge=0, description="Held-out problems graded before and after training (and every "
+                          "eval.every steps); 0: no held-out evaluation.")
     every: int = Field(0, ge=0, description="Also evaluate every N steps (0: only before and after).")
     k: int = Field(1, ge=1, description="Samples per problem (avg@k); 1 with temperature 0 is greedy.")
     temperature: float = Field(0.0, ge=0, description="Evaluation sampling temperature (0: greedy).")
     seed: int = Field(1234, description="Seed of the held-out problem draw and of eval sampling.")
     teacher: bool = Field(True, description="Also report the teacher's accuracy.")
+    benchmark: str = Field("toylab", description="What the held-out evaluation asks: toylab (the toy lab's "
+                           "held-out problems) or any `tropd evaluate` benchmark (custom, math500, gsm8k, ...), a "
+                           "seeded subset of eval.problems of its problems.")
+    data: str | None = Field(None, description="Local JSONL copy of eval.benchmark (its registry fields); null: "
+                             "custom reads the prepared folder's eval.jsonl (data.prompts), hub benchmarks the hub.")
+
+    @field_validator("benchmark")
+    @classmethod
+    def _known_benchmark(cls, value: str) -> str:
+        from tropd_cli.evaluation.registry import load_registry
+
+        if value not in load_registry():
+            raise PydanticCustomError("benchmark", "input should be one of: {names}",
+                                      {"names": ", ".join(load_registry())})
+        return value
 
 
 class OutputConfig(Section):
@@ -252,7 +308,24 @@ class RunConfig(Section):
                                       "{name}; set objective.guidance=false", {"name": objective.name})
         if spec.check is not None:
             spec.check(self)
+        if (self.eval.problems and self.eval.benchmark == "custom" and self.eval.data is None
+                and self.data.prompts == "toylab"):
+            raise PydanticCustomError("combination", "eval.benchmark=custom reads a local file: set eval.data to a "
+                                      "JSONL file, or data.prompts to a prepared folder (its eval.jsonl)")
         return self
+
+
+def scalar_kinds(annotation: Any) -> set[type]:
+    """The scalar types a field annotation admits among bool, int, float and str (Literal members by type)."""
+    if annotation in (bool, int, float, str):
+        return {annotation}
+    kinds: set[type] = set()
+    for argument in get_args(annotation):
+        if get_origin(annotation) is Literal:
+            kinds.add(type(argument))
+        else:
+            kinds |= scalar_kinds(argument)
+    return kinds
 
 
 def preset_path(name: str) -> Path:
@@ -352,8 +425,15 @@ def validate(raw: dict[str, Any], source: str) -> RunConfig:
             raise TropdError(f"unknown config key '{key}' in {source}; "
                              f"{parent or 'the configuration'} has: {', '.join(_fields_at(parent))}"
                              ) from None
-        raise TropdError(f"invalid value for {key}: {first['input']!r} ({first['msg'].lower()})"
+        raise TropdError(f"invalid value for {key}: {_shown(first['input'])} ({first['msg'].lower()})"
                          ) from None
+
+
+def _shown(value: Any) -> str:
+    """A rejected value as the user wrote it: YAML's true/false/null, repr for the rest."""
+    if isinstance(value, bool) or value is None:
+        return yaml.safe_dump(value).split("\n")[0]
+    return repr(value)
 
 
 def _fields_at(dotted: str) -> list[str]:
@@ -380,3 +460,36 @@ def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def to_yaml(config: RunConfig) -> str:
     """The fully resolved configuration as YAML, sections in schema order."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def explain_yaml(config: RunConfig, preset: str, overrides: list[str] | None = None) -> str:
+    """The resolved configuration as YAML with, above each field, its description and where its value came
+    from: `default` (the schema), `preset` (the preset file) or `--set`."""
+    raw = yaml.safe_load(preset_path(preset).read_text()) or {}
+    overridden = {override.partition("=")[0].strip() for override in overrides or []}
+    lines: list[str] = []
+
+    def walk(model: BaseModel, path: list[str], indent: str) -> None:
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            key = ".".join([*path, name])
+            if isinstance(value, BaseModel):
+                doc = info.description or (type(value).__doc__ or "").strip().split("\n")[0]
+                lines.append(f"{indent}# {doc}" if doc else f"{indent}#")
+                lines.append(f"{indent}{name}:")
+                walk(value, [*path, name], indent + "  ")
+                continue
+            node: Any = raw
+            for part in [*path, name]:
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+            origin = "--set" if key in overridden else "preset" if node is not _MISSING else "default"
+            lines.append(f"{indent}# {info.description or ''} [{origin}]".replace("#  [", "# ["))
+            dumped = yaml.safe_dump({name: model.model_dump(mode="json")[name]},
+                                    sort_keys=False, width=1000).rstrip("\n")
+            lines.extend(indent + line for line in dumped.split("\n"))
+
+    walk(config, [], "")
+    return "\n".join(lines) + "\n"
+
+
+_MISSING = object()

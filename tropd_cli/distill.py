@@ -52,13 +52,13 @@ from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.rollout import make_rollout_backend
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError, first_line
+from tropd_cli.evaluation.heldout import HeldOut
+from tropd_cli.export.card import student_card
 from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
 from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
 from tropd_cli.preflight import Preflight, check_before_distill
 from tropd_cli.runfolder import RunFolder, RunSummary
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
-from tropd_cli.toylab.accuracy import toy_accuracy
-from tropd_cli.toylab.tasks import sample_problems
 
 RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.checkpoint_keep", "train.threads", "train.device",
                   "output.log_to", "output.wandb_project")
@@ -279,6 +279,11 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
             console.print(f"[yellow]trust_remote_code is on:[/] {section.model} runs its own Python code",
                           highlight=False, soft_wrap=True)
 
+    held_out = HeldOut(config, tokenizer, preflight.stop_ids)
+    accuracy = held_out.accuracy
+    if held_out.enabled:
+        summary.held_out = held_out.protocol()
+
     device = pick_device(config.train.device)
     folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
     teacher, student = load_models(config, device, folder)
@@ -297,13 +302,6 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
         restore_random_states(trainer_state["random"])
         truncate_metrics(run.metrics, start_step)
 
-    held_out = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab, held_out=True)
-
-    def accuracy(model: torch.nn.Module) -> float:
-        return toy_accuracy(model, tokenizer, held_out, k=config.eval.k, temperature=config.eval.temperature,
-                            max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
-                            batch_size=config.rollout.batch_size).accuracy
-
     resolved = config.model_dump(mode="json")
 
     def save_checkpoint_now() -> Path:
@@ -311,7 +309,7 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
         return save_checkpoint(run.path, trainer.step, student, tokenizer, trainer.state_dict(), summary,
                                config.train.checkpoint_keep, resolved)
 
-    if checkpoint is None and config.eval.problems:
+    if checkpoint is None and held_out.enabled:
         with console.status("evaluating before training"):
             if config.eval.teacher:
                 summary.teacher_accuracy = accuracy(teacher)
@@ -330,8 +328,10 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                 if diverged:
                     raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "
                                      f"stopped; lower train.lr (now {config.train.lr:g}) and start again")
-                if config.eval.every and record["step"] % config.eval.every == 0 and config.eval.problems:
+                if config.eval.every and record["step"] % config.eval.every == 0 and held_out.enabled:
                     record["eval_accuracy"] = accuracy(student)
+                    summary.eval_accuracy_by_step = {**(summary.eval_accuracy_by_step or {}),
+                                                     str(record["step"]): record["eval_accuracy"]}
                 for sink in sinks:
                     sink.log(record)
                 summary.steps_done = record["step"]
@@ -343,13 +343,13 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                     saved = save_checkpoint_now()
                 if stop.requested:
                     summary.status = "interrupted"
-                    _save_student(run, student, tokenizer, summary, final)
+                    _save_student(run, student, tokenizer, summary, final, config)
                     _write_summary(run, summary, started)
                     raise Interrupted(f"stopped after step {trainer.step}; checkpoint saved in {saved}; "
                                       f"continue with: tropd distill --resume {run.path}")
     except KeyboardInterrupt:
         summary.status = "interrupted"
-        _save_student(run, student, tokenizer, summary, final)
+        _save_student(run, student, tokenizer, summary, final, config)
         _write_summary(run, summary, started)
         newest = list_checkpoints(run.path)
         where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
@@ -358,10 +358,10 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     finally:
         close_sinks(sinks)
     with console.status("evaluating after training"):
-        if config.eval.problems:
+        if held_out.enabled:
             summary.student_accuracy_after = accuracy(student)
     if config.output.save_model:
-        _save_student(run, student, tokenizer, summary, final)
+        _save_student(run, student, tokenizer, summary, final, config)
     summary.status = "finished"
     _write_summary(run, summary, started)
     print_summary(console, final.path, summary)
@@ -380,9 +380,14 @@ def non_finite(record: dict[str, float], student: torch.nn.Module) -> str | None
 
 
 def _save_student(run: RunFolder, student: torch.nn.Module, tokenizer, summary: RunSummary,
-                  final: RunFolder) -> None:
+                  final: RunFolder, config: RunConfig) -> None:
+    """The student with its tokenizer and a model card of the run (not peft's placeholder)."""
+    def fill(folder: Path) -> None:
+        save_student(folder, student, tokenizer)
+        atomic_write_text(folder / "README.md", student_card(config, summary.to_json(), final.path))
+
     with writing(f"the student {run.student}"):
-        atomic_folder(run.student, lambda folder: save_student(folder, student, tokenizer))
+        atomic_folder(run.student, fill)
     summary.student_path = str(final.student)
 
 

@@ -1,7 +1,10 @@
 """The one place that loads models and tokenizers: dtype, device, 4-/8-bit, LoRA.
 
 Model specs are hub ids, local folders, or `toylab:teacher` / `toylab:student` for the toy lab's
-shipped checkpoints. Loading 4-bit layers also neutralises a bitsandbytes CPU defect (see
+shipped checkpoints. A new LoRA adapter names its base by the spec it was given (`toylab:student`, a hub id),
+so that a saved adapter_config.json never points into the installed package; `resolve_model_path` turns such
+an id back into the shipped folder wherever an adapter's base is loaded. Loading 4-bit layers also
+neutralises a bitsandbytes CPU defect (see
 `disable_cpu_weight_repacking`).
 """
 
@@ -27,6 +30,11 @@ hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 # peft asks transformers for the old name of the checkpointing flag on every adapter load.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+# Saving an adapter whose base is a toylab: id, peft looks for that id's config.json to see whether the
+# vocabulary changed; it did not (tropd never resizes embeddings).
+warnings.filterwarnings("ignore", message="Could not find a config file in toylab:", category=UserWarning)
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -169,6 +177,8 @@ def load_causal_lm(spec: str, dtype: str = "float32", device: torch.device | str
             raise TropdError(f"student.lora.target_modules {lora.target_modules!r} does not fit '{spec}' "
                              f"({first_line(error)}); its linear modules are: "
                              f"{', '.join(linear_module_names(model))} (or use all-linear)") from None
+        for settings in model.peft_config.values():
+            settings.base_model_name_or_path = spec  # a hub id or toylab:NAME, never a path inside the package
     if not trainable:
         model.requires_grad_(False)
         model.eval()

@@ -46,6 +46,8 @@ class RunSummary:
     student_path: str | None = None
     resumed_from: list[int] = field(default_factory=list)
     wandb_run_id: str | None = None
+    held_out: dict[str, Any] | None = None  # the held-out evaluation's protocol (`HeldOut.protocol`)
+    eval_accuracy_by_step: dict[str, float] | None = None  # eval.every: step -> held-out accuracy
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     def to_json(self) -> dict[str, Any]:

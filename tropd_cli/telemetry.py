@@ -1,12 +1,15 @@
 """Where each step's metrics go: RUN/metrics.jsonl always, TensorBoard and Weights & Biases on request.
 
-Every sink gets the same record under the same names (README, "Metrics"). A resumed run truncates
+Every sink gets the same record under the same names (README, "Metrics"). metrics.jsonl is strict JSON on
+every line: a non-finite value (NaN, +-inf) is written as null and named in the line's `nonfinite` list
+(Python's json would write `NaN` and `Infinity`, which no JSON parser accepts). A resumed run truncates
 metrics.jsonl to its checkpoint, tells TensorBoard to drop events after it, and resumes the same W&B run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -29,11 +32,20 @@ class JsonlSink:
         self.stream = path.open("a")
 
     def log(self, record: dict[str, float]) -> None:
-        self.stream.write(json.dumps(record) + "\n")
+        self.stream.write(json_line(record) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         self.stream.close()
+
+
+def json_line(record: dict[str, float]) -> str:
+    """One record as strict JSON: non-finite numbers become null and are listed under `nonfinite`."""
+    nonfinite = [name for name, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
+    if nonfinite:
+        record = {**{name: None if name in nonfinite else value for name, value in record.items()},
+                  "nonfinite": nonfinite}
+    return json.dumps(record, allow_nan=False)
 
 
 class TensorBoardSink:

@@ -27,6 +27,7 @@ from tropd_cli.engine.objectives import get_objective
 from tropd_cli.engine.objectives.base import Metrics, ObjectiveSpec, StepContext, TokenStats, entropy_threshold
 from tropd_cli.engine.precision import autocast, autocast_dtype
 from tropd_cli.engine.rollout import RolloutBackend, Rollouts, SamplingParams
+from tropd_cli.engine.schedules import make_scheduler
 from tropd_cli.engine.scoring import (
     Divergence,
     SequenceBatch,
@@ -157,9 +158,9 @@ class Trainer:
         self.trainable = [p for p in self.scorer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.train.lr,
                                            weight_decay=config.train.weight_decay, fused=True)
-        warmup = config.train.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        train = config.train
+        self.scheduler = make_scheduler(self.optimizer, train.lr_schedule, train.warmup_steps, train.steps,
+                                        train.lr_min_ratio)
         self.step = 0
 
     def state_dict(self) -> dict:

@@ -1,0 +1,101 @@
+"""A run's held-out evaluation (`eval.*`): the same problems, graded the same way, before, during
+(`eval.every`) and after training, and again on an export.
+
+`eval.benchmark: toylab` (the default) draws `eval.problems` held-out toy problems and grades them with
+`toy_accuracy`, exactly as the toy lab's manifest and the demo do. Any other benchmark of `tropd evaluate`
+takes a seeded subset of `eval.problems` of its problems (from `eval.data`, or for `custom` by default the
+prepared folder's `eval.jsonl`; hub benchmarks without `eval.data` need the hub) and grades them with the
+benchmark's grader; `eval.k` samples per problem at `eval.temperature` (greedy at 0), responses of at most
+`rollout.max_new_tokens`. The accuracy is avg@k, the mean correctness over every sample.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tropd_cli.config import RunConfig
+from tropd_cli.data.chat import chat_prompt_ids
+from tropd_cli.engine.generation import generate_texts
+from tropd_cli.engine.rollout import SamplingParams
+from tropd_cli.errors import TropdError
+from tropd_cli.evaluation.graders import grade_all
+from tropd_cli.evaluation.registry import EvalProblem, get_benchmark, load_problems
+
+TOYLAB = "toylab"
+
+
+def eval_data_path(config: RunConfig) -> Path | None:
+    """The local file of a run's benchmark: eval.data, else for a local-only benchmark (custom) the prepared
+    folder's eval.jsonl; None for toylab and for hub benchmarks read from the hub."""
+    if config.eval.data:
+        return Path(config.eval.data)
+    if config.eval.benchmark != TOYLAB and get_benchmark(config.eval.benchmark).source == "local":
+        return Path(config.data.prompts) / "eval.jsonl"
+    return None
+
+
+class HeldOut:
+    """The run's held-out problems and how one model is graded on them (`accuracy`)."""
+
+    def __init__(self, config: RunConfig, tokenizer: PreTrainedTokenizerBase,
+                 stop_ids: list[int] | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.enabled = config.eval.problems > 0
+        self.source = ""
+        self.fingerprint: str | None = None
+        if not self.enabled:
+            self.problems: list = []
+        elif config.eval.benchmark == TOYLAB:
+            from tropd_cli.toylab.tasks import sample_problems
+
+            self.problems = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab,
+                                            held_out=True)
+            self.source = f"toylab held-out split, seed {config.eval.seed}"
+        else:
+            self.problems = self._benchmark_problems()
+
+    def _benchmark_problems(self) -> list[EvalProblem]:
+        config = self.config
+        benchmark = get_benchmark(config.eval.benchmark)
+        data = eval_data_path(config)
+        if data is not None and not data.is_file():
+            raise TropdError(f"eval.benchmark={benchmark.name} reads {data}, which does not exist; set eval.data "
+                             f"to a local JSONL copy (or eval.problems=0 for no held-out evaluation)")
+        problem_set = load_problems(benchmark, data, config.eval.seed, None)
+        problems = problem_set.problems
+        if len(problems) > config.eval.problems:  # a seeded subset, in the benchmark's order
+            keep = sorted(random.Random(config.eval.seed).sample(range(len(problems)), config.eval.problems))
+            problems = [problems[i] for i in keep]
+        self.source, self.fingerprint = problem_set.source, problem_set.fingerprint
+        return problems
+
+    def protocol(self) -> dict:
+        """What was asked and how, for summary.json and model cards."""
+        eval_ = self.config.eval
+        return {"benchmark": eval_.benchmark, "problems": len(self.problems), "k": eval_.k,
+                "temperature": eval_.temperature, "seed": eval_.seed, "source": self.source,
+                **({"fingerprint": self.fingerprint} if self.fingerprint else {})}
+
+    def accuracy(self, model: torch.nn.Module) -> float:
+        """avg@k of `model` on the held-out problems."""
+        config = self.config
+        if config.eval.benchmark == TOYLAB:
+            from tropd_cli.toylab.accuracy import toy_accuracy
+
+            return toy_accuracy(model, self.tokenizer, self.problems, k=config.eval.k,
+                                temperature=config.eval.temperature, max_new_tokens=config.rollout.max_new_tokens,
+                                seed=config.eval.seed, batch_size=config.rollout.batch_size).accuracy
+        n = 1 if config.eval.temperature == 0 else config.eval.k
+        thinking = {} if config.data.thinking is None else {"enable_thinking": config.data.thinking}
+        prompts = [chat_prompt_ids(self.tokenizer, problem.message, **thinking) for problem in self.problems]
+        params = SamplingParams(config.rollout.max_new_tokens, config.eval.temperature, 1.0)
+        rollouts, texts = generate_texts(model, self.tokenizer, prompts, n, params, config.eval.seed,
+                                         config.rollout.batch_size, self.stop_ids)
+        grades = grade_all([(self.problems[i], text) for i, text in zip(rollouts.prompt_index, texts)])
+        return sum(grade.correct for grade in grades) / max(1, len(grades))
