@@ -45,11 +45,11 @@ from tropd_cli.checkpoints import (
 from tropd_cli.config import RunConfig, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.precision import autocast_dtype
-from tropd_cli.engine.rollout import HFGenerateBackend
+from tropd_cli.engine.rollout import HFGenerateBackend, make_rollout_backend, student_engine_options
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError
 from tropd_cli.files import atomic_folder, atomic_write_json, atomic_write_text, prepare_output_dir
-from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
+from tropd_cli.models import LoraSpec, load_causal_lm, pick_device, resolve_model_path
 from tropd_cli.preflight import Preflight, check_before_distill
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
 from tropd_cli.toylab.accuracy import toy_accuracy
@@ -182,8 +182,10 @@ def _train(config: RunConfig, run_dir: Path, preflight: Preflight, summary: dict
     folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
     teacher, student = load_models(config, device, folder)
     mixed = autocast_dtype(config.train.autocast, device)
-    backend = HFGenerateBackend(student, tokenizer.pad_token_id, preflight.stop_ids, config.rollout.batch_size,
-                                autocast=mixed)
+    backend = make_rollout_backend(config.rollout.backend, student, tokenizer.pad_token_id, preflight.stop_ids,
+                                   config.rollout.batch_size, autocast=mixed,
+                                   model_path=resolve_model_path(config.student.model),
+                                   options=student_engine_options(config), adapter=config.student.lora.enabled)
     teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, preflight.stop_ids,
                                         config.rollout.batch_size, autocast=mixed)
     start_step = trainer_state["step"] if trainer_state is not None else 0
