@@ -208,6 +208,24 @@ def toylab_build(
     build_toylab(out, only=only, console=console)
 
 
+@app.command("serve-teacher")
+def serve_teacher(
+    preset: PresetOption,
+    start: Annotated[bool, typer.Option("--start", help="Run the server here, in the foreground, instead of "
+                                        "printing its command (needs vLLM in this environment).")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Print the vLLM server command that serves the preset's teacher for teacher.backend=server (at
+    teacher.url, with --max-logprobs for the objective's top-k); --start runs it."""
+    from tropd_cli.config import load_config
+    from tropd_cli.engine.teacher.server import format_command, start_server, teacher_server_command
+
+    command = teacher_server_command(load_config(preset, set_))
+    if start:
+        raise typer.Exit(start_server(command))
+    typer.echo(format_command(command))
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"tropd {__version__}")

@@ -21,13 +21,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.engine.scoring import SequenceBatch, TeacherStats
 from tropd_cli.engine.teacher.base import SERVED, sequences_of, stats_from_prompt_logprobs
 from tropd_cli.errors import TropdError, first_line
+
+if TYPE_CHECKING:
+    from tropd_cli.config import RunConfig
+
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 VOCABULARY_PROBES = 512  # token ids compared between the server and the local tokenizer
 MAX_LOGPROBS = re.compile(r"max allowed: (\d+)")
@@ -162,3 +167,32 @@ def server_command(model_path: str, url: str, dtype: str, max_logprobs: int, max
 def format_command(command: list[str]) -> str:
     """A command as one shell line."""
     return shlex.join(command)
+
+
+def teacher_server_command(config: RunConfig, python: str = "python") -> list[str]:
+    """The command that serves `config`'s teacher where `teacher.url` points (default 127.0.0.1:8000), with
+    log-probs enough for its objective's top-k."""
+    from tropd_cli.engine.objectives import get_objective
+    from tropd_cli.models import resolve_model_path
+
+    spec = get_objective(config.objective.name)
+    command = server_command(resolve_model_path(config.teacher.model), config.teacher.url or DEFAULT_URL,
+                             config.teacher.dtype, spec.top_k(config.objective), config.rollout.vllm_max_model_len,
+                             python=python)
+    return command + (["--trust-remote-code"] if config.teacher.trust_remote_code else [])
+
+
+def start_server(command: list[str]) -> int:
+    """Run the server in the foreground with this Python (where vLLM must be installed); its exit code."""
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is None:
+        from tropd_cli.engine.rollout.vllm import vllm_missing
+
+        raise TropdError(vllm_missing("tropd serve-teacher --start"))
+    try:
+        return subprocess.call([sys.executable, *command[1:]])
+    except KeyboardInterrupt:
+        return 130
