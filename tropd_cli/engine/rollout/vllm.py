@@ -25,6 +25,7 @@ of every sampled token (raw, before temperature and top-p, as the trainer scores
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -76,9 +77,14 @@ class EngineOptions:
 def start_engine(model_path: str, options: EngineOptions, setting: str) -> Any:
     """A `vllm.LLM` on `model_path` in this process; `setting` names the config key in the error when vLLM
     is missing."""
+    # vLLM's INFO lines (one per engine step on some paths) would bury tropd's progress bar.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     vllm = import_vllm(setting)
     # In process: collective_rpc then passes the training tensors by reference.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Every in-place reload warns that layers without checkpoint weights (the rotary embedding) "failed to load"
+    # and then restores them, as it should: not a message for a person watching a run.
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
     kwargs: dict[str, Any] = dict(
         model=model_path, dtype=options.dtype, seed=options.seed, enforce_eager=options.enforce_eager,
         gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
