@@ -42,13 +42,20 @@ def make_rollout_backend(kind: str, model: torch.nn.Module, pad_token_id: int, e
 
 
 def student_engine_options(config: RunConfig) -> EngineOptions:
-    """The vLLM engine settings of the student's rollouts (`rollout.vllm_*`, the student's dtype, the run's
-    seed, LoRA rank)."""
+    """The vLLM engine settings of the student's rollouts (`rollout.vllm_*`, the run's seed, the LoRA rank).
+
+    The engine computes in the dtype the trainer's forward passes use: the autocast dtype when there is one
+    (float32 master weights in bfloat16 on a GPU sample in bfloat16), else the student's.
+    """
+    from tropd_cli.engine.precision import autocast_dtype
     from tropd_cli.engine.rollout.vllm import EngineOptions
+    from tropd_cli.models import pick_device
 
     rollout, student = config.rollout, config.student
+    mixed = autocast_dtype(config.train.autocast, pick_device(config.train.device))
     return EngineOptions(
-        dtype=student.dtype, seed=config.train.seed, gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        dtype=str(mixed).removeprefix("torch.") if mixed is not None else student.dtype, seed=config.train.seed,
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
         sleep=rollout.vllm_sleep, max_model_len=rollout.vllm_max_model_len,
         enforce_eager=rollout.vllm_enforce_eager, kv_cache_gib=rollout.vllm_kv_cache_gib,
         lora_rank=student.lora.r if student.lora.enabled else None,
