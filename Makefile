@@ -44,7 +44,7 @@ test-main: install
 
 # One engine start-up per test module (module-scoped fixtures); vLLM's CPU worker binds its own threads.
 test-vllm: vllm-venv
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -m vllm
+	TROPD_VLLM_LANE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -m vllm
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not vllm"
