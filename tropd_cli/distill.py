@@ -49,13 +49,13 @@ from tropd_cli.checkpoints import (
 from tropd_cli.config import RunConfig, dotted, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine.precision import autocast_dtype
-from tropd_cli.engine.rollout import make_rollout_backend
+from tropd_cli.engine.rollout import make_rollout_backend, student_engine_options
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError, first_line
 from tropd_cli.evaluation.heldout import HeldOut
 from tropd_cli.export.card import student_card
 from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
-from tropd_cli.models import LoraSpec, load_causal_lm, pick_device
+from tropd_cli.models import LoraSpec, load_causal_lm, pick_device, resolve_model_path
 from tropd_cli.preflight import Preflight, check_before_distill
 from tropd_cli.runfolder import RunFolder, RunSummary
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
@@ -289,7 +289,9 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     teacher, student = load_models(config, device, folder)
     mixed = autocast_dtype(config.train.autocast, device)
     backend = make_rollout_backend(config.rollout.backend, student, tokenizer.pad_token_id, preflight.stop_ids,
-                                   config.rollout.batch_size, autocast=mixed)
+                                   config.rollout.batch_size, autocast=mixed,
+                                   model_path=resolve_model_path(config.student.model),
+                                   options=student_engine_options(config), adapter=config.student.lora.enabled)
     teacher_backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id, preflight.stop_ids,
                                            config.rollout.batch_size, autocast=mixed)
     start_step = trainer_state["step"] if trainer_state is not None else 0

@@ -142,13 +142,13 @@ TEACHER = {(2, 5, 6, 7): TeacherResponse([20, 21, 22, EOS], True), (2, 9): Teach
 
 def test_student_rollouts_are_scored_from_the_teacher_prefix(models, monkeypatch):
     scored = []
-    real_score_teacher = teacher.score_teacher
+    real_score_teacher = teacher.hf.score_teacher
 
     def spy(model, batch, *args, **kwargs):
         scored.append(batch.input_ids.clone())
         return real_score_teacher(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(teacher, "score_teacher", spy)
+    monkeypatch.setattr(teacher.hf, "score_teacher", spy)  # where the HF scorer looks it up
     student_backend = HFGenerateBackend(models.student, pad_token_id=0, eos_token_ids=[EOS])
     run = trainer.Trainer(guided_config(), models, student_backend, iter([PROMPTS] * 3),
                           teacher_responses=lambda prompts: [TEACHER[tuple(p)] for p in prompts])

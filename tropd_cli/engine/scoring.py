@@ -97,7 +97,7 @@ class TeacherStats:
     logprobs: torch.Tensor  # [tokens] tau_t
     topk_ids: torch.Tensor  # [tokens, k]
     topk_logprobs: torch.Tensor  # [tokens, k]
-    entropy: torch.Tensor  # [tokens]
+    entropy: torch.Tensor | None  # [tokens]; None from a served teacher (prompt log-probs hold no entropy)
     hidden: torch.Tensor | None = None  # [tokens, hidden] final hidden states, kept for full-vocab losses
 
 

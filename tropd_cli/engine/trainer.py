@@ -8,7 +8,9 @@ once per update, through the strategy's wrapped scorer module), compute the obje
 gradients over the micro-batches, divide them by the objective's normaliser summed over the whole rollout
 batch (so one optimizer step sees the batch's token-mean loss), clip, and step AdamW; then `sync` the
 rollout backend to the new weights. `updates_per_batch` such updates reuse the batch with
-rho_t = exp(s_t - sbar_t), sbar_t fixed at the sampling policy. Objectives that select tokens by student
+rho_t = exp(s_t - sbar_t), sbar_t fixed at the sampling policy (always the trainer's own forward pass; a
+sampler's log-probs, from vLLM, are only compared with it and, with `rollout.importance_correction: tis`,
+turned into a truncated importance weight). Objectives that select tokens by student
 entropy over the batch get a no-grad student pass first. Knows nothing about files, the command line, the
 backends' internals or the number of processes (that is the strategy's).
 """
@@ -24,7 +26,15 @@ import torch
 from tropd_cli.config import RunConfig
 from tropd_cli.engine import guidance
 from tropd_cli.engine.objectives import get_objective
-from tropd_cli.engine.objectives.base import Metrics, ObjectiveSpec, StepContext, TokenStats, entropy_threshold
+from tropd_cli.engine.objectives.base import (
+    Metrics,
+    ObjectiveOutput,
+    ObjectiveSpec,
+    StepContext,
+    TokenStats,
+    entropy_threshold,
+    mean_pair,
+)
 from tropd_cli.engine.precision import autocast, autocast_dtype
 from tropd_cli.engine.rollout import RolloutBackend, Rollouts, SamplingParams
 from tropd_cli.engine.schedules import make_scheduler
@@ -41,7 +51,7 @@ from tropd_cli.engine.scoring import (
 )
 from tropd_cli.engine.seeds import Stream, step_seed
 from tropd_cli.engine.strategy import SingleDevice
-from tropd_cli.engine.teacher import HFTeacherScorer, TeacherScorer, missing_capabilities
+from tropd_cli.engine.teacher import TeacherScorer, make_teacher_scorer, missing_capabilities
 from tropd_cli.errors import TropdError
 
 
@@ -95,6 +105,7 @@ class MicroBatch:
     teacher: TeacherStats | None = None
     sampled: StudentStats | None = None  # detached student stats of the sampling policy (sbar_t, entropy)
     prefix_mask: torch.Tensor | None = None  # [tokens] 1 on guidance-prefix tokens (guidance only)
+    sampler_logprobs: torch.Tensor | None = None  # [tokens] the sampler's log p (NaN: not sampled), vllm only
 
 
 def micro_batches(rollouts: Rollouts, prefix_lengths: list[int] | None, size: int, pad_token_id: int,
@@ -116,6 +127,9 @@ def micro_batches(rollouts: Rollouts, prefix_lengths: list[int] | None, size: in
         if prefix_lengths is not None:
             item.prefix_mask = guidance.prefix_token_mask([prefix_lengths[row] for row in rows],
                                                           [len(r) for r in responses]).to(device)
+        if rollouts.logprobs is not None:
+            item.sampler_logprobs = torch.tensor([lp for row in rows for lp in rollouts.logprobs[row]],
+                                                 dtype=torch.float32, device=device)
         micro.append(item)
     return micro
 
@@ -124,8 +138,9 @@ class Trainer:
     """Runs optimizer steps on a student against a frozen teacher.
 
     `backend` samples the student's rollouts; `teacher_backend` samples the teacher (seqkd, gkd's
-    off-policy steps, in-run teacher responses); `teacher_scorer` scores with the teacher (default: its
-    forward pass here); `strategy` trains across devices (default: one device).
+    off-policy steps, in-run teacher responses); `teacher_scorer` scores with the teacher (default: the
+    scorer of `teacher.backend`, for hf its forward pass here); `strategy` trains across devices (default:
+    one device).
     """
 
     def __init__(self, config: RunConfig, models: Models, backend: RolloutBackend,
@@ -143,8 +158,9 @@ class Trainer:
         dtype = autocast_dtype(config.train.autocast, models.device)
         self.autocast = lambda: autocast(models.device, dtype)
         chunk = config.train.logit_chunk_size
-        self.teacher_scorer = teacher_scorer or HFTeacherScorer(
-            models.teacher, chunk_positions(chunk, vocab_rows(models.teacher)), dtype, models.device)
+        self.teacher_scorer = teacher_scorer or make_teacher_scorer(
+            config.teacher.backend, models.teacher, chunk_positions(chunk, vocab_rows(models.teacher)), dtype,
+            config, models.device)
         check_wiring(config, self.spec, decoder_and_head(models.student)[1].weight.shape[0], self.teacher_scorer,
                      teacher_backend is not None, teacher_responses is not None)
         if config.train.gradient_checkpointing:
@@ -332,6 +348,8 @@ class Trainer:
                     divergence=student.divergence,
                 )
                 output = spec.loss(stats, config.objective, context)
+                if item.sampler_logprobs is not None:
+                    self._correct_for_sampler(item, output)
                 loss = output.per_token_loss.sum()
                 if item.prefix_mask is not None:
                     imitated = guidance.imitation(student.logprobs, item.prefix_mask,
@@ -353,6 +371,25 @@ class Trainer:
         scale = 1.0 / max(normaliser, 1.0)
         strategy.scale_gradients(self.trainable, scale)
         return loss_sum * scale, score_s
+
+
+    def _correct_for_sampler(self, item: MicroBatch, output: ObjectiveOutput) -> None:
+        """Compare the sampler's log-probs with the trainer's sbar_t and, with `importance_correction: tis`,
+        weight each sampled token's loss by w_t = min(exp(sbar_t - log p_sampler), tis_cap), detached.
+
+        sampler_logprob_gap = mean |log p_sampler - sbar_t| over the sampled tokens (a guidance prefix was not
+        sampled); tis_weight = mean w_t over them.
+        """
+        sampled = torch.isfinite(item.sampler_logprobs)
+        delta = torch.where(sampled, item.sampled.logprobs.detach().float() - item.sampler_logprobs,
+                            torch.zeros_like(item.sampler_logprobs))
+        count = sampled.float()
+        output.metrics["sampler_logprob_gap"] = mean_pair(delta.abs(), count)
+        rollout = self.config.rollout
+        if rollout.importance_correction == "tis":
+            weight = torch.where(sampled, delta.exp().clamp(max=rollout.tis_cap), torch.ones_like(delta))
+            output.per_token_loss = output.per_token_loss * weight.to(output.per_token_loss.dtype)
+            output.metrics["tis_weight"] = mean_pair(weight * count, count)
 
 
 def run_steps(trainer: Trainer, steps: int, on_step: Callable[[dict[str, float]], None]) -> None:

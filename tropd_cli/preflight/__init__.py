@@ -9,6 +9,9 @@ Checks run from tokenizers and model configs alone (no weights are read), so the
 - EOS and pad tokens: a student that stops on another token than the teacher learns never to stop;
 - chat template: prompts are formatted with the student's template and scored by the teacher, so both
   must have one and it must be the same;
+- backends: vLLM installed where asked for; the teacher backend returns what the objective needs (a
+  served teacher has no entropy or full logits); a teacher server answers, with the teacher's vocabulary
+  and enough prompt log-probs for the objective's top-k;
 - memory: a rough peak estimate (weights by dtype/quantization, gradients and AdamW states of the
   trainable parameters, the rollout KV cache, the scoring chunk's logits, the student's activations)
   against the device's free memory: a warning above 80% of it, a refusal above all of it.
@@ -48,6 +51,7 @@ from tropd_cli.preflight.memory import (
 )
 from tropd_cli.preflight.pairs import (
     Check,
+    backends_check,
     chat_template_check,
     embedding_check,
     objective_check,
@@ -61,7 +65,8 @@ from tropd_cli.preflight.pairs import (
 )
 
 __all__ = [
-    "Check", "MemoryEstimate", "Preflight", "activation_bytes", "chat_template_check", "check_before_distill",
+    "Check", "MemoryEstimate", "Preflight", "activation_bytes", "backends_check", "chat_template_check",
+    "check_before_distill",
     "checks_table", "doctor", "embedding_check", "estimate_memory", "free_memory", "gib", "kv_cache_bytes",
     "longest_prompt", "longest_prompt_of", "lora_parameters", "memory_check", "memory_table", "objective_check",
     "prompts_check",
@@ -93,7 +98,7 @@ def run_preflight(config: RunConfig) -> Preflight:
     checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs, config.teacher.allow_template_mismatch)
     prompts, prepared = prompts_check(config, student_tokenizer)
     checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts, objective_check(config, configs),
-               weights_check(config), sampling_check(config)]
+               weights_check(config), sampling_check(config), backends_check(config, teacher_tokenizer)]
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))

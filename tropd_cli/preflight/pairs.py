@@ -184,3 +184,37 @@ def sampling_check(config: RunConfig) -> Check:
     return Check("sampling", detail, warning=(
         f"rollouts are sampled at {detail}, but r_t, rho_t and the trust test use the student's and teacher's "
         "temperature-1 log-probs (as in the paper); set rollout.temperature=1 and rollout.top_p=1 to match them"))
+
+
+def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase) -> Check:
+    """The rollout and teacher backends can serve this run: vLLM is installed where one is asked for, the
+    teacher backend returns what the objective needs (a served teacher gives log-probs and top-k only), and a
+    teacher server answers, serves the teacher's vocabulary and gives the objective's top-k log-probs."""
+    from importlib.util import find_spec
+
+    from tropd_cli.engine.rollout.vllm import vllm_missing
+    from tropd_cli.engine.teacher import BACKEND_CAPABILITIES, backend_missing
+
+    spec = get_objective(config.objective.name)
+    rollout, teacher = config.rollout.backend, config.teacher.backend
+    detail = f"rollouts {rollout}, teacher {teacher}"
+    missing = backend_missing(spec.teacher_needs(), BACKEND_CAPABILITIES[teacher])
+    if missing:
+        return Check("backends", detail, error=f"objective.name={spec.name} needs the teacher's "
+                     f"{', '.join(missing)}, which teacher.backend={teacher} cannot return; use teacher.backend=hf")
+    for setting in (f"rollout.backend={rollout}", f"teacher.backend={teacher}"):
+        if setting.endswith("=vllm") and find_spec("vllm") is None:
+            return Check("backends", detail, error=vllm_missing(setting))
+    if teacher == "server":
+        from tropd_cli.engine.teacher.server import ServerClient, check_server
+
+        client = ServerClient(config.teacher.url, timeout_s=min(config.teacher.timeout_s, 10.0), retries=1)
+        try:
+            detail += f" ({check_server(client, teacher_tokenizer, spec.top_k(config.objective), spec.top_k_option)})"
+        except TropdError as error:
+            return Check("backends", detail, error=str(error))
+    if rollout == "vllm" and config.student.quantization != "none":
+        return Check("backends", detail, warning="vLLM 0.32 has no bitsandbytes loader: its engine samples from "
+                     "the unquantized base under the student's adapter; watch sampler_logprob_gap, and consider "
+                     "rollout.importance_correction=tis")
+    return Check("backends", detail)

@@ -29,13 +29,17 @@ class Rollouts:
 
     `prompt_index[i]` is the prompt that response i continues; `finished[i]` is False when the response
     hit `max_new_tokens` before an EOS token. Responses include their EOS token when finished and no
-    padding.
+    padding. A backend whose sampler computes its own log-probs (vLLM) may fill `logprobs[i][j]`, the
+    sampler's log p of response token j (NaN where the sampler did not choose the token, e.g. a guidance
+    prefix); the trainer compares them with its own (`sampler_logprob_gap`) and may correct for the
+    difference, but never trains on them.
     """
 
     prompt_ids: list[list[int]]
     prompt_index: list[int]
     response_ids: list[list[int]]
     finished: list[bool]
+    logprobs: list[list[float]] | None = None
 
 
 class RolloutBackend(Protocol):

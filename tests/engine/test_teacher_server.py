@@ -1,0 +1,141 @@
+"""The served teacher without vLLM: the prompt-log-prob conversion, the HTTP client's retries and all-or-nothing
+answers against a tiny fake server on the loopback, and the command `tropd serve-teacher` prints."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from tropd_cli import cli
+from tropd_cli.engine.scoring import build_sequences
+from tropd_cli.engine.teacher import stats_from_prompt_logprobs
+from tropd_cli.engine.teacher.server import ServerTeacherScorer
+from tropd_cli.errors import TropdError
+
+BATCH = build_sequences([[5, 6], [7]], [[8, 9], [10]], pad_token_id=0)
+
+
+def position(token, others):
+    """A prompt-log-prob entry: the token at rank 3 and `others` (id -> log-prob) ranked first."""
+    entry = {other: (value, rank + 1) for rank, (other, value) in enumerate(others.items())}
+    entry.setdefault(token, (-5.0, 3))
+    return entry
+
+
+def scored(sequence):
+    return [None] + [position(token, {100 + token: -0.1, 200 + token: -0.5}) for token in sequence[1:]]
+
+
+def test_prompt_logprobs_become_the_sampled_tokens_logprob_and_the_top_k_in_scoring_order():
+    stats = stats_from_prompt_logprobs(BATCH, [scored([5, 6, 8, 9]), scored([7, 10])], top_k=2)
+    assert stats.logprobs.tolist() == [-5.0, -5.0, -5.0]  # tokens 8, 9 of row 0, then 10 of row 1
+    assert stats.topk_ids.tolist() == [[108, 208], [109, 209], [110, 210]]
+    assert torch.allclose(stats.topk_logprobs, torch.tensor([[-0.1, -0.5]] * 3))
+    assert stats.entropy is None and stats.hidden is None
+
+
+def test_a_partial_score_is_refused():
+    with pytest.raises(ValueError, match="sequence 1: 1 scored positions for 2 tokens"):
+        stats_from_prompt_logprobs(BATCH, [scored([5, 6, 8, 9]), [None]], top_k=2)
+    with pytest.raises(ValueError, match="1 log-probs, not the top 2"):
+        thin = [None] + [{token: (-1.0, 1)} for token in (6, 8, 9)]
+        stats_from_prompt_logprobs(BATCH, [thin, scored([7, 10])], top_k=2)
+
+
+class FakeServer:
+    """A loopback HTTP server answering /v1/models and /v1/completions from `answers` (status, body) in turn."""
+
+    def __init__(self, answers):
+        self.answers, self.requests = list(answers), []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._reply(200, {"data": [{"id": "teacher"}]})
+
+            def do_POST(self):
+                owner.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self._reply(*owner.answers.pop(0))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def completions(per_sequence):
+    return {"choices": [{"index": i, "prompt_logprobs": [None if p is None else {str(t): {"logprob": v, "rank": r}
+                                                                                 for t, (v, r) in p.items()}
+                                                          for p in entries]}
+                        for i, entries in enumerate(per_sequence)]}
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def make(answers):
+        servers.append(FakeServer(answers))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_the_scorer_retries_server_errors_then_scores(fake):
+    good = completions([scored([5, 6, 8, 9]), scored([7, 10])])
+    server = fake([(503, {"error": {"message": "busy"}}), (502, {}), (200, good)])
+    stats = ServerTeacherScorer(server.url, retries=2, backoff_s=0.01).score(BATCH, 2)
+    assert stats.topk_ids.tolist() == [[108, 208], [109, 209], [110, 210]]
+    assert len(server.requests) == 3
+    assert server.requests[-1] == {"model": "teacher", "prompt": [[5, 6, 8, 9], [7, 10]], "max_tokens": 1,
+                                   "temperature": 0.0, "prompt_logprobs": 2}
+
+
+def test_a_server_that_keeps_failing_stops_the_run_in_one_line(fake):
+    server = fake([(500, {"error": {"message": "engine dead"}})] * 2)
+    with pytest.raises(TropdError) as error:
+        ServerTeacherScorer(server.url, retries=1, backoff_s=0.01).score(BATCH, 2)
+    assert str(error.value).startswith(f"teacher server {server.url} did not answer /v1/completions after 2 tries "
+                                       "(HTTP 500: engine dead)")
+
+
+def test_a_partial_answer_is_never_trained_on(fake):
+    server = fake([(200, completions([scored([5, 6, 8, 9])]))])
+    with pytest.raises(TropdError, match=r"returned a partial score \(1 scored sequences for a batch of 2\)$"):
+        ServerTeacherScorer(server.url, retries=0).score(BATCH, 2)
+
+
+def test_a_refused_request_is_not_retried_and_says_why(fake):
+    server = fake([(400, {"error": {"message": "Token id 5 is out of vocabulary"}})])
+    with pytest.raises(TropdError) as error:
+        ServerTeacherScorer(server.url, retries=3).score(BATCH, 2)
+    assert str(error.value) == (f"teacher server {server.url} refused a scoring request: Token id 5 is out of "
+                                "vocabulary")
+    assert len(server.requests) == 1
+
+
+def test_serve_teacher_prints_the_exact_server_command(capsys):
+    assert cli.main(["serve-teacher", "-p", "toylab", "--set", "teacher.url=http://127.0.0.1:8123",
+                     "--set", "rollout.vllm_max_model_len=512"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("python -m vllm.entrypoints.openai.api_server --model ")
+    assert out.endswith("/toylab/assets/teacher --host 127.0.0.1 --port 8123 --dtype float32 --max-logprobs 64 "
+                        "--max-model-len 512")

