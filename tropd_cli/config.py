@@ -192,6 +192,11 @@ class TrainConfig(Section):
                                   "the end and on Ctrl-C); 0: only at the end and on Ctrl-C.")
     checkpoint_keep: int = Field(2, ge=0, description="Newest checkpoints kept in checkpoints/ (0: all).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+    strategy: Literal["auto", "single", "ddp", "fsdp2"] = Field(
+        "auto", description="How the student trains on the processes torchrun starts (`--nproc N`): single "
+        "(one process), ddp (a whole replica per rank, gradients summed), fsdp2 (weights, gradients and AdamW "
+        "states sharded over the ranks); auto: single on one process, else fsdp2 for a full student and ddp "
+        "for LoRA/QLoRA.")
 
     @field_validator("logit_chunk_size", mode="before")
     @classmethod

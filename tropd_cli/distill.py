@@ -9,6 +9,11 @@ checkpoint; a second one stops at once, still saving the student and the summary
 `tropd distill --resume RUN` continues from the newest checkpoint (or `--from-step N`), after checking its
 files' sha256 and that only RESUMABLE_KEYS changed. The checks of `tropd doctor` run first. The layout is
 `runfolder.RunFolder`'s; the folder is locked for the whole run and replaced only whole (`files.OwnedFolder`).
+
+Under torchrun (`--nproc N`, or torchrun itself across nodes) every rank runs this same code: all of them
+load the pair, train their share of each step and take part in gathering a sharded student's state, while
+rank 0 alone claims and writes the run folder, prints and logs (`engine/distributed.py`). A resumed run
+needs the world size it was trained with.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from rich.table import Table
 from tropd_cli import __version__
 from tropd_cli.checkpoints import (
     DamagedCheckpoint,
+    checkpoint_dir,
     config_sha256,
     list_checkpoints,
     load_checkpoint,
@@ -48,8 +54,10 @@ from tropd_cli.checkpoints import (
 )
 from tropd_cli.config import RunConfig, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
+from tropd_cli.engine import distributed
 from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.rollout import make_rollout_backend
+from tropd_cli.engine.strategy import GatheredBackend, SingleDevice, make_strategy
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError, first_line
 from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
@@ -95,8 +103,15 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
     sibling that holds the new one (resumable with `--resume`).
     """
     console = console or Console()
+    if not distributed.is_writer():
+        console = Console(quiet=True)
     preflight = check_before_distill(config, console)
     run_dir = run_dir_for(config, preset, out)
+    if not distributed.is_writer():  # rank 0 claims, writes and replaces the folder
+        summary = new_summary(config, preset)
+        result = _train(config, RunFolder(run_dir), preflight, summary, console, checkpoint=None,
+                        final=RunFolder(run_dir))
+        return RunResult(run_dir, result.summary)
     with OwnedFolder(run_dir, "distill") as owned:
         owned.claim(overwrite)
         replacing = owned.needs_replacement
@@ -105,11 +120,7 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
         else:
             owned.create_in_place()
             run = RunFolder(run_dir)
-        resolved = config.model_dump(mode="json")
-        summary = RunSummary(preset=preset, objective=config.objective.name, seed=config.train.seed,
-                             steps=config.train.steps, student_base_model=config.student.model,
-                             student_format="adapter" if config.student.lora.enabled else "full",
-                             config_sha256=config_sha256(resolved))
+        summary = new_summary(config, preset)
         try:
             write_config(run, config, preset)
             result = _train(config, run, preflight, summary, console, checkpoint=None, final=RunFolder(run_dir))
@@ -129,6 +140,14 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
     return RunResult(run_dir, result.summary)
 
 
+def new_summary(config: RunConfig, preset: str) -> RunSummary:
+    """The summary of a fresh run, before its first step."""
+    return RunSummary(preset=preset, objective=config.objective.name, seed=config.train.seed,
+                      steps=config.train.steps, student_base_model=config.student.model,
+                      student_format="adapter" if config.student.lora.enabled else "full",
+                      config_sha256=config_sha256(config.model_dump(mode="json")))
+
+
 def resume(run_dir: Path, overrides: list[str] | None = None, console: Console | None = None,
            from_step: int | None = None) -> RunResult:
     """Continue a run from its newest checkpoint (or the one of `from_step`) with its own config.yaml; only
@@ -136,14 +155,18 @@ def resume(run_dir: Path, overrides: list[str] | None = None, console: Console |
     `overrides`, such as more train.steps, or an edited config.yaml). The steps it redoes give the metrics an
     uninterrupted run would have given."""
     console = console or Console()
+    if not distributed.is_writer():
+        console = Console(quiet=True)
     run = RunFolder(run_dir)
     if not run.is_run():
         raise TropdError(f"{run_dir} is not a run folder (no config.yaml)")
     with OwnedFolder(run_dir, "distill --resume") as owned:
-        owned.lock_in_place()
+        if distributed.is_writer():  # the other ranks only read the folder rank 0 holds
+            owned.lock_in_place()
         config = load_config_file(run.config, overrides)
         step, folder = _checkpoint_to_resume(run, from_step)
         state, trainer_state = _load_resumable(run, step, folder)
+        _check_world_size(run_dir, trainer_state.get("world_size", 1))
         resolved = config.model_dump(mode="json")
         _check_unchanged(run_dir, state.get("config"), resolved)
         if step >= config.train.steps:
@@ -162,6 +185,16 @@ def resume(run_dir: Path, overrides: list[str] | None = None, console: Console |
         console.print(f"resuming {run_dir} from step {step} of {config.train.steps}", highlight=False)
         result = _train(config, run, preflight, summary, console, checkpoint=(folder, trainer_state), final=run)
     return RunResult(run_dir, result.summary)
+
+
+def _check_world_size(run_dir: Path, trained_on: int) -> None:
+    """A run resumes on the number of processes it was trained with (sharded optimizer states and the
+    ranks' shares of each step depend on it)."""
+    running = distributed.world_size()
+    if trained_on != running:
+        how = f"with --nproc {trained_on}" if trained_on > 1 else "in one process (without --nproc)"
+        raise TropdError(f"{run_dir} was trained on {trained_on} process{'es' if trained_on > 1 else ''} and "
+                         f"this resume runs {running}; resume it {how}")
 
 
 def _checkpoint_to_resume(run: RunFolder, from_step: int | None) -> tuple[int, Path]:
@@ -216,6 +249,8 @@ def _short(value: object) -> str:
 
 
 def write_config(run: RunFolder, config: RunConfig, preset: str) -> None:
+    if not distributed.is_writer():
+        return
     with writing(str(run.config)):
         atomic_write_text(run.config, f"# tropd {__version__}, preset {preset}\n" + to_yaml(config))
 
@@ -269,14 +304,17 @@ def _train(config: RunConfig, run: RunFolder, preflight: Preflight, summary: Run
     folder it replaces at the end)."""
     started = time.perf_counter() - summary.train_seconds
     try:
-        return _run_loop(config, run, preflight, summary, console, checkpoint, final, started)
+        device = distributed.rank_device(pick_device(config.train.device))
+        with distributed.process_group(device):
+            return _run_loop(config, run, preflight, summary, console, checkpoint, final, started, device)
     except BaseException as error:
         _record_end(run, summary, error, started)
         raise
 
 
 def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: RunSummary, console: Console,
-              checkpoint: tuple[Path, dict] | None, final: RunFolder, started: float) -> RunResult:
+              checkpoint: tuple[Path, dict] | None, final: RunFolder, started: float, device: torch.device
+              ) -> RunResult:
     _write_summary(run, summary, started)  # status running, from the first moment
     tokenizer = preflight.student_tokenizer
     if config.train.threads:
@@ -289,7 +327,8 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
             console.print(f"[yellow]trust_remote_code is on:[/] {section.model} runs its own Python code",
                           highlight=False, soft_wrap=True)
 
-    device = pick_device(config.train.device)
+    strategy = make_strategy(config.train.strategy, config.student.lora.enabled, config.rollout.prompts_per_step,
+                             device)
     folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
     teacher, student = load_models(config, device, folder)
     mixed = autocast_dtype(config.train.autocast, device)
@@ -298,28 +337,37 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     teacher_backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id, preflight.stop_ids,
                                            config.rollout.batch_size, autocast=mixed)
     start_step = trainer_state["step"] if trainer_state is not None else 0
-    trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
-                      prompt_batches(config, tokenizer, start_step, preflight.prepared),
+    trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device),
+                      GatheredBackend(backend, strategy),
+                      prompt_batches(config, tokenizer, start_step, preflight.prepared, strategy.rank,
+                                     strategy.world_size),
                       teacher_backend=teacher_backend,
-                      teacher_responses=teacher_response_source(config, teacher_backend, preflight.prepared))
+                      teacher_responses=teacher_response_source(config, teacher_backend, preflight.prepared),
+                      strategy=strategy)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         restore_random_states(trainer_state["random"])
-        truncate_metrics(run.metrics, start_step)
+        if distributed.is_writer():
+            truncate_metrics(run.metrics, start_step)
 
     held_out = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab, held_out=True)
 
     def accuracy(model: torch.nn.Module) -> float:
-        return toy_accuracy(model, tokenizer, held_out, k=config.eval.k, temperature=config.eval.temperature,
-                            max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
-                            batch_size=config.rollout.batch_size).accuracy
+        with strategy.gathered():  # every rank evaluates (a sharded student generates whole)
+            return toy_accuracy(model, tokenizer, held_out, k=config.eval.k, temperature=config.eval.temperature,
+                                max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
+                                batch_size=config.rollout.batch_size).accuracy
 
     resolved = config.model_dump(mode="json")
 
     def save_checkpoint_now() -> Path:
         summary.train_seconds = round(time.perf_counter() - started, 2)
-        return save_checkpoint(run.path, trainer.step, student, tokenizer, trainer.state_dict(), summary,
-                               config.train.checkpoint_keep, resolved)
+        trainer_state = trainer.state_dict()  # every rank: a sharded state is gathered to rank 0
+        weights = strategy.model_state_dict()
+        if not distributed.is_writer():
+            return checkpoint_dir(run.path, trainer.step)
+        return save_checkpoint(run.path, trainer.step, student, tokenizer, trainer_state, summary,
+                               config.train.checkpoint_keep, resolved, weights)
 
     if checkpoint is None and config.eval.problems:
         with console.status("evaluating before training"):
@@ -329,14 +377,14 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), console=console)
-    sinks = open_sinks(config, run, start_step, summary)
+    sinks = open_sinks(config, run, start_step, summary) if distributed.is_writer() else []
     stop = StopAfterStep(console)
     try:
         with progress, stop:
             task = progress.add_task("distill", total=config.train.steps, completed=start_step, info="")
             while trainer.step < config.train.steps:
                 record = trainer.train_step()
-                diverged = non_finite(record, student)
+                diverged = non_finite(record, student, strategy)
                 if diverged:
                     raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "
                                      f"stopped; lower train.lr (now {config.train.lr:g}) and start again")
@@ -349,17 +397,18 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                                 f"trust {record.get('trust_fraction', float('nan')):.3f} "
                                 f"len {record['response_length']:.1f}")
                 every = config.train.checkpoint_every
+                stop.requested = strategy.any(stop.requested)  # every rank stops after the same step
                 if stop.requested or trainer.step == config.train.steps or (every and trainer.step % every == 0):
                     saved = save_checkpoint_now()
                 if stop.requested:
                     summary.status = "interrupted"
-                    _save_student(run, student, tokenizer, summary, final)
+                    _save_student(run, student, tokenizer, summary, final, strategy)
                     _write_summary(run, summary, started)
                     raise Interrupted(f"stopped after step {trainer.step}; checkpoint saved in {saved}; "
                                       f"continue with: tropd distill --resume {run.path}")
     except KeyboardInterrupt:
         summary.status = "interrupted"
-        _save_student(run, student, tokenizer, summary, final)
+        _save_student(run, student, tokenizer, summary, final, strategy, gather=False)
         _write_summary(run, summary, started)
         newest = list_checkpoints(run.path)
         where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
@@ -371,32 +420,52 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
         if config.eval.problems:
             summary.student_accuracy_after = accuracy(student)
     if config.output.save_model:
-        _save_student(run, student, tokenizer, summary, final)
+        _save_student(run, student, tokenizer, summary, final, strategy)
     summary.status = "finished"
     _write_summary(run, summary, started)
     print_summary(console, final.path, summary)
     return RunResult(final.path, summary.to_json())
 
 
-def non_finite(record: dict[str, float], student: torch.nn.Module) -> str | None:
-    """What went non-finite in a step, if anything: the loss, the gradient norm, or the updated weights."""
+def non_finite(record: dict[str, float], student: torch.nn.Module, strategy: SingleDevice | None = None
+               ) -> str | None:
+    """What went non-finite in a step, if anything: the loss, the gradient norm, or the updated weights (on
+    any rank: each checks the weights it holds)."""
     for name in ("loss", "grad_norm"):
         if not math.isfinite(record[name]):
             return f"{name.replace('_', ' ')} is {record[name]}"
-    sums = [parameter.detach().sum().float() for parameter in student.parameters() if parameter.requires_grad]
-    if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
-        return "the updated weights are not finite"
-    return None
+    sums = [_local(parameter.detach()).sum().float() for parameter in student.parameters()
+            if parameter.requires_grad]
+    finite = not sums or bool(torch.isfinite(torch.stack(sums)).all())
+    if strategy is not None:
+        finite = not strategy.any(not finite)
+    return None if finite else "the updated weights are not finite"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _save_student(run: RunFolder, student: torch.nn.Module, tokenizer, summary: RunSummary,
-                  final: RunFolder) -> None:
+                  final: RunFolder, strategy: SingleDevice | None = None, gather: bool = True) -> None:
+    """Save the final student (rank 0; a sharded student is first gathered from every rank, which a second
+    Ctrl-C, `gather=False`, cannot wait for: then only the checkpoints hold it)."""
+    weights = None
+    if strategy is not None and strategy.sharded:
+        if not gather:
+            return
+        weights = strategy.model_state_dict()
+    if not distributed.is_writer():
+        return
     with writing(f"the student {run.student}"):
-        atomic_folder(run.student, lambda folder: save_student(folder, student, tokenizer))
+        atomic_folder(run.student, lambda folder: save_student(folder, student, tokenizer, weights))
     summary.student_path = str(final.student)
 
 
 def _write_summary(run: RunFolder, summary: RunSummary, started: float) -> None:
+    if not distributed.is_writer():
+        return
     summary.train_seconds = round(time.perf_counter() - started, 2)
     with writing(str(run.summary)):
         run.write_summary(summary)
