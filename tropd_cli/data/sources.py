@@ -4,10 +4,10 @@
 chat-formatted prompts per step, starting at step `start_step` (a resumed run continues where it stopped):
 from the built-in toy-task generator (`data.prompts: toylab`, seeded by train.seed) or from a folder
 written by `tropd prepare` (`data.prompts: PATH`; see `prepared.py` for the order). Either way the
-batches are a pure function of the configuration and the step. Under torchrun each rank takes its slice
-of every step's prompts (`rank`, `world_size`), so that N ranks together see the one-process batch. `teacher_response_source` answers
-guidance's and `sft`'s one teacher response per prompt: the prepared folder's teacher drafts when it has
-them, else responses sampled in the run and cached.
+batches are a pure function of the configuration and the step; under torchrun each rank takes its slice
+of every step's prompts (`rank`, `world_size`), so that N ranks together see the one-process batch.
+`teacher_response_source` answers guidance's and `sft`'s one teacher response per prompt: the prepared
+folder's teacher drafts when it has them, else responses sampled in the run and cached.
 """
 
 from __future__ import annotations
