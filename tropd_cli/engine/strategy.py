@@ -238,7 +238,11 @@ class FSDP2(_Distributed):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         whole = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {name.removeprefix("model."): value for name, value in whole.items()}
+        # A tied weight (the head sharing the embeddings) comes back once per name as separate copies; keep
+        # the first name, as save_pretrained does when the two are one tensor.
+        unique = {name for name, _ in self.module.named_parameters()}
+        tied = {name for name, _ in self.module.named_parameters(remove_duplicate=False)} - unique
+        return {name.removeprefix("model."): value for name, value in whole.items() if name not in tied}
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
