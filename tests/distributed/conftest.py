@@ -64,10 +64,12 @@ def student_weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def single_process_runs(tmp_path_factory) -> Callable[[tuple[str, ...]], Path]:
     """The one-process run of PARITY + settings, made once per settings."""
+    import io
+
+    from rich.console import Console
+
     from tropd_cli.config import load_config
     from tropd_cli.distill import distill
-    from rich.console import Console
-    import io
 
     made: dict[tuple[str, ...], Path] = {}
 
