@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tropd_cli import __version__
@@ -282,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug["on"]:
             err.print_exception()
         # Under torchrun every rank meets the same user error; rank 0 says it. Other failures may be one
-        # rank's own, so each rank says its own.
-        if rank == 0 or not isinstance(error, TropdError):
+        # rank's own, so each rank says its own, except the lost connection to a rank that died: the
+        # launcher names that one.
+        from tropd_cli.engine.distributed import lost_peer
+
+        if (rank == 0 or not isinstance(error, TropdError)) and not lost_peer(error):
             where = f"rank {rank}: " if rank else ""
-            err.print(f"[red]error:[/] {where}{one_line(error)}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(where + one_line(error))}", highlight=False, soft_wrap=True)
         return 2 if isinstance(error, TropdError) and not isinstance(error, WriteError) else 1
     return 0
 

@@ -16,9 +16,11 @@ CASES = {
     "ddp-qlora": ("train.strategy=ddp", "student.lora.enabled=true", "student.lora.r=4",
                   "student.quantization=4bit"),
 }
+SLOW = {"fsdp2-lora", "ddp-qlora"}  # ~13 s each; `make test` runs them
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case
+                                  for case in CASES])
 def test_two_ranks_equal_one_process(case, single_process_runs, tmp_path):
     settings = CASES[case]
     reference = single_process_runs(settings)

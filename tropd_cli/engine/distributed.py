@@ -76,6 +76,15 @@ def process_group(device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+# How a collective fails when a peer process is gone (gloo's and NCCL's words).
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is this rank losing a peer that died (the launcher reports the rank that died)."""
+    return world_size() > 1 and isinstance(error, RuntimeError) and any(words in str(error) for words in LOST_PEER)
+
+
 # Seconds the agent lets the ranks finish after a Ctrl-C (they finish the step and checkpoint) before it
 # kills them.
 SHUTDOWN_TIMEOUT_S = 600
@@ -105,6 +114,10 @@ def launch(nproc: int, tropd_args: list[str]) -> int:
         return 130  # Ctrl-C: the ranks stopped after their step and printed how to resume
     except ChildFailedError as error:
         failed_rank, failure = error.get_first_failure()
+        killed = {rank: failure for rank, failure in error.failures.items()
+                  if failure.exitcode < 0 and failure.signal_name() != "SIGTERM"}  # SIGTERM: stopped by the agent
+        if killed:
+            failed_rank, failure = min(killed.items(), key=lambda item: item[1].timestamp)
         if failure.exitcode > 0:
             return failure.exitcode  # the rank printed its own error line
         err.print(f"[red]error:[/] rank {failed_rank} of {nproc} died ({failure.signal_name()}); the other ranks "

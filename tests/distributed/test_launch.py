@@ -1,0 +1,79 @@
+"""Stopping and resuming on two ranks; the launcher's one line for a rank that dies; unequal rollouts.
+
+A rank killed with SIGKILL after the step-2 checkpoint brings the other down within seconds and the
+launcher says which rank died in one line; `--resume --nproc 2` then finishes the run with exactly the
+metrics and weights of the uninterrupted two-rank run; a resume on another number of processes is refused
+in one line.
+"""
+
+import io
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from conftest import PARITY, ROOT, metrics, rank_env, run_tropd, set_args, student_weights, tropd_command
+from rich.console import Console
+
+from tropd_cli.distill import resume
+from tropd_cli.errors import TropdError
+
+STEPS = ["train.steps=10", "train.checkpoint_every=2", "train.checkpoint_keep=0", "train.strategy=fsdp2"]
+
+
+def rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
+    for child in launcher.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "tropd_cli" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank {rank} among the launcher's processes")
+
+
+def test_a_killed_rank_stops_the_run_in_one_line_and_resume_equals_uninterrupted(tmp_path):
+    settings = [*PARITY, *STEPS]
+    reference = tmp_path / "uninterrupted"
+    done = run_tropd("distill", "-p", "toylab", *set_args(settings), "--out", str(reference), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(tropd_command("distill", "-p", "toylab", *set_args(settings), "--out", str(out),
+                                              "--nproc", "2"),
+                                env=rank_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "checkpoints" / "step-000002").is_dir():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.005)
+    rank_process(psutil.Process(launcher.pid), 1).kill()
+    killed = time.monotonic()
+    _, err = launcher.communicate(timeout=60)
+    assert time.monotonic() - killed < 15
+    assert launcher.returncode == 1
+    assert "error: rank 1 of 2 died (SIGKILL); the other ranks were stopped" in err
+    assert err.count("error") == 1, err
+    assert len(metrics(out)) < 10  # the kill came before the end
+
+    with pytest.raises(TropdError, match=f"^{out} was trained on 2 processes and this resume runs 1; resume it "
+                                         "with --nproc 2$"):
+        resume(out, console=Console(file=io.StringIO()))
+
+    done = run_tropd("distill", "--resume", str(out), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = ("loss", "grad_norm", "kl_k1", "response_length")
+    assert len(metrics(out)) == 10 and metrics(out, names) == metrics(reference, names)
+    before, after = student_weights(reference), student_weights(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_ranks_generating_different_lengths_do_not_wait_for_each_other():
+    """Under FSDP2, rank 0 generates 4 tokens and rank 1 twelve, then both score and step together."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(ROOT / "tests" / "distributed" / "unequal_generation.py")],
+                          env=rank_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank"))
+    assert lines[0].startswith("rank 0: 4 new tokens, grad norm ")
+    assert lines[1].startswith("rank 1: 12 new tokens, grad norm ")
+    assert lines[0].split("grad norm ")[1] == lines[1].split("grad norm ")[1]

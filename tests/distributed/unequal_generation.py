@@ -1,0 +1,26 @@
+"""Run by test_launch.py under torchrun: ranks generate different numbers of tokens with a sharded
+student, then train one step together (a hang here would time the test out)."""
+
+import torch
+
+from tropd_cli.engine import distributed
+from tropd_cli.engine.scoring import StudentScorer, build_sequences
+from tropd_cli.engine.strategy import make_strategy
+from tropd_cli.models import load_causal_lm
+
+torch.set_num_threads(1)
+device = torch.device("cpu")
+with distributed.process_group(device):
+    strategy = make_strategy("fsdp2", lora=False, prompts_per_step=2, device=device)
+    student = load_causal_lm("toylab:student", "float32", device, trainable=True)
+    scorer = strategy.wrap(StudentScorer(student, 64))
+    new_tokens = 4 + 8 * strategy.rank
+    with strategy.gathered():
+        output = student.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    response = output[0, 3:].tolist()
+    stats = scorer(build_sequences([[5, 6, 7]], [response], 0), torch.zeros((len(response), 4), dtype=torch.long))
+    stats.logprobs.sum().backward()
+    trainable = [p for p in scorer.parameters() if p.requires_grad]
+    grad_norm = strategy.clip_and_step(trainable, torch.optim.AdamW(trainable, lr=1e-3), 1.0)
+    print(f"rank {strategy.rank}: {len(response)} new tokens, grad norm {grad_norm:.6f}", flush=True)
