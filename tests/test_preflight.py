@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
@@ -178,3 +179,23 @@ def test_allowed_template_mismatch_is_a_warning(random_pair_dir, tmp_path, capsy
 
     check = next(c for c in run_preflight(load_config("toylab", args[1::2])).checks if c.name == "chat template")
     assert check.status == "warn" and check.warning == f"{message} (allowed by teacher.allow_template_mismatch)"
+
+
+def test_doctor_nproc_estimates_memory_per_rank_for_the_strategy(capsys):
+    """fsdp2 splits the student's weights, gradients and AdamW states over the ranks but gathers the whole
+    student to generate; ddp (auto for LoRA) keeps every rank whole; both split the rollouts."""
+    assert cli.main(["doctor", "-p", "toylab", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank, fsdp2 on 2 processes" in out and "1/2 per rank" in out
+    assert "student weights gathered whole while generating" in out
+    config = load_config("toylab")
+    teacher, student = (new_toy_model(size, seed=0) for size in ("teacher", "student"))
+    one, two = (preflight.estimate_memory(config, torch.device("cpu"), teacher, student, 20, free=2**40, nproc=n)
+                for n in (1, 2))
+    rows_one, rows_two = dict(one.rows), {label.replace(", 1/2 per rank", ""): size for label, size in two.rows}
+    gradients = next(label for label in rows_one if label.startswith("gradients"))
+    assert rows_two[gradients] == rows_one[gradients] // 2
+    assert two.ranks == "per rank, fsdp2 on 2 processes" and one.ranks == ""
+    lora = load_config("toylab", ["student.lora.enabled=true"])
+    assert preflight.estimate_memory(lora, torch.device("cpu"), teacher, student, 20, free=2**40,
+                                     nproc=2).ranks == "per rank, ddp on 2 processes"

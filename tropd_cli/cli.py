@@ -132,12 +132,14 @@ def distill_args(preset: str | None, set_: list[str] | None, out: str | None, ov
 
 
 @app.command()
-def doctor(preset: PresetOption, set_: SetOption = None) -> None:
+def doctor(preset: PresetOption, set_: SetOption = None,
+           nproc: Annotated[int, typer.Option("--nproc", min=1, help="Estimate memory per rank of this many "
+                                              "processes (train.strategy decides what is sharded).")] = 1) -> None:
     """Check a run before starting it: tokenizers, EOS/pad, chat template, and a rough memory estimate."""
     from tropd_cli.config import load_config
     from tropd_cli.preflight import doctor as run_doctor
 
-    run_doctor(load_config(preset, set_), console)
+    run_doctor(load_config(preset, set_), console, nproc)
 
 
 @app.command()
