@@ -181,3 +181,17 @@ def test_full_disk_is_one_line(random_pair_dir, tmp_path, monkeypatch, capsys):
     code = cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and err == f"error: No space left on device: {tmp_path / 'run' / 'checkpoints'}\n"
+
+
+def test_distill_nproc_hands_each_rank_the_same_command_without_nproc(monkeypatch):
+    """`--nproc N` starts torchrun's launcher with the distill command line each rank runs."""
+    from tropd_cli.engine import distributed
+
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda nproc, args: launched.append((nproc, args)) or 0)
+    assert cli.main(["distill", "-p", "toylab", "--set", "train.steps=3", "--out", "runs/x", "--nproc", "2",
+                     "--device", "cpu", "--overwrite"]) == 0
+    assert launched == [(2, ["distill", "--preset", "toylab", "--out", "runs/x", "--device", "cpu", "--set",
+                             "train.steps=3", "--overwrite"])]
+    monkeypatch.setattr(distributed, "launch", lambda nproc, args: 130)
+    assert cli.main(["distill", "--resume", "runs/x", "--nproc", "2"]) == 130

@@ -405,7 +405,7 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                     _save_student(run, student, tokenizer, summary, final, strategy)
                     _write_summary(run, summary, started)
                     raise Interrupted(f"stopped after step {trainer.step}; checkpoint saved in {saved}; "
-                                      f"continue with: tropd distill --resume {run.path}")
+                                      f"continue with: tropd distill --resume {run.path}{_nproc_flag(strategy)}")
     except KeyboardInterrupt:
         summary.status = "interrupted"
         _save_student(run, student, tokenizer, summary, final, strategy, gather=False)
@@ -425,6 +425,11 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     _write_summary(run, summary, started)
     print_summary(console, final.path, summary)
     return RunResult(final.path, summary.to_json())
+
+
+def _nproc_flag(strategy: SingleDevice) -> str:
+    """The `--nproc N` a resume of this run needs (nothing on one process)."""
+    return f" --nproc {strategy.world_size}" if strategy.world_size > 1 else ""
 
 
 def non_finite(record: dict[str, float], student: torch.nn.Module, strategy: SingleDevice | None = None

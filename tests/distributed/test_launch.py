@@ -7,6 +7,8 @@ in one line.
 """
 
 import io
+import json
+import signal
 import subprocess
 import sys
 import time
@@ -77,3 +79,27 @@ def test_ranks_generating_different_lengths_do_not_wait_for_each_other():
     assert lines[0].startswith("rank 0: 4 new tokens, grad norm ")
     assert lines[1].startswith("rank 1: 12 new tokens, grad norm ")
     assert lines[0].split("grad norm ")[1] == lines[1].split("grad norm ")[1]
+
+
+def test_ctrl_c_stops_every_rank_after_one_step_with_one_checkpoint(tmp_path):
+    """SIGINT to the launcher (what a terminal's Ctrl-C sends it): the ranks agree on the step to stop after,
+    rank 0 saves one checkpoint and prints one line with the resume command."""
+    out = tmp_path / "run"
+    settings = [*PARITY, "train.steps=40", "train.checkpoint_every=5", "train.checkpoint_keep=0"]
+    launcher = subprocess.Popen(tropd_command("distill", "-p", "toylab", *set_args(settings), "--out", str(out),
+                                              "--nproc", "2"),
+                                env=rank_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "checkpoints" / "step-000005").is_dir():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.005)
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130
+    stopped = len(metrics(out))
+    assert stopped < 40
+    checkpoint = out / "checkpoints" / f"step-{stopped:06d}"
+    assert err.strip() == (f"stopped: stopped after step {stopped}; checkpoint saved in {checkpoint}; continue "
+                           f"with: tropd distill --resume {out} --nproc 2")
+    assert checkpoint.is_dir()
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"

@@ -107,7 +107,9 @@ def launch(nproc: int, tropd_args: list[str]) -> int:
     config, command, command_args = config_from_args(args)
     config.shutdown_timeout = SHUTDOWN_TIMEOUT_S
     err = Console(stderr=True)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its lines say what ours say
+    for name in list(logging.root.manager.loggerDict):  # the agent's lines say what ours say
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, command)(*command_args)
     except SignalException:
