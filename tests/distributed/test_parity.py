@@ -2,7 +2,7 @@
 
 Each case runs `tropd distill --nproc 2` (two gloo ranks, one prompt each) and the same configuration in
 one process. The objective is `opd`, whose loss has no random draw: TrOPD's Bernoulli trust test draws
-per rank (equal in distribution, not bit for bit), and `objective.trust=hard` would match too.
+per rank (equal in distribution, not bit for bit); `objective.trust=hard`, guidance and gkd match too.
 """
 
 import pytest
@@ -15,8 +15,10 @@ CASES = {
     "fsdp2-lora": ("train.strategy=fsdp2", "student.lora.enabled=true", "student.lora.r=4"),
     "ddp-qlora": ("train.strategy=ddp", "student.lora.enabled=true", "student.lora.r=4",
                   "student.quantization=4bit"),
+    # one sequence per micro-batch: the entropy threshold must still be the whole batch's, over both ranks
+    "fsdp2-entropy_opd": ("train.strategy=fsdp2", "objective.name=entropy_opd", "train.micro_batch_size=1"),
 }
-SLOW = {"fsdp2-lora", "ddp-qlora"}  # ~13 s each; `make test` runs them
+SLOW = {"fsdp2-lora", "ddp-qlora", "fsdp2-entropy_opd"}  # ~13 s each; `make test` runs them
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case
