@@ -43,6 +43,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def launched() -> bool:
+    """Whether torchrun started this process (also with a world of one, where ddp and fsdp2 still apply)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def is_writer() -> bool:
     """Whether this process writes files, prints progress and logs metrics (rank 0)."""
     return rank() == 0
@@ -50,18 +55,18 @@ def is_writer() -> bool:
 
 def rank_device(device: torch.device) -> torch.device:
     """This process's device: cuda:LOCAL_RANK under torchrun on CUDA, else `device`."""
-    if device.type == "cuda" and world_size() > 1:
+    if device.type == "cuda" and launched():
         return torch.device("cuda", local_rank())
     return device
 
 
 @contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
-    """Join the run's process group for the duration (nothing on one process, or when a caller already
+    """Join the run's process group for the duration (nothing without torchrun, or when a caller already
     joined it): gloo on CPU, nccl on CUDA with this process's device made current."""
     import torch.distributed as dist
 
-    if world_size() == 1 or dist.is_initialized():
+    if not launched() or dist.is_initialized():
         yield
         return
     timeout = timedelta(seconds=float(os.environ.get("TROPD_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))

@@ -286,7 +286,7 @@ def make_strategy(setting: str, lora: bool, prompts_per_step: int, device: torch
     group is up); one line for a combination that cannot work."""
     world_size = distributed.world_size()
     name = resolve_strategy(setting, world_size, lora)
-    if name == "single" or world_size == 1:
+    if name == "single" or not distributed.launched():  # ddp or fsdp2 without torchrun: one process anyway
         if world_size > 1:
             raise TropdError(f"train.strategy=single runs one process, but torchrun started {world_size}; "
                              "use auto, ddp or fsdp2")
