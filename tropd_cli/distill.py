@@ -412,7 +412,8 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
         _write_summary(run, summary, started)
         newest = list_checkpoints(run.path)
         where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
-        raise Interrupted(f"interrupted during step {trainer.step + 1}; student and metrics saved in "
+        saved = "metrics" if strategy.sharded else "student and metrics"  # a sharded student needs every rank
+        raise Interrupted(f"interrupted during step {trainer.step + 1}; {saved} saved in "
                           f"{run.path}; {where}") from None
     finally:
         close_sinks(sinks)

@@ -271,6 +271,9 @@ class GatheredBackend:
     def sync(self, model: torch.nn.Module) -> None:
         self.backend.sync(model)
 
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)  # whatever else the backend offers, unchanged
+
 
 def resolve_strategy(setting: str, world_size: int, lora: bool) -> str:
     """`train.strategy` for this many processes: auto is single on one process, else fsdp2 for a student

@@ -87,7 +87,7 @@ def run_preflight(config: RunConfig, nproc: int | None = None) -> Preflight:
     processes torchrun started); nothing is printed or raised for a failed check."""
     from tropd_cli.engine import distributed
 
-    device = pick_device(config.train.device)
+    device = distributed.rank_device(pick_device(config.train.device))
     teacher_tokenizer, student_tokenizer = (load_tokenizer(section.model, section.trust_remote_code)
                                             for section in (config.teacher, config.student))
     configs = tuple(load_model_config(section.model, section.trust_remote_code)
