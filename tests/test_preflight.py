@@ -199,3 +199,9 @@ def test_doctor_nproc_estimates_memory_per_rank_for_the_strategy(capsys):
     lora = load_config("toylab", ["student.lora.enabled=true"])
     assert preflight.estimate_memory(lora, torch.device("cpu"), teacher, student, 20, free=2**40,
                                      nproc=2).ranks == "per rank, ddp on 2 processes"
+
+    sharded_teacher = load_config("toylab", ["teacher.shard=true", "eval.problems=0"])
+    rows = dict(preflight.estimate_memory(sharded_teacher, torch.device("cpu"), teacher, student, 20, free=2**40,
+                                          nproc=2).rows)
+    assert rows["teacher weights (float32, none, 1/2 per rank)"] == rows_one["teacher weights (float32, none)"] // 2
+    assert "teacher weights gathered whole while generating" not in rows  # tropd: the teacher never generates

@@ -45,6 +45,10 @@ class TeacherConfig(ModelSection):
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="bitsandbytes weight quantization: 4bit (nf4, double quant, compute in dtype) or "
         "8bit (LLM.int8, float16 matmuls; also runs on CPU, checked with bitsandbytes 0.50).")
+    shard: bool = Field(False, description="On several processes, split the teacher's weights over the ranks "
+                        "with FSDP2 (each layer gathered while it runs; the whole teacher while it generates) "
+                        "instead of a whole copy per rank; no effect on one process. Objectives that need the "
+                        "teacher's full logits (gkd) need it whole.")
 
 
 class LoraConfig(Section):

@@ -24,6 +24,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,8 @@ from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine import distributed
 from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.rollout import make_rollout_backend
-from tropd_cli.engine.strategy import GatheredBackend, SingleDevice, make_strategy
+from tropd_cli.engine.scoring import chunk_positions, vocab_rows
+from tropd_cli.engine.strategy import GatheredBackend, ShardedTeacherScorer, SingleDevice, make_strategy
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError, first_line
 from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
@@ -271,6 +273,17 @@ def load_models(config: RunConfig, device: torch.device, checkpoint: Path | None
     return teacher, student
 
 
+def sharded_teacher(config: RunConfig, teacher: torch.nn.Module, device: torch.device
+                    ) -> tuple[ShardedTeacherScorer | None, Callable[[], contextlib.AbstractContextManager]]:
+    """With teacher.shard under torchrun: the teacher's scorer with its weights split over the ranks, and
+    the context in which it runs whole (to generate); else (None: the teacher's own forward, no context)."""
+    if not (config.teacher.shard and distributed.launched()):
+        return None, contextlib.nullcontext
+    chunk = chunk_positions(config.train.logit_chunk_size, vocab_rows(teacher))
+    scorer = ShardedTeacherScorer(teacher, chunk, autocast_dtype(config.train.autocast, device), device)
+    return scorer, scorer.gathered
+
+
 class StopAfterStep:
     """Ctrl-C once: finish the step in progress, checkpoint, stop. Ctrl-C twice: stop at once."""
 
@@ -336,14 +349,16 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                                    config.rollout.batch_size, autocast=mixed)
     teacher_backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id, preflight.stop_ids,
                                            config.rollout.batch_size, autocast=mixed)
+    teacher_scorer, teacher_gathered = sharded_teacher(config, teacher, device)
+    teacher_backend = GatheredBackend(teacher_backend, teacher_gathered)
     start_step = trainer_state["step"] if trainer_state is not None else 0
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device),
-                      GatheredBackend(backend, strategy),
+                      GatheredBackend(backend, strategy.gathered),
                       prompt_batches(config, tokenizer, start_step, preflight.prepared, strategy.rank,
                                      strategy.world_size),
                       teacher_backend=teacher_backend,
                       teacher_responses=teacher_response_source(config, teacher_backend, preflight.prepared),
-                      strategy=strategy)
+                      teacher_scorer=teacher_scorer, strategy=strategy)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         restore_random_states(trainer_state["random"])
@@ -353,7 +368,8 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     held_out = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab, held_out=True)
 
     def accuracy(model: torch.nn.Module) -> float:
-        with strategy.gathered():  # every rank evaluates (a sharded student generates whole)
+        # every rank evaluates; a sharded model generates whole
+        with (teacher_gathered if model is teacher else strategy.gathered)():
             return toy_accuracy(model, tokenizer, held_out, k=config.eval.k, temperature=config.eval.temperature,
                                 max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
                                 batch_size=config.rollout.batch_size).accuracy

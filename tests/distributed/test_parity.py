@@ -17,10 +17,15 @@ CASES = {
                   "student.quantization=4bit"),
     "fsdp2-qlora": ("train.strategy=fsdp2", "student.lora.enabled=true", "student.lora.r=4",
                     "student.quantization=4bit"),
+    # the teacher sharded too: scoring a layer at a time, and (seqkd) generating whole
+    "fsdp2-teacher-shard": ("train.strategy=fsdp2", "teacher.shard=true"),
+    "ddp-lora-seqkd-teacher-shard": ("train.strategy=ddp", "student.lora.enabled=true", "student.lora.r=4",
+                                     "teacher.shard=true", "objective.name=seqkd"),
     # one sequence per micro-batch: the entropy threshold must still be the whole batch's, over both ranks
     "fsdp2-entropy_opd": ("train.strategy=fsdp2", "objective.name=entropy_opd", "train.micro_batch_size=1"),
 }
-SLOW = {"fsdp2-lora", "ddp-qlora", "fsdp2-qlora", "fsdp2-entropy_opd"}  # ~13 s each; `make test` runs them
+SLOW = {"fsdp2-lora", "ddp-qlora", "fsdp2-qlora", "fsdp2-entropy_opd", "fsdp2-teacher-shard",
+        "ddp-lora-seqkd-teacher-shard"}  # ~13 s each; `make test` runs them
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case

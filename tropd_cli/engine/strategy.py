@@ -19,7 +19,7 @@ numbers of tokens without waiting for each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
@@ -99,6 +99,82 @@ class SingleDevice:
         """The whole student's weights on CPU, keyed as in the unwrapped model (rank 0's; an empty dict on
         the other ranks), or None when the student's own `state_dict` is already whole."""
         return None
+
+
+def shard_layers_and_root(root: torch.nn.Module, causal_lm: torch.nn.Module) -> list:
+    """`fully_shard` every decoder layer of `causal_lm`, then `root` (a module whose forward runs the whole
+    scoring, so that the embeddings, final norm and head it holds are gathered around that forward);
+    returns the FSDP units."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from tropd_cli.engine.scoring import decoder_and_head
+
+    decoder, _ = decoder_and_head(causal_lm)
+    for layer in getattr(decoder, "layers", []):
+        fully_shard(layer)
+    fully_shard(root)
+    return [unit for unit in root.modules() if isinstance(unit, FSDPModule)]
+
+
+@contextmanager
+def gathered_units(root: torch.nn.Module) -> Iterator[None]:
+    """Every FSDP unit under `root` whole until the block ends (for forwards that are not root's, such as
+    `generate`): one all-gather per unit on entry, none per token, so ranks may generate different lengths."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root._get_fsdp_state()._lazy_init()  # as the root's first forward would: before any unit runs
+    units = [unit for unit in root.modules() if isinstance(unit, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not root, recurse=False)
+            unit.reshard()
+
+
+class TeacherScoring(torch.nn.Module):
+    """The teacher's scoring (`scoring.score_teacher`) as a module: the root unit of a sharded teacher."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch, top_k: int, keep_hidden: bool = False):
+        from tropd_cli.engine.scoring import score_teacher
+
+        return score_teacher(self.model, batch, top_k, self.chunk_size, keep_hidden=keep_hidden)
+
+
+class ShardedTeacherScorer:
+    """The teacher's forward pass with its weights split over the ranks (`teacher.shard: true`).
+
+    Each rank scores its own sequences; the teacher's layers are gathered one at a time. It returns
+    log-probs, top-k and entropies, not `full_logits`: a full-vocabulary divergence would need the whole
+    head inside the student's forward. `gathered` makes the whole teacher available for `generate`.
+    """
+
+    provides = frozenset({"logprobs", "topk", "entropy"})
+    head = None
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int, autocast_dtype: torch.dtype | None,
+                 device: torch.device) -> None:
+        self.module = TeacherScoring(model, chunk_size)
+        shard_layers_and_root(self.module, model)
+        self.autocast_dtype = autocast_dtype
+        self.device = device
+
+    def score(self, batch, top_k: int, keep_hidden: bool = False):
+        from tropd_cli.engine.precision import autocast
+
+        with torch.no_grad(), autocast(self.device, self.autocast_dtype):
+            return self.module(batch, top_k, keep_hidden)
+
+    def gathered(self) -> AbstractContextManager:
+        return gathered_units(self.module)
 
 
 def _dist():
@@ -181,19 +257,10 @@ class FSDP2(_Distributed):
     sharded = True
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        from tropd_cli.engine.scoring import decoder_and_head
-
-        decoder, _ = decoder_and_head(module.model)
-        for layer in getattr(decoder, "layers", []):
-            fully_shard(layer)
-        fully_shard(module)
-        for unit in module.modules():
-            if isinstance(unit, FSDPModule):
-                unit.set_gradient_divide_factor(1.0)  # sums: the trainer divides by the global normaliser
-                if self.device.type != "cuda":
-                    unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled reduce-scatter
+        for unit in shard_layers_and_root(module, module.model):
+            unit.set_gradient_divide_factor(1.0)  # sums: the trainer divides by the global normaliser
+            if self.device.type != "cuda":
+                unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled reduce-scatter
         self.module = module
         return module
 
@@ -215,24 +282,8 @@ class FSDP2(_Distributed):
         optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
-    def _units(self) -> list:
-        from torch.distributed.fsdp import FSDPModule
-
-        return [unit for unit in self.module.modules() if isinstance(unit, FSDPModule)]
-
-    @contextmanager
-    def gathered(self) -> Iterator[None]:
-        self.module._get_fsdp_state()._lazy_init()  # as the root's first forward would: before any unit runs
-        units = self._units()
-        for unit in units:
-            unit.unshard()
-            unit.set_reshard_after_forward(False, recurse=False)
-        try:
-            yield
-        finally:
-            for unit in units:
-                unit.set_reshard_after_forward(unit is not self.module, recurse=False)
-                unit.reshard()
+    def gathered(self) -> AbstractContextManager:
+        return gathered_units(self.module)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -257,15 +308,15 @@ class FSDP2(_Distributed):
 
 
 class GatheredBackend:
-    """A rollout backend whose `generate` runs inside the strategy's `gathered` block (whole weights under
-    FSDP2; unchanged otherwise)."""
+    """A rollout backend whose `generate` runs inside `gathered()` (a strategy's or a sharded teacher's:
+    whole weights under FSDP2, nothing otherwise)."""
 
-    def __init__(self, backend, strategy: SingleDevice) -> None:
+    def __init__(self, backend, gathered: Callable[[], AbstractContextManager]) -> None:
         self.backend = backend
-        self.strategy = strategy
+        self.gathered = gathered
 
     def generate(self, *args, **kwargs):
-        with self.strategy.gathered():
+        with self.gathered():
             return self.backend.generate(*args, **kwargs)
 
     def sync(self, model: torch.nn.Module) -> None:

@@ -9,7 +9,8 @@ memory: a warning above 80% of it, a refusal above all of it. `bench/preset_memo
 On N processes (`--nproc N`) the estimate is per rank, for the strategy `train.strategy` resolves to: each
 rank samples and scores 1/N of the step's rollouts; under ddp it holds the whole student, its gradients and
 AdamW states; under fsdp2 it holds 1/N of the student's weights, gradients and AdamW states, plus the whole
-student gathered while it generates (rollouts run on whole weights). The teacher is whole on every rank.
+student gathered while it generates (rollouts run on whole weights). The teacher is whole on every rank,
+or with teacher.shard 1/N of it, plus the whole teacher gathered when it generates.
 
 Its toy prompt probe (`longest_prompt`) samples the toy tasks, the built-in prompt source, for the longest
 prompt of a run that has no prepared folder.
@@ -198,8 +199,13 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     vocab = max(vocab_rows(model) for model in (teacher, student))
     chunk = min(chunk_positions(train.logit_chunk_size, vocab), micro * rollout.max_new_tokens)
     sharded = f", 1/{shards} per rank" if shards > 1 else ""
+    teacher_shards = nproc if t.shard and nproc > 1 else 1
+    teacher_weights = weight_bytes(teacher, t.dtype, t.quantization)
+    gathered_teacher = teacher_shards > 1 and teacher_samples(config, prepared)
     rows = [
-        (f"teacher weights ({t.dtype}, {t.quantization})", weight_bytes(teacher, t.dtype, t.quantization)),
+        (f"teacher weights ({t.dtype}, {t.quantization}"
+         f"{f', 1/{teacher_shards} per rank' if teacher_shards > 1 else ''})", teacher_weights // teacher_shards),
+        *([("teacher weights gathered whole while generating", teacher_weights)] if gathered_teacher else []),
         (f"student weights ({s.dtype}, {s.quantization}{', LoRA' if s.lora.enabled else ''}{sharded})",
          student_weights // shards),
         *([("student weights gathered whole while generating", student_weights)] if shards > 1 else []),
