@@ -11,13 +11,14 @@ It builds a random Qwen3 pair with the toy lab's tokenizer (about 0.2B parameter
 2. FSDP2: `torchrun --nproc-per-node N -m tropd_cli distill ... train.strategy=fsdp2` (N = `--nproc`,
    default the GPUs here, at most 2; one NCCL rank on a one-GPU machine), the same steps and rollouts
    (near-greedy sampling, so that both see the same tokens);
-3. QLoRA (4-bit student base, LoRA adapters) under fsdp2 and under ddp, a few steps each.
+3. the same with the teacher sharded too (`teacher.shard=true`);
+4. QLoRA (4-bit student base, LoRA adapters) under fsdp2 and under ddp, a few steps each.
 
-Checks: FSDP2's first-step loss and gradient norm equal the unsharded ones within bfloat16 rounding
-(`--tolerance`, relative), every later step is reported; rank 0's peak GPU memory (torch's
-max_memory_allocated, `peak_memory_gib` in metrics.jsonl) against the unsharded run's; QLoRA's losses are
-finite. Prints a table, writes OUT/summary.json, and exits 1 when a check fails. `--device cpu` runs the
-same on gloo (a dry run of the script itself, with a smaller pair).
+Checks: FSDP2's first-step loss and gradient norm (with the sharded teacher, the loss) equal the
+unsharded ones within bfloat16 rounding (`--tolerance`, relative), every later step is reported; rank
+0's peak GPU memory (torch's max_memory_allocated, `peak_memory_gib` in metrics.jsonl) against the
+unsharded run's; QLoRA's losses are finite. Prints a table, writes OUT/summary.json, and exits 1 when a
+check fails. `--device cpu` runs the same on gloo (a dry run of the script itself, with a smaller pair).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = {"unsharded": (settings(pair, args.device, args.steps, nproc, "train.strategy=single"), None),
             f"fsdp2 x{nproc}": (settings(pair, args.device, args.steps, nproc, "train.strategy=fsdp2"), nproc)}
+    runs[f"fsdp2 teacher-shard x{nproc}"] = (settings(pair, args.device, args.steps, nproc, "train.strategy=fsdp2",
+                                                      "teacher.shard=true"), nproc)
     for quantized in ("fsdp2", "ddp"):
         runs[f"qlora {quantized} x{nproc}"] = (settings(pair, args.device, 3, nproc, f"train.strategy={quantized}",
                                                         "student.lora.enabled=true", "student.quantization=4bit"),
@@ -135,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                        f"loss {loss_diff:.2e}, grad norm {norm_diff:.2e} relative"))
         later = [relative(a, b) for a, b in zip(sharded["loss"][1:], one["loss"][1:])]
         results["later_steps_loss_relative_diff"] = later
+    both = results[f"fsdp2 teacher-shard x{nproc}"]
+    if one["loss"] and both["loss"]:
+        loss_diff = relative(both["loss"][0], one["loss"][0])
+        checks.append(("fsdp2 + teacher.shard first step equals unsharded", loss_diff <= args.tolerance,
+                       f"loss {loss_diff:.2e} relative"))
     if args.device == "cuda" and one["peak_memory_gib"] and sharded["peak_memory_gib"]:
         results["peak_ratio_fsdp2_to_unsharded"] = sharded["peak_memory_gib"] / one["peak_memory_gib"]
         checks.append(("fsdp2 peak memory per rank", True, f"{sharded['peak_memory_gib']:.2f} GiB vs "

@@ -25,6 +25,8 @@ from datetime import timedelta
 
 import torch
 
+from tropd_cli.errors import TropdError
+
 DEFAULT_TIMEOUT_S = 600
 
 
@@ -54,8 +56,13 @@ def is_writer() -> bool:
 
 
 def rank_device(device: torch.device) -> torch.device:
-    """This process's device: cuda:LOCAL_RANK under torchrun on CUDA, else `device`."""
+    """This process's device: cuda:LOCAL_RANK under torchrun on CUDA, else `device`. More processes on a
+    machine than GPUs is one line on every rank (NCCL refuses two ranks on one GPU)."""
     if device.type == "cuda" and launched():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local > torch.cuda.device_count():
+            raise TropdError(f"{local} processes on this machine need {local} GPUs, but it has "
+                             f"{torch.cuda.device_count()}; lower --nproc (or --nproc-per-node)")
         return torch.device("cuda", local_rank())
     return device
 
