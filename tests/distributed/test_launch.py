@@ -103,3 +103,31 @@ def test_ctrl_c_stops_every_rank_after_one_step_with_one_checkpoint(tmp_path):
                            f"with: tropd distill --resume {out} --nproc 2")
     assert checkpoint.is_dir()
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_guidance_with_sampled_teacher_responses_resumes_exactly_on_two_ranks(tmp_path):
+    """Temperature 1: each rank samples and caches the teacher responses of its own prompts, and a resume
+    restores every rank's cache, so Ctrl-C and --resume give the uninterrupted run bit for bit."""
+    settings = ["train.steps=8", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8",
+                "eval.problems=0", "train.lr=1e-3", "train.threads=1", "train.device=cpu", "objective.guidance=true",
+                "train.checkpoint_every=2", "train.checkpoint_keep=0", "student.lora.enabled=true"]
+    reference, out = tmp_path / "uninterrupted", tmp_path / "run"
+    done = run_tropd("distill", "-p", "toylab", *set_args(settings), "--out", str(reference), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    launcher = subprocess.Popen(tropd_command("distill", "-p", "toylab", *set_args(settings), "--out", str(out),
+                                              "--nproc", "2"),
+                                env=rank_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "checkpoints" / "step-000002").is_dir():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.005)
+    launcher.send_signal(signal.SIGINT)
+    launcher.communicate(timeout=60)
+    assert launcher.returncode == 130 and len(metrics(out)) < 8
+    done = run_tropd("distill", "--resume", str(out), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = ("loss", "grad_norm", "prefix_length", "response_length")
+    assert metrics(out, names) == metrics(reference, names)
+    before, after = student_weights(reference), student_weights(out)
+    assert all(torch.equal(before[name], after[name]) for name in before)

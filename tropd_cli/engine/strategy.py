@@ -95,6 +95,10 @@ class SingleDevice:
         """Metric names seen on any process, in a common order (each rank's own names on one)."""
         return names
 
+    def gather_objects(self, value: object) -> list:
+        """Every process's `value` (picklable), in rank order."""
+        return [value]
+
     def model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole student's weights on CPU, keyed as in the unwrapped model (rank 0's; an empty dict on
         the other ranks), or None when the student's own `state_dict` is already whole."""
@@ -219,9 +223,13 @@ class _Distributed(SingleDevice):
         dist.all_gather(parts, padded)
         return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
+    def gather_objects(self, value: object) -> list:
+        everyone: list = [None] * self.world_size
+        _dist().all_gather_object(everyone, value)
+        return everyone
+
     def union_keys(self, names: list[str]) -> list[str]:
-        everyone: list[list[str]] = [[] for _ in range(self.world_size)]
-        _dist().all_gather_object(everyone, names)
+        everyone = self.gather_objects(names)
         merged = list(everyone[0])
         for other in everyone[1:]:
             merged += [name for name in other if name not in merged]

@@ -158,6 +158,8 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "world_size": self.strategy.world_size}
         if hasattr(self.teacher_responses, "state_dict"):
             state["teacher_responses"] = self.teacher_responses.state_dict()
+            if self.strategy.world_size > 1:  # each rank caches the responses of its own prompts
+                state["teacher_responses_by_rank"] = self.strategy.gather_objects(state["teacher_responses"])
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -165,7 +167,8 @@ class Trainer:
         self.strategy.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "teacher_responses" in state and hasattr(self.teacher_responses, "load_state_dict"):
-            self.teacher_responses.load_state_dict(state["teacher_responses"])
+            by_rank = state.get("teacher_responses_by_rank", [state["teacher_responses"]])
+            self.teacher_responses.load_state_dict(by_rank[self.strategy.rank])
 
     def _rollouts(self, prompt_ids: list[list[int]]) -> tuple[Rollouts, bool, list[int] | None]:
         """The step's sequences as the objective's spec says: student rollouts, or teacher responses (sft,
