@@ -56,10 +56,17 @@ from tropd_cli.checkpoints import (
 from tropd_cli.config import RunConfig, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine import distributed
+from tropd_cli.engine.guidance import InRunTeacherResponses
 from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.rollout import make_rollout_backend
 from tropd_cli.engine.scoring import chunk_positions, vocab_rows
-from tropd_cli.engine.strategy import GatheredBackend, ShardedTeacherScorer, SingleDevice, make_strategy
+from tropd_cli.engine.strategy import (
+    GatheredBackend,
+    GatheredResponses,
+    ShardedTeacherScorer,
+    SingleDevice,
+    make_strategy,
+)
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError, first_line
 from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
@@ -350,15 +357,16 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     teacher_backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id, preflight.stop_ids,
                                            config.rollout.batch_size, autocast=mixed)
     teacher_scorer, teacher_gathered = sharded_teacher(config, teacher, device)
-    teacher_backend = GatheredBackend(teacher_backend, teacher_gathered)
+    teacher_responses = teacher_response_source(config, teacher_backend, preflight.prepared)
+    if isinstance(teacher_responses, InRunTeacherResponses):  # samples the prompts it has not cached
+        teacher_responses = GatheredResponses(teacher_responses, teacher_gathered)
     start_step = trainer_state["step"] if trainer_state is not None else 0
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device),
                       GatheredBackend(backend, strategy.gathered),
                       prompt_batches(config, tokenizer, start_step, preflight.prepared, strategy.rank,
                                      strategy.world_size),
-                      teacher_backend=teacher_backend,
-                      teacher_responses=teacher_response_source(config, teacher_backend, preflight.prepared),
-                      teacher_scorer=teacher_scorer, strategy=strategy)
+                      teacher_backend=GatheredBackend(teacher_backend, teacher_gathered),
+                      teacher_responses=teacher_responses, teacher_scorer=teacher_scorer, strategy=strategy)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         restore_random_states(trainer_state["random"])

@@ -29,8 +29,11 @@ PARITY = ["teacher.model=toylab:teacher", "student.model=toylab:student", "train
 
 def rank_env() -> dict[str, str]:
     """The environment of the launched ranks: this checkout importable, one thread, offline."""
+    # A short collective timeout: ranks left behind by a failed test (torchrun starts them in their own
+    # sessions) end within a minute instead of ten.
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               TROPD_DIST_TIMEOUT="60")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env

@@ -70,7 +70,8 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_resume_equals_uninterrupted
 
 
 def test_ranks_generating_different_lengths_do_not_wait_for_each_other():
-    """Under FSDP2, rank 0 generates 4 tokens and rank 1 twelve, then both score and step together."""
+    """Under FSDP2, rank 0 generates 4 tokens once and rank 1 twelve tokens twice, then both score and step
+    together."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(ROOT / "tests" / "distributed" / "unequal_generation.py")],
                           env=rank_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)

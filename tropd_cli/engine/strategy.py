@@ -334,6 +334,23 @@ class GatheredBackend:
         return getattr(self.backend, name)  # whatever else the backend offers, unchanged
 
 
+class GatheredResponses:
+    """A teacher-response source whose every call runs inside `gathered()`, on every rank alike: a source
+    that samples only the prompts it has not cached would otherwise gather a sharded teacher on some ranks
+    and not on others, and wait for ever."""
+
+    def __init__(self, source, gathered: Callable[[], AbstractContextManager]) -> None:
+        self.source = source
+        self.gathered = gathered
+
+    def __call__(self, prompt_ids: list[list[int]]):
+        with self.gathered():
+            return self.source(prompt_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)  # state_dict and load_state_dict, when the source keeps a cache
+
+
 def resolve_strategy(setting: str, world_size: int, lora: bool) -> str:
     """`train.strategy` for this many processes: auto is single on one process, else fsdp2 for a student
     whose every weight trains and ddp for LoRA/QLoRA (its trainable part is small, and a 4-bit base does
