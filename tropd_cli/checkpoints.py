@@ -84,21 +84,28 @@ def restore_random_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_student(folder: Path, student: torch.nn.Module, tokenizer) -> None:
-    """The student in save_pretrained format (the whole model, or the peft adapter) with its tokenizer."""
+def save_student(folder: Path, student: torch.nn.Module, tokenizer,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The student in save_pretrained format (the whole model, or the peft adapter) with its tokenizer;
+    `weights` is its whole state dict when the student itself holds only a shard (FSDP2)."""
     with writing(f"the student to {folder}"):
-        student.save_pretrained(folder)
+        if weights is None:
+            student.save_pretrained(folder)
+        else:
+            student.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
 
 
 def save_checkpoint(run_dir: Path, step: int, student: torch.nn.Module, tokenizer, trainer_state: dict,
-                    summary: RunSummary, keep: int, config: dict[str, Any]) -> Path:
+                    summary: RunSummary, keep: int, config: dict[str, Any],
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically with the sha256 of its files, then drop all but the newest `keep`
-    (0: keep all). `config` is the resolved configuration the run trains with."""
+    (0: keep all). `config` is the resolved configuration the run trains with; `weights` the student's
+    whole state dict when it is sharded (the trainer state then holds the whole optimizer state too)."""
     target = checkpoint_dir(run_dir, step)
 
     def fill(folder: Path) -> None:
-        save_student(folder / "student", student, tokenizer)
+        save_student(folder / "student", student, tokenizer, weights)
         torch.save({**trainer_state, "random": random_states()}, folder / TRAINER_STATE)
         files = {path.relative_to(folder).as_posix(): sha256_of(path)
                  for path in sorted(folder.rglob("*")) if path.is_file()}

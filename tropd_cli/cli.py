@@ -104,6 +104,8 @@ def distill(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (sets train.device).")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let both models' repositories "
                                                     "run their own Python code when loading.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs) on this machine: runs torchrun "
+                                       "for you (several machines: see README, More than one GPU).")] = 1,
 ) -> None:
     """Distill the teacher into the student on-policy and write a run folder.
 
@@ -119,6 +121,14 @@ def distill(
     from tropd_cli.distill import distill as run_distill
     from tropd_cli.distill import resume as resume_run
 
+    if nproc > 1:
+        from tropd_cli.engine.distributed import launch
+
+        forwarded = distill_args(preset, set_, out, overwrite, resume, from_step, device, trust_remote_code)
+        code = launch(nproc, forwarded)
+        if code:
+            raise typer.Exit(code)
+        return
     overrides = list(set_ or [])
     if device is not None:
         overrides.append(f"train.device={device}")
@@ -137,19 +147,35 @@ def distill(
     run_distill(load_config(preset, overrides), preset, out=out, overwrite=overwrite, console=console)
 
 
+def distill_args(preset: str | None, set_: list[str] | None, out: str | None, overwrite: bool, resume: Path | None,
+                 from_step: int | None, device: str | None, trust_remote_code: bool) -> list[str]:
+    """The `distill` command line of each process that `--nproc` starts (the same, without --nproc)."""
+    args = ["distill"]
+    for flag, value in (("--preset", preset), ("--out", out), ("--resume", resume), ("--from-step", from_step),
+                        ("--device", device)):
+        if value is not None:
+            args += [flag, str(value)]
+    for setting in set_ or []:
+        args += ["--set", setting]
+    return args + ["--overwrite"] * overwrite + ["--trust-remote-code"] * trust_remote_code
+
+
 @app.command()
-def doctor(preset: PresetOption, set_: SetOption = None) -> None:
+def doctor(preset: PresetOption, set_: SetOption = None,
+           nproc: Annotated[int, typer.Option("--nproc", min=1, help="Estimate memory per rank of this many "
+                                              "processes (train.strategy decides what is sharded).")] = 1) -> None:
     """Check a run before starting it: tokenizers, EOS/pad, chat template, and a rough memory estimate.
 
     \b
     Examples:
       tropd doctor --preset toylab
       tropd doctor --preset qwen3-8b-1.7b-qlora --set rollout.max_new_tokens=2048
+      tropd doctor --preset paper-math-r1-1.5b --nproc 4
     """
     from tropd_cli.config import load_config
     from tropd_cli.preflight import doctor as run_doctor
 
-    run_doctor(load_config(preset, set_), console)
+    run_doctor(load_config(preset, set_), console, nproc)
 
 
 @app.command()
@@ -347,21 +373,31 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. Every failure prints one line and no traceback (unless --debug or
     TROPD_DEBUG=1): user errors give 2, failed writes and other failures 1, Ctrl-C 130."""
     err = Console(stderr=True)
+    rank = int(os.environ.get("RANK", "0"))
     debug["on"] = os.environ.get("TROPD_DEBUG", "") not in ("", "0")
     try:
         app(args=argv, prog_name="tropd")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except Interrupted as error:
-        err.print(f"[yellow]stopped:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        if rank == 0:
+            err.print(f"[yellow]stopped:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 130
     except KeyboardInterrupt:
-        err.print("[yellow]stopped:[/] interrupted", highlight=False, soft_wrap=True)
+        if rank == 0:
+            err.print("[yellow]stopped:[/] interrupted", highlight=False, soft_wrap=True)
         return 130
     except Exception as error:
         if debug["on"]:
             err.print_exception()
-        err.print(f"[red]error:[/] {escape(one_line(error))}", highlight=False, soft_wrap=True)
+        # Under torchrun every rank meets the same user error; rank 0 says it. Other failures may be one
+        # rank's own, so each rank says its own, except the lost connection to a rank that died: the
+        # launcher names that one.
+        from tropd_cli.engine.distributed import lost_peer
+
+        if (rank == 0 or not isinstance(error, TropdError)) and not lost_peer(error):
+            where = f"rank {rank}: " if rank else ""
+            err.print(f"[red]error:[/] {escape(where + one_line(error))}", highlight=False, soft_wrap=True)
         return 2 if isinstance(error, TropdError) and not isinstance(error, WriteError) else 1
     return 0
 

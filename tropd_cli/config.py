@@ -88,6 +88,10 @@ class TeacherConfig(ModelSection):
         if info.data.get("backend") == "server" and not value:
             raise ValueError("teacher.backend=server needs the server's url, e.g. http://127.0.0.1:8000")
         return value
+    shard: bool = Field(False, description="On several processes, split the teacher's weights over the ranks "
+                        "with FSDP2 (each layer gathered while it runs; the whole teacher while it generates) "
+                        "instead of a whole copy per rank; no effect on one process. Objectives that need the "
+                        "teacher's full logits (gkd) need it whole.")
 
 
 class LoraConfig(Section):
@@ -275,6 +279,11 @@ class TrainConfig(Section):
         "lr_min_ratio x lr at the last step (transformers' schedulers).")
     lr_min_ratio: float = Field(0.0, ge=0, le=1, description="linear and cosine: the floor, as a fraction of lr "
                                 "(warm-up starts from it too).")
+    strategy: Literal["auto", "single", "ddp", "fsdp2"] = Field(
+        "auto", description="How the student trains on the processes torchrun starts (`--nproc N`): single "
+        "(one process), ddp (a whole replica per rank, gradients summed), fsdp2 (weights, gradients and AdamW "
+        "states sharded over the ranks); auto: single on one process, else fsdp2 for a full student and ddp "
+        "for LoRA/QLoRA.")
 
     @field_validator("logit_chunk_size", mode="before")
     @classmethod
@@ -353,6 +362,14 @@ class RunConfig(Section):
                 and self.data.prompts == "toylab"):
             raise PydanticCustomError("combination", "eval.benchmark=custom reads a local file: set eval.data to a "
                                       "JSONL file, or data.prompts to a prepared folder (its eval.jsonl)")
+        if self.teacher.shard and self.teacher.backend != "hf":
+            raise PydanticCustomError("combination", "teacher.shard splits the teacher loaded here, but teacher."
+                                      "backend={backend} scores elsewhere; set teacher.shard=false",
+                                      {"backend": self.teacher.backend})
+        if self.rollout.backend == "vllm" and self.train.strategy in ("ddp", "fsdp2"):
+            raise PydanticCustomError("combination", "rollout.backend=vllm runs on one process today; with "
+                                      "train.strategy={strategy} use rollout.backend=hf",
+                                      {"strategy": self.train.strategy})
         return self
 
 

@@ -9,6 +9,11 @@ checkpoint; a second one stops at once, still saving the student and the summary
 `tropd distill --resume RUN` continues from the newest checkpoint (or `--from-step N`), after checking its
 files' sha256 and that only RESUMABLE_KEYS changed. The checks of `tropd doctor` run first. The layout is
 `runfolder.RunFolder`'s; the folder is locked for the whole run and replaced only whole (`files.OwnedFolder`).
+
+Under torchrun (`--nproc N`, or torchrun itself across nodes) every rank runs this same code: all of them
+load the pair, train their share of each step and take part in gathering a sharded student's state, while
+rank 0 alone claims and writes the run folder, prints and logs (`engine/distributed.py`). A resumed run
+needs the world size it was trained with.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from rich.table import Table
 from tropd_cli import __version__
 from tropd_cli.checkpoints import (
     DamagedCheckpoint,
+    checkpoint_dir,
     config_sha256,
     list_checkpoints,
     load_checkpoint,
@@ -48,8 +55,18 @@ from tropd_cli.checkpoints import (
 )
 from tropd_cli.config import RunConfig, dotted, load_config_file, to_yaml
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
+from tropd_cli.engine import distributed
+from tropd_cli.engine.guidance import InRunTeacherResponses
 from tropd_cli.engine.precision import autocast_dtype
 from tropd_cli.engine.rollout import make_rollout_backend, student_engine_options
+from tropd_cli.engine.scoring import chunk_positions, vocab_rows
+from tropd_cli.engine.strategy import (
+    GatheredBackend,
+    GatheredResponses,
+    ShardedTeacherScorer,
+    SingleDevice,
+    make_strategy,
+)
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.errors import Interrupted, TropdError, first_line
 from tropd_cli.evaluation.heldout import HeldOut
@@ -95,8 +112,15 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
     sibling that holds the new one (resumable with `--resume`).
     """
     console = console or Console()
+    if not distributed.is_writer():
+        console = Console(quiet=True)
     preflight = check_before_distill(config, console)
     run_dir = run_dir_for(config, preset, out)
+    if not distributed.is_writer():  # rank 0 claims, writes and replaces the folder
+        summary = new_summary(config, preset)
+        result = _train(config, RunFolder(run_dir), preflight, summary, console, checkpoint=None,
+                        final=RunFolder(run_dir))
+        return RunResult(run_dir, result.summary)
     with OwnedFolder(run_dir, "distill") as owned:
         owned.claim(overwrite)
         replacing = owned.needs_replacement
@@ -105,11 +129,7 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
         else:
             owned.create_in_place()
             run = RunFolder(run_dir)
-        resolved = config.model_dump(mode="json")
-        summary = RunSummary(preset=preset, objective=config.objective.name, seed=config.train.seed,
-                             steps=config.train.steps, student_base_model=config.student.model,
-                             student_format="adapter" if config.student.lora.enabled else "full",
-                             config_sha256=config_sha256(resolved))
+        summary = new_summary(config, preset)
         try:
             write_config(run, config, preset)
             result = _train(config, run, preflight, summary, console, checkpoint=None, final=RunFolder(run_dir))
@@ -129,6 +149,14 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
     return RunResult(run_dir, result.summary)
 
 
+def new_summary(config: RunConfig, preset: str) -> RunSummary:
+    """The summary of a fresh run, before its first step."""
+    return RunSummary(preset=preset, objective=config.objective.name, seed=config.train.seed,
+                      steps=config.train.steps, student_base_model=config.student.model,
+                      student_format="adapter" if config.student.lora.enabled else "full",
+                      config_sha256=config_sha256(config.model_dump(mode="json")))
+
+
 def resume(run_dir: Path, overrides: list[str] | None = None, console: Console | None = None,
            from_step: int | None = None) -> RunResult:
     """Continue a run from its newest checkpoint (or the one of `from_step`) with its own config.yaml; only
@@ -136,14 +164,18 @@ def resume(run_dir: Path, overrides: list[str] | None = None, console: Console |
     `overrides`, such as more train.steps, or an edited config.yaml). The steps it redoes give the metrics an
     uninterrupted run would have given."""
     console = console or Console()
+    if not distributed.is_writer():
+        console = Console(quiet=True)
     run = RunFolder(run_dir)
     if not run.is_run():
         raise TropdError(f"{run_dir} is not a run folder (no config.yaml)")
     with OwnedFolder(run_dir, "distill --resume") as owned:
-        owned.lock_in_place()
+        if distributed.is_writer():  # the other ranks only read the folder rank 0 holds
+            owned.lock_in_place()
         config = load_config_file(run.config, overrides)
         step, folder = _checkpoint_to_resume(run, from_step)
         state, trainer_state = _load_resumable(run, step, folder)
+        _check_world_size(run_dir, trainer_state.get("world_size", 1))
         resolved = config.model_dump(mode="json")
         _check_unchanged(run_dir, state.get("config"), resolved)
         if step >= config.train.steps:
@@ -162,6 +194,16 @@ def resume(run_dir: Path, overrides: list[str] | None = None, console: Console |
         console.print(f"resuming {run_dir} from step {step} of {config.train.steps}", highlight=False)
         result = _train(config, run, preflight, summary, console, checkpoint=(folder, trainer_state), final=run)
     return RunResult(run_dir, result.summary)
+
+
+def _check_world_size(run_dir: Path, trained_on: int) -> None:
+    """A run resumes on the number of processes it was trained with (sharded optimizer states and the
+    ranks' shares of each step depend on it)."""
+    running = distributed.world_size()
+    if trained_on != running:
+        how = f"with --nproc {trained_on}" if trained_on > 1 else "in one process (without --nproc)"
+        raise TropdError(f"{run_dir} was trained on {trained_on} process{'es' if trained_on > 1 else ''} and "
+                         f"this resume runs {running}; resume it {how}")
 
 
 def _checkpoint_to_resume(run: RunFolder, from_step: int | None) -> tuple[int, Path]:
@@ -206,6 +248,8 @@ def _short(value: object) -> str:
 
 
 def write_config(run: RunFolder, config: RunConfig, preset: str) -> None:
+    if not distributed.is_writer():
+        return
     with writing(str(run.config)):
         atomic_write_text(run.config, f"# tropd {__version__}, preset {preset}\n" + to_yaml(config))
 
@@ -224,6 +268,17 @@ def load_models(config: RunConfig, device: torch.device, checkpoint: Path | None
     if checkpoint is not None and lora is not None:
         restore_adapter(student, checkpoint / "student")
     return teacher, student
+
+
+def sharded_teacher(config: RunConfig, teacher: torch.nn.Module, device: torch.device
+                    ) -> tuple[ShardedTeacherScorer | None, Callable[[], contextlib.AbstractContextManager]]:
+    """With teacher.shard under torchrun: the teacher's scorer with its weights split over the ranks, and
+    the context in which it runs whole (to generate); else (None: the teacher's own forward, no context)."""
+    if not (config.teacher.shard and distributed.launched()):
+        return None, contextlib.nullcontext
+    chunk = chunk_positions(config.train.logit_chunk_size, vocab_rows(teacher))
+    scorer = ShardedTeacherScorer(teacher, chunk, autocast_dtype(config.train.autocast, device), device)
+    return scorer, scorer.gathered
 
 
 class StopAfterStep:
@@ -259,14 +314,17 @@ def _train(config: RunConfig, run: RunFolder, preflight: Preflight, summary: Run
     folder it replaces at the end)."""
     started = time.perf_counter() - summary.train_seconds
     try:
-        return _run_loop(config, run, preflight, summary, console, checkpoint, final, started)
+        device = distributed.rank_device(pick_device(config.train.device))
+        with distributed.process_group(device):
+            return _run_loop(config, run, preflight, summary, console, checkpoint, final, started, device)
     except BaseException as error:
         _record_end(run, summary, error, started)
         raise
 
 
 def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: RunSummary, console: Console,
-              checkpoint: tuple[Path, dict] | None, final: RunFolder, started: float) -> RunResult:
+              checkpoint: tuple[Path, dict] | None, final: RunFolder, started: float, device: torch.device
+              ) -> RunResult:
     _write_summary(run, summary, started)  # status running, from the first moment
     tokenizer = preflight.student_tokenizer
     if config.train.threads:
@@ -280,11 +338,13 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                           highlight=False, soft_wrap=True)
 
     held_out = HeldOut(config, tokenizer, preflight.stop_ids)
-    accuracy = held_out.accuracy
     if held_out.enabled:
         summary.held_out = held_out.protocol()
 
-    device = pick_device(config.train.device)
+    strategy = make_strategy(config.train.strategy, config.student.lora.enabled, config.rollout.prompts_per_step,
+                             device)
+    if strategy.world_size > 1 and config.rollout.backend == "vllm":
+        raise TropdError("rollout.backend=vllm runs on one process today; on several use rollout.backend=hf")
     folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
     teacher, student = load_models(config, device, folder)
     mixed = autocast_dtype(config.train.autocast, device)
@@ -294,22 +354,38 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                                    options=student_engine_options(config), adapter=config.student.lora.enabled)
     teacher_backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id, preflight.stop_ids,
                                            config.rollout.batch_size, autocast=mixed)
+    teacher_scorer, teacher_gathered = sharded_teacher(config, teacher, device)
+    teacher_responses = teacher_response_source(config, teacher_backend, preflight.prepared)
+    if isinstance(teacher_responses, InRunTeacherResponses):  # samples the prompts it has not cached
+        teacher_responses = GatheredResponses(teacher_responses, teacher_gathered)
     start_step = trainer_state["step"] if trainer_state is not None else 0
-    trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
-                      prompt_batches(config, tokenizer, start_step, preflight.prepared),
-                      teacher_backend=teacher_backend,
-                      teacher_responses=teacher_response_source(config, teacher_backend, preflight.prepared))
+    trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device),
+                      GatheredBackend(backend, strategy.gathered),
+                      prompt_batches(config, tokenizer, start_step, preflight.prepared, strategy.rank,
+                                     strategy.world_size),
+                      teacher_backend=GatheredBackend(teacher_backend, teacher_gathered),
+                      teacher_responses=teacher_responses, teacher_scorer=teacher_scorer, strategy=strategy)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
         restore_random_states(trainer_state["random"])
-        truncate_metrics(run.metrics, start_step)
+        if distributed.is_writer():
+            truncate_metrics(run.metrics, start_step)
+
+    def accuracy(model: torch.nn.Module) -> float:
+        # every rank evaluates; a sharded model generates whole
+        with (teacher_gathered if model is teacher else strategy.gathered)():
+            return held_out.accuracy(model)
 
     resolved = config.model_dump(mode="json")
 
     def save_checkpoint_now() -> Path:
         summary.train_seconds = round(time.perf_counter() - started, 2)
-        return save_checkpoint(run.path, trainer.step, student, tokenizer, trainer.state_dict(), summary,
-                               config.train.checkpoint_keep, resolved)
+        trainer_state = trainer.state_dict()  # every rank: a sharded state is gathered to rank 0
+        weights = strategy.model_state_dict()
+        if not distributed.is_writer():
+            return checkpoint_dir(run.path, trainer.step)
+        return save_checkpoint(run.path, trainer.step, student, tokenizer, trainer_state, summary,
+                               config.train.checkpoint_keep, resolved, weights)
 
     if checkpoint is None and held_out.enabled:
         with console.status("evaluating before training"):
@@ -319,14 +395,14 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), console=console)
-    sinks = open_sinks(config, run, start_step, summary)
+    sinks = open_sinks(config, run, start_step, summary) if distributed.is_writer() else []
     stop = StopAfterStep(console)
     try:
         with progress, stop:
             task = progress.add_task("distill", total=config.train.steps, completed=start_step, info="")
             while trainer.step < config.train.steps:
                 record = trainer.train_step()
-                diverged = non_finite(record, student)
+                diverged = non_finite(record, student, strategy)
                 if diverged:
                     raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "
                                      f"stopped; lower train.lr (now {config.train.lr:g}) and start again")
@@ -341,21 +417,23 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                                 f"trust {record.get('trust_fraction', float('nan')):.3f} "
                                 f"len {record['response_length']:.1f}")
                 every = config.train.checkpoint_every
+                stop.requested = strategy.any(stop.requested)  # every rank stops after the same step
                 if stop.requested or trainer.step == config.train.steps or (every and trainer.step % every == 0):
                     saved = save_checkpoint_now()
                 if stop.requested:
                     summary.status = "interrupted"
-                    _save_student(run, student, tokenizer, summary, final, config)
+                    _save_student(run, student, tokenizer, summary, final, config, strategy)
                     _write_summary(run, summary, started)
                     raise Interrupted(f"stopped after step {trainer.step}; checkpoint saved in {saved}; "
-                                      f"continue with: tropd distill --resume {run.path}")
+                                      f"continue with: tropd distill --resume {run.path}{_nproc_flag(strategy)}")
     except KeyboardInterrupt:
         summary.status = "interrupted"
-        _save_student(run, student, tokenizer, summary, final, config)
+        _save_student(run, student, tokenizer, summary, final, config, strategy, gather=False)
         _write_summary(run, summary, started)
         newest = list_checkpoints(run.path)
         where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
-        raise Interrupted(f"interrupted during step {trainer.step + 1}; student and metrics saved in "
+        saved = "metrics" if strategy.sharded else "student and metrics"  # a sharded student needs every rank
+        raise Interrupted(f"interrupted during step {trainer.step + 1}; {saved} saved in "
                           f"{run.path}; {where}") from None
     finally:
         close_sinks(sinks)
@@ -363,29 +441,54 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
         if held_out.enabled:
             summary.student_accuracy_after = accuracy(student)
     if config.output.save_model:
-        _save_student(run, student, tokenizer, summary, final, config)
+        _save_student(run, student, tokenizer, summary, final, config, strategy)
     summary.status = "finished"
     _write_summary(run, summary, started)
     print_summary(console, final.path, summary)
     return RunResult(final.path, summary.to_json())
 
 
-def non_finite(record: dict[str, float], student: torch.nn.Module) -> str | None:
-    """What went non-finite in a step, if anything: the loss, the gradient norm, or the updated weights."""
+def _nproc_flag(strategy: SingleDevice) -> str:
+    """The `--nproc N` a resume of this run needs (nothing on one process)."""
+    return f" --nproc {strategy.world_size}" if strategy.world_size > 1 else ""
+
+
+def non_finite(record: dict[str, float], student: torch.nn.Module, strategy: SingleDevice | None = None
+               ) -> str | None:
+    """What went non-finite in a step, if anything: the loss, the gradient norm, or the updated weights (on
+    any rank: each checks the weights it holds)."""
     for name in ("loss", "grad_norm"):
         if not math.isfinite(record[name]):
             return f"{name.replace('_', ' ')} is {record[name]}"
-    sums = [parameter.detach().sum().float() for parameter in student.parameters() if parameter.requires_grad]
-    if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
-        return "the updated weights are not finite"
-    return None
+    sums = [_local(parameter.detach()).sum().float() for parameter in student.parameters()
+            if parameter.requires_grad]
+    finite = not sums or bool(torch.isfinite(torch.stack(sums)).all())
+    if strategy is not None:
+        finite = not strategy.any(not finite)
+    return None if finite else "the updated weights are not finite"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _save_student(run: RunFolder, student: torch.nn.Module, tokenizer, summary: RunSummary,
-                  final: RunFolder, config: RunConfig) -> None:
-    """The student with its tokenizer and a model card of the run (not peft's placeholder)."""
+                  final: RunFolder, config: RunConfig, strategy: SingleDevice | None = None,
+                  gather: bool = True) -> None:
+    """The student with its tokenizer and a model card of the run (not peft's placeholder), on rank 0; a
+    sharded student is first gathered from every rank, which a second Ctrl-C, `gather=False`, cannot wait
+    for: then only the checkpoints hold it."""
+    weights = None
+    if strategy is not None and strategy.sharded:
+        if not gather:
+            return
+        weights = strategy.model_state_dict()
+    if not distributed.is_writer():
+        return
+
     def fill(folder: Path) -> None:
-        save_student(folder, student, tokenizer)
+        save_student(folder, student, tokenizer, weights)
         atomic_write_text(folder / "README.md", student_card(config, summary.to_json(), final.path))
 
     with writing(f"the student {run.student}"):
@@ -394,6 +497,8 @@ def _save_student(run: RunFolder, student: torch.nn.Module, tokenizer, summary: 
 
 
 def _write_summary(run: RunFolder, summary: RunSummary, started: float) -> None:
+    if not distributed.is_writer():
+        return
     summary.train_seconds = round(time.perf_counter() - started, 2)
     with writing(str(run.summary)):
         run.write_summary(summary)

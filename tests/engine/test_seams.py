@@ -70,6 +70,11 @@ def test_traits_say_what_each_objective_trains_on_and_needs():
     ({"objective": {"name": "ppo"}}, "invalid value for objective.name: 'ppo' (input should be one of: tropd, "),
     ({"objective": {"name": "gkd", "guidance": True}},
      "objective.guidance applies to objective.name=tropd, not gkd; set objective.guidance=false"),
+    ({"teacher": {"shard": True, "backend": "server", "url": "http://127.0.0.1:8000"}},
+     "teacher.shard splits the teacher loaded here, but teacher.backend=server scores elsewhere; set "
+     "teacher.shard=false"),
+    ({"rollout": {"backend": "vllm"}, "train": {"strategy": "fsdp2"}},
+     "rollout.backend=vllm runs on one process today; with train.strategy=fsdp2 use rollout.backend=hf"),
 ])
 def test_configuration_rules_fail_in_one_line_before_anything_loads(raw, message):
     with pytest.raises(TropdError) as error:

@@ -4,9 +4,10 @@
 chat-formatted prompts per step, starting at step `start_step` (a resumed run continues where it stopped):
 from the built-in toy-task generator (`data.prompts: toylab`, seeded by train.seed) or from a folder
 written by `tropd prepare` (`data.prompts: PATH`; see `prepared.py` for the order). Either way the
-batches are a pure function of the configuration and the step. `teacher_response_source` answers
-guidance's and `sft`'s one teacher response per prompt: the prepared folder's teacher drafts when it has
-them, else responses sampled in the run and cached.
+batches are a pure function of the configuration and the step; under torchrun each rank takes its slice
+of every step's prompts (`rank`, `world_size`), so that N ranks together see the one-process batch.
+`teacher_response_source` answers guidance's and `sft`'s one teacher response per prompt: the prepared
+folder's teacher drafts when it has them, else responses sampled in the run and cached.
 """
 
 from __future__ import annotations
@@ -26,17 +27,27 @@ from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import is_held_out, random_problem
 
 
-def prompt_batches(config: RunConfig, tokenizer, start_step: int = 0, prepared: PreparedFolder | None = None
-                   ) -> Iterator[list[list[int]]]:
+def prompt_batches(config: RunConfig, tokenizer, start_step: int = 0, prepared: PreparedFolder | None = None,
+                   rank: int = 0, world_size: int = 1) -> Iterator[list[list[int]]]:
     """Endless batches of prompt token ids, one per step, from step `start_step` on. `prepared` is
-    data.prompts already opened and checked against the tokenizer (by the preflight), if at hand."""
+    data.prompts already opened and checked against the tokenizer (by the preflight), if at hand. With
+    `world_size` processes, this one (`rank`) gets the rank-th of world_size equal slices of each step's
+    prompts (the strategy checks that rollout.prompts_per_step divides)."""
     if config.data.prompts != "toylab":
         if prepared is None:
             prepared = PreparedFolder.open(config.data.prompts)
             prepared.check_tokenizer(tokenizer, config.student.model)
-        return prepared_batches(prepared.train_prompt_ids(), config.rollout.prompts_per_step, config.train.seed,
-                                start_step)
-    return toylab_prompts(config, tokenizer, start_step)
+        batches = prepared_batches(prepared.train_prompt_ids(), config.rollout.prompts_per_step, config.train.seed,
+                                   start_step)
+    else:
+        batches = toylab_prompts(config, tokenizer, start_step)
+    return batches if world_size == 1 else rank_slices(batches, rank, world_size)
+
+
+def rank_slices(batches: Iterator[list[list[int]]], rank: int, world_size: int) -> Iterator[list[list[int]]]:
+    """Rank `rank`'s contiguous slice of each batch: the prompts [rank * P / N, (rank + 1) * P / N)."""
+    for batch in batches:
+        yield batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
 
 
 def toylab_prompts(config: RunConfig, tokenizer, start_step: int = 0) -> Iterator[list[list[int]]]:

@@ -23,3 +23,10 @@ class Stream(IntEnum):
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A distinct, reproducible seed per (run seed, step, stream)."""
     return (seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank`'s share of a draw: `seed` itself on rank 0 (so one process draws as
+    before), a distinct seed on every other rank. Draws over a share are therefore equal in distribution,
+    not identical, to one process's draw over the whole batch."""
+    return seed if rank == 0 else (seed * 6_364_136_223_846_793_005 + rank * 1_442_695_040_888_963_407) % (2**63 - 1)

@@ -17,6 +17,7 @@ backends' internals or the number of processes (that is the strategy's).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from tropd_cli.engine.scoring import (
     decoder_and_head,
     vocab_rows,
 )
-from tropd_cli.engine.seeds import Stream, step_seed
+from tropd_cli.engine.seeds import Stream, rank_seed, step_seed
 from tropd_cli.engine.strategy import SingleDevice
 from tropd_cli.engine.teacher import TeacherScorer, make_teacher_scorer, missing_capabilities
 from tropd_cli.errors import TropdError
@@ -183,9 +184,11 @@ class Trainer:
         """What a resumed run needs besides the student's weights: step, optimizer, scheduler, and the
         teacher-response cache when its source keeps one."""
         state = {"step": self.step, "optimizer": self.strategy.optimizer_state_dict(self.optimizer),
-                 "scheduler": self.scheduler.state_dict()}
+                 "scheduler": self.scheduler.state_dict(), "world_size": self.strategy.world_size}
         if hasattr(self.teacher_responses, "state_dict"):
             state["teacher_responses"] = self.teacher_responses.state_dict()
+            if self.strategy.world_size > 1:  # each rank caches the responses of its own prompts
+                state["teacher_responses_by_rank"] = self.strategy.gather_objects(state["teacher_responses"])
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -193,7 +196,8 @@ class Trainer:
         self.strategy.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "teacher_responses" in state and hasattr(self.teacher_responses, "load_state_dict"):
-            self.teacher_responses.load_state_dict(state["teacher_responses"])
+            by_rank = state.get("teacher_responses_by_rank", [state["teacher_responses"]])
+            self.teacher_responses.load_state_dict(by_rank[self.strategy.rank])
 
     def _rollouts(self, prompt_ids: list[list[int]]) -> tuple[Rollouts, bool, list[int] | None]:
         """The step's sequences as the objective's spec says: student rollouts, or teacher responses (sft,
@@ -201,7 +205,7 @@ class Trainer:
         length."""
         config, spec = self.config, self.spec
         params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
-        seed = step_seed(config.train.seed, self.step, Stream.ROLLOUT)
+        seed = rank_seed(step_seed(config.train.seed, self.step, Stream.ROLLOUT), self.strategy.rank)
         if spec.sequences == "teacher_responses":
             return guidance.reference_rollouts(prompt_ids, self.teacher_responses(prompt_ids)), False, None
         if spec.sequences == "teacher_samples":
@@ -244,14 +248,13 @@ class Trainer:
         self.scheduler.step()
         update_s = time.perf_counter() - started - score_s
 
-        names = list(metrics)
-        sums = strategy.all_reduce_sum([value for name in names for value in metrics[name]])
+        names = strategy.union_keys(list(metrics))
+        sums = strategy.all_reduce_sum([value for name in names for value in metrics.get(name, (0.0, 0.0))])
         metrics = {name: (sums[2 * i], sums[2 * i + 1]) for i, name in enumerate(names)}
-        prefixes = prefix_lengths or [0] * len(rollouts.response_ids)
-        lengths = [len(r) - prefix for r, prefix in zip(rollouts.response_ids, prefixes)]
+        batch = self._batch_sums(rollouts, prefix_lengths)
         guided: dict[str, float] = {}
         if prefix_lengths is not None:
-            guided["prefix_length"] = sum(prefix_lengths) / len(prefix_lengths)
+            guided["prefix_length"] = batch["prefix_tokens"] / batch["rollouts"]
             for name in ("prefix_loss", "prefix_ce"):
                 num, den = metrics.pop(name)
                 guided[name] = num / den if den else 0.0
@@ -263,12 +266,12 @@ class Trainer:
             **guided,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": lr,
-            "response_length": sum(lengths) / len(lengths),
-            "truncation_rate": 1 - sum(rollouts.finished) / len(rollouts.finished),
+            "response_length": batch["generated_tokens"] / batch["rollouts"],
+            "truncation_rate": 1 - batch["finished"] / batch["rollouts"],
             "rollout_s": rollout_s,
             "score_s": score_s,
             "update_s": update_s,
-            "tokens_per_s": sum(len(r) for r in rollouts.response_ids) / max(rollout_s + score_s + update_s, 1e-9),
+            "tokens_per_s": batch["response_tokens"] / max(rollout_s + score_s + update_s, 1e-9),
         }
         if models.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(models.device) / 2**30
@@ -276,6 +279,16 @@ class Trainer:
             record["on_policy"] = float(on_policy)
         self.step += 1
         return record
+
+    def _batch_sums(self, rollouts: Rollouts, prefix_lengths: list[int] | None) -> dict[str, float]:
+        """Counts over the whole rollout batch (every process's share summed): rollouts, finished ones,
+        response tokens, of which generated by the student, and guidance-prefix tokens."""
+        prefixes = prefix_lengths or [0] * len(rollouts.response_ids)
+        response_tokens = sum(len(r) for r in rollouts.response_ids)
+        names = ("rollouts", "finished", "response_tokens", "generated_tokens", "prefix_tokens")
+        local = [len(rollouts.response_ids), sum(rollouts.finished), response_tokens,
+                 response_tokens - sum(prefixes), sum(prefixes)]
+        return dict(zip(names, self.strategy.all_reduce_sum([float(value) for value in local])))
 
     def _score_teacher(self, item: MicroBatch) -> TeacherStats:
         if item.teacher is None:
@@ -296,10 +309,9 @@ class Trainer:
                 item.sampled = self.scorer(item.sequences, teacher.topk_ids)
         self.scorer.train()
 
-    @staticmethod
-    def _entropy_threshold(micro: list[MicroBatch], fraction: float) -> float:
-        """The batch-wide student-entropy threshold over the sampling policy's entropies."""
-        entropy = torch.cat([item.sampled.entropy for item in micro])
+    def _entropy_threshold(self, micro: list[MicroBatch], fraction: float) -> float:
+        """The batch-wide student-entropy threshold over the sampling policy's entropies (every process's)."""
+        entropy = self.strategy.all_gather(torch.cat([item.sampled.entropy for item in micro]))
         return entropy_threshold(entropy, torch.ones_like(entropy), fraction)
 
     def _accumulate(self, micro: list[MicroBatch], threshold: float | None, metrics: Metrics,
@@ -322,7 +334,8 @@ class Trainer:
             imitation_scale = generated_total / max(prefix_total, 1)
         context = StepContext(
             step=self.step, clip_epsilon=config.train.clip_epsilon, entropy_threshold=threshold,
-            generator=torch.Generator().manual_seed(step_seed(config.train.seed, self.step, Stream.TRUST_MASK)))
+            generator=torch.Generator().manual_seed(
+                rank_seed(step_seed(config.train.seed, self.step, Stream.TRUST_MASK), strategy.rank)))
         divergence_fn = spec.divergence(config.objective) if spec.divergence is not None else None
         loss_sum, normaliser, score_s = 0.0, 0.0, 0.0
         self.scorer.train()
@@ -366,7 +379,8 @@ class Trainer:
                 metrics[name] = (old_num + num, old_den + den)
             for name, value in output.minimums.items():
                 minimums[name] = min(value, minimums.get(name, value))
-        minimums.update(zip(minimums, strategy.all_reduce_min(list(minimums.values()))))
+        names = strategy.union_keys(list(minimums))
+        minimums.update(zip(names, strategy.all_reduce_min([minimums.get(name, math.inf) for name in names])))
         loss_sum, normaliser = strategy.all_reduce_sum([loss_sum, normaliser])
         scale = 1.0 / max(normaliser, 1.0)
         strategy.scale_gradients(self.trainable, scale)

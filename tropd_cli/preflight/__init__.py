@@ -88,9 +88,12 @@ class Preflight:
         return next((check.error for check in self.checks if check.error), None)
 
 
-def run_preflight(config: RunConfig) -> Preflight:
-    """Every check for `config` on its device; nothing is printed or raised for a failed check."""
-    device = pick_device(config.train.device)
+def run_preflight(config: RunConfig, nproc: int | None = None) -> Preflight:
+    """Every check for `config` on its device, the memory per rank of `nproc` processes (default: the
+    processes torchrun started); nothing is printed or raised for a failed check."""
+    from tropd_cli.engine import distributed
+
+    device = distributed.rank_device(pick_device(config.train.device))
     teacher_tokenizer, student_tokenizer = (load_tokenizer(section.model, section.trust_remote_code)
                                             for section in (config.teacher, config.student))
     configs = tuple(load_model_config(section.model, section.trust_remote_code)
@@ -106,7 +109,7 @@ def run_preflight(config: RunConfig) -> Preflight:
                         for model_config, section in zip(configs, (config.teacher, config.student)))
     # looked up here, in the package, so that replacing `tropd_cli.preflight.free_memory` reaches the estimate
     estimate = estimate_memory(config, device, teacher, student, longest_prompt_of(config, student_tokenizer, prepared),
-                               free_memory(device), prepared=prepared)
+                               free_memory(device), prepared=prepared, nproc=nproc or distributed.world_size())
     checks.append(memory_check(estimate))
     return Preflight(checks, estimate, student_tokenizer, stop_ids, prepared)
 
@@ -125,7 +128,8 @@ def checks_table(config: RunConfig, result: Preflight) -> Table:
 
 def memory_table(estimate: MemoryEstimate) -> Table:
     """The memory estimate as a table, with its total and the device's free memory."""
-    table = Table(title=f"rough peak memory on {estimate.device}")
+    per_rank = f" ({estimate.ranks})" if estimate.ranks else ""
+    table = Table(title=f"rough peak memory on {estimate.device}{per_rank}")
     table.add_column("component")
     table.add_column("size", justify="right")
     for label, size in estimate.rows:
@@ -135,9 +139,10 @@ def memory_table(estimate: MemoryEstimate) -> Table:
     return table
 
 
-def doctor(config: RunConfig, console: Console) -> Preflight:
-    """Print every check and the memory estimate; raise the first failure as a one-line TropdError."""
-    result = run_preflight(config)
+def doctor(config: RunConfig, console: Console, nproc: int = 1) -> Preflight:
+    """Print every check and the memory estimate (per rank of `nproc` processes); raise the first failure as
+    a one-line TropdError."""
+    result = run_preflight(config, nproc)
     console.print(checks_table(config, result))
     console.print(memory_table(result.memory))
     if result.first_error:

@@ -6,6 +6,12 @@ scoring chunk's logits and the student's activations; `memory_check` compares it
 memory: a warning above 80% of it, a refusal above all of it. `bench/preset_memory.py` and
 `bench/real_shape.py` hold it against measured peaks.
 
+On N processes (`--nproc N`) the estimate is per rank, for the strategy `train.strategy` resolves to: each
+rank samples and scores 1/N of the step's rollouts; under ddp it holds the whole student, its gradients and
+AdamW states; under fsdp2 it holds 1/N of the student's weights, gradients and AdamW states, plus the whole
+student gathered while it generates (rollouts run on whole weights). The teacher is whole on every rank,
+or with teacher.shard 1/N of it, plus the whole teacher gathered when it generates.
+
 Its toy prompt probe (`longest_prompt`) samples the toy tasks, the built-in prompt source, for the longest
 prompt of a run that has no prepared folder.
 """
@@ -53,6 +59,7 @@ class MemoryEstimate:
     device: torch.device
     rows: list[tuple[str, int]]  # (component, bytes)
     free: int
+    ranks: str = ""  # "per rank, fsdp2 on 2 processes" on several processes
 
     @property
     def total(self) -> int:
@@ -163,11 +170,16 @@ def free_memory(device: torch.device) -> int:
 
 
 def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.Module, student: torch.nn.Module,
-                    prompt_tokens: int, free: int | None = None, prepared: PreparedFolder | None = None
-                    ) -> MemoryEstimate:
-    """A rough peak-memory estimate of `tropd distill` from meta-device models and the config's sizes;
-    `free` defaults to the device's free memory now; `prepared` is the run's prepared folder, if any."""
+                    prompt_tokens: int, free: int | None = None, prepared: PreparedFolder | None = None,
+                    nproc: int = 1) -> MemoryEstimate:
+    """A rough peak-memory estimate of `tropd distill` from meta-device models and the config's sizes, per
+    rank on `nproc` processes; `free` defaults to the device's free memory now; `prepared` is the run's
+    prepared folder, if any."""
+    from tropd_cli.engine.strategy import resolve_strategy
+
     t, s, rollout, train = config.teacher, config.student, config.rollout, config.train
+    strategy = resolve_strategy(train.strategy, nproc, s.lora.enabled) if nproc > 1 else "single"
+    shards = nproc if strategy == "fsdp2" else 1
     student_weights = weight_bytes(student, s.dtype, s.quantization, upcast_unquantized=s.lora.enabled)
     if s.lora.enabled:
         trainable = lora_parameters(student, s.lora.r, s.lora.target_modules)
@@ -176,7 +188,7 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     else:
         trainable = sum(p.numel() for p in student.parameters())
         trainable_bytes = weight_bytes(student, s.dtype, "none")
-    sequences = min(rollout.prompts_per_step * rollout.n, rollout.batch_size)
+    sequences = min(rollout.prompts_per_step * rollout.n // nproc, rollout.batch_size)
     length = prompt_tokens + rollout.max_new_tokens
     mixed = autocast_dtype(train.autocast, device)
     compute = {dtype: name for name, dtype in DTYPES.items()}.get(mixed)  # autocast: 16-bit KV and activations
@@ -186,17 +198,26 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     micro = min(train.micro_batch_size, sequences)
     vocab = max(vocab_rows(model) for model in (teacher, student))
     chunk = min(chunk_positions(train.logit_chunk_size, vocab), micro * rollout.max_new_tokens)
+    sharded = f", 1/{shards} per rank" if shards > 1 else ""
+    teacher_shards = nproc if t.shard and nproc > 1 else 1
+    teacher_weights = weight_bytes(teacher, t.dtype, t.quantization)
+    gathered_teacher = teacher_shards > 1 and teacher_samples(config, prepared)
     rows = [
-        (f"teacher weights ({t.dtype}, {t.quantization})", weight_bytes(teacher, t.dtype, t.quantization)),
-        (f"student weights ({s.dtype}, {s.quantization}{', LoRA' if s.lora.enabled else ''})", student_weights),
-        (f"gradients + AdamW states ({trainable:,} trainable)", 3 * trainable_bytes),
+        (f"teacher weights ({t.dtype}, {t.quantization}"
+         f"{f', 1/{teacher_shards} per rank' if teacher_shards > 1 else ''})", teacher_weights // teacher_shards),
+        *([("teacher weights gathered whole while generating", teacher_weights)] if gathered_teacher else []),
+        (f"student weights ({s.dtype}, {s.quantization}{', LoRA' if s.lora.enabled else ''}{sharded})",
+         student_weights // shards),
+        *([("student weights gathered whole while generating", student_weights)] if shards > 1 else []),
+        (f"gradients + AdamW states ({trainable:,} trainable{sharded})", 3 * trainable_bytes // shards),
         (f"rollout KV cache ({sequences} x {length} tokens)", kv),
         (f"scoring logits ({chunk} positions x {vocab} vocab, float32)", CHUNK_TENSORS * chunk * vocab * FP32_BYTES),
         (f"student activations ({micro} x {length} tokens{', checkpointed' if train.gradient_checkpointing else ''}"
          ", rough)", activation_bytes(student, compute or s.dtype,
                                       micro * length, train.gradient_checkpointing)),
     ]
-    return MemoryEstimate(device, rows, free_memory(device) if free is None else free)
+    ranks = f"per rank, {strategy} on {nproc} processes" if nproc > 1 else ""
+    return MemoryEstimate(device, rows, free_memory(device) if free is None else free, ranks)
 
 
 def gib(size: float) -> str:

@@ -52,7 +52,10 @@ class HFGenerateBackend:
                     output = self.model.generate(
                         input_ids=input_ids.to(device), attention_mask=attention.to(device),
                         max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_token_ids,
-                        pad_token_id=self.pad_token_id, use_cache=True, **kwargs,
+                        pad_token_id=self.pad_token_id, use_cache=True,
+                        # a sharded model generates whole (strategy.gathered): no rank waits for another's
+                        # tokens, and a rank may generate when the others do not (cached teacher responses)
+                        synced_gpus=False, **kwargs,
                     )
                 for row in output[:, width:].tolist():
                     response, done = cut_at_eos(row, self.eos_token_ids)
