@@ -88,12 +88,11 @@ def save_student(folder: Path, student: torch.nn.Module, tokenizer,
                  weights: dict[str, torch.Tensor] | None = None) -> None:
     """The student in save_pretrained format (the whole model, or the peft adapter) with its tokenizer;
     `weights` is its whole state dict when the student itself holds only a shard (FSDP2)."""
-    with writing(f"the student to {folder}"):
-        if weights is None:
-            student.save_pretrained(folder)
-        else:
-            student.save_pretrained(folder, state_dict=weights)
-        tokenizer.save_pretrained(folder)
+    if weights is None:
+        student.save_pretrained(folder)
+    else:
+        student.save_pretrained(folder, state_dict=weights)
+    tokenizer.save_pretrained(folder)
 
 
 def save_checkpoint(run_dir: Path, step: int, student: torch.nn.Module, tokenizer, trainer_state: dict,

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. Every failure prints one line and no traceback (unless --debug or
     TROPD_DEBUG=1): user errors give 2, failed writes and other failures 1, Ctrl-C 130."""
     err = Console(stderr=True)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))  # as distributed.rank(), without importing torch at start-up
     debug["on"] = os.environ.get("TROPD_DEBUG", "") not in ("", "0")
     try:
         app(args=argv, prog_name="tropd")
@@ -393,13 +393,21 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun every rank meets the same user error; rank 0 says it. Other failures may be one
         # rank's own, so each rank says its own, except the lost connection to a rank that died: the
         # launcher names that one.
-        from tropd_cli.engine.distributed import lost_peer
-
-        if (rank == 0 or not isinstance(error, TropdError)) and not lost_peer(error):
+        if (rank == 0 or not isinstance(error, TropdError)) and not _lost_peer(error):
             where = f"rank {rank}: " if rank else ""
             err.print(f"[red]error:[/] {escape(where + one_line(error))}", highlight=False, soft_wrap=True)
         return 2 if isinstance(error, TropdError) and not isinstance(error, WriteError) else 1
     return 0
+
+
+def _lost_peer(error: Exception) -> bool:
+    """Whether `error` is a rank's lost connection to a peer that died (only under torchrun; the check
+    imports torch, which a one-process failure never needs)."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return False
+    from tropd_cli.engine.distributed import lost_peer
+
+    return lost_peer(error)
 
 
 def one_line(error: Exception) -> str:

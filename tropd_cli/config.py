@@ -352,12 +352,10 @@ class RunConfig(Section):
     def _combinations(self) -> RunConfig:
         """Rules across fields, checked with the rest of the configuration (before anything is created)."""
         objective = self.objective
-        spec = get_objective(objective.name)
-        if objective.guidance and not spec.guidance:
+        # the objective's module (and torch) is imported only when a rule needs its traits
+        if objective.guidance and not get_objective(objective.name).guidance:
             raise PydanticCustomError("combination", "objective.guidance applies to objective.name=tropd, not "
                                       "{name}; set objective.guidance=false", {"name": objective.name})
-        if spec.check is not None:
-            spec.check(self)
         if (self.eval.problems and self.eval.benchmark == "custom" and self.eval.data is None
                 and self.data.prompts == "toylab"):
             raise PydanticCustomError("combination", "eval.benchmark=custom reads a local file: set eval.data to a "

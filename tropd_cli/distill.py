@@ -437,6 +437,7 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                           f"{run.path}; {where}") from None
     finally:
         close_sinks(sinks)
+        backend.close()
     with console.status("evaluating after training"):
         if held_out.enabled:
             summary.student_accuracy_after = accuracy(student)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from tropd_cli.files import LOCK, LOCK_INFO, MARKER, atomic_write_json
+from tropd_cli.files import atomic_write_json
 
 Status = Literal["running", "finished", "failed", "interrupted"]
 
@@ -92,18 +92,6 @@ class RunFolder:
     @property
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
-
-    @property
-    def marker(self) -> Path:
-        return self.path / MARKER
-
-    @property
-    def lock(self) -> Path:
-        return self.path / LOCK
-
-    @property
-    def lock_info(self) -> Path:
-        return self.path / LOCK_INFO
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"

@@ -2,10 +2,10 @@
 --teacher-drafts` and read by `distill`'s guidance and `sft` instead of sampling them in the run.
 
 Drafts are sampled with the preset's rollout settings (temperature, top_p, max_new_tokens; DESIGN.md §1
-item 4 wants y ~ pi_T) through the engine's rollout backend (`rollout.backend`), in shards of `data.draft_shard_size`
-prompts in train.jsonl's order. Shard k is sampled with a seed made from the data seed and k, and written
-atomically when it is complete, so an interrupted prepare resumes at the missing shards and the result is
-the same as an uninterrupted one.
+item 4 wants y ~ pi_T) through HF generate on the teacher loaded here, in shards of
+`data.draft_shard_size` prompts in train.jsonl's order. Shard k is sampled with a seed made from the data
+seed and k, and written atomically when it is complete, so an interrupted prepare resumes at the missing
+shards and the result is the same as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _generate(config: RunConfig, folder: PreparedFolder, chunks: list[list[dict[
         teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
                                  quantization=config.teacher.quantization, trainable=False,
                                  trust_remote_code=config.teacher.trust_remote_code)
-    backend = make_rollout_backend(config.rollout.backend, teacher, tokenizer.pad_token_id,
+    backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id,
                                    stop_token_ids(config.student.model, tokenizer), config.rollout.batch_size)
     params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
     seed = data_seed(config)

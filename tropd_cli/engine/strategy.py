@@ -68,6 +68,8 @@ class SingleDevice:
         """Clip the gradients' global norm to `max_norm`, step when that norm is finite, zero the gradients;
         returns the norm before clipping."""
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # sharded gradients (FSDP2) give the global norm as a DTensor
+            grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -279,16 +281,6 @@ class FSDP2(_Distributed):
             yield
 
         return syncing_on_last()
-
-    def clip_and_step(self, parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                      max_norm: float) -> float:
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
 
     def gathered(self) -> AbstractContextManager:
         return gathered_units(self.module)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +52,7 @@ from tropd_cli.engine.scoring import (
 )
 from tropd_cli.engine.seeds import Stream, rank_seed, step_seed
 from tropd_cli.engine.strategy import SingleDevice
-from tropd_cli.engine.teacher import TeacherScorer, make_teacher_scorer, missing_capabilities
+from tropd_cli.engine.teacher import TeacherScorer, backend_missing, make_teacher_scorer
 from tropd_cli.errors import TropdError
 
 
@@ -92,7 +92,7 @@ def check_wiring(config: RunConfig, spec: ObjectiveSpec, vocab_size: int, scorer
     if spec.on_policy_fraction is not None and spec.on_policy_fraction(objective) < 1 and not has_teacher_backend:
         raise TropdError(f"objective.name={spec.name} trains on teacher samples on some steps, but no teacher "
                          "sampler was given; set its on-policy fraction to 1")
-    missing = missing_capabilities(spec.teacher_needs(), scorer)
+    missing = backend_missing(spec.teacher_needs(), scorer.provides)
     if missing:
         raise TropdError(f"objective.name={spec.name} needs the teacher's {', '.join(missing)}, which its "
                          f"scorer cannot return")
@@ -386,7 +386,6 @@ class Trainer:
         strategy.scale_gradients(self.trainable, scale)
         return loss_sum * scale, score_s
 
-
     def _correct_for_sampler(self, item: MicroBatch, output: ObjectiveOutput) -> None:
         """Compare the sampler's log-probs with the trainer's sbar_t and, with `importance_correction: tis`,
         weight each sampled token's loss by w_t = min(exp(sbar_t - log p_sampler), tis_cap), detached.
@@ -404,9 +403,3 @@ class Trainer:
             weight = torch.where(sampled, delta.exp().clamp(max=rollout.tis_cap), torch.ones_like(delta))
             output.per_token_loss = output.per_token_loss * weight.to(output.per_token_loss.dtype)
             output.metrics["tis_weight"] = mean_pair(weight * count, count)
-
-
-def run_steps(trainer: Trainer, steps: int, on_step: Callable[[dict[str, float]], None]) -> None:
-    """Run `steps` optimizer steps, handing each step's telemetry to `on_step`."""
-    for _ in range(steps):
-        on_step(trainer.train_step())

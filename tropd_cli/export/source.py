@@ -34,9 +34,6 @@ class ExportSource:
         """A QLoRA run: the adapter was trained over a 4-bit copy of the base."""
         return self.is_adapter and self.config.student.quantization == "4bit"
 
-    @property
-    def steps_trained(self) -> int | None:
-        return self.checkpoint_step if self.checkpoint_step is not None else self.summary.get("steps_done")
 
 
 def find_source(path: Path, step: int | None = None) -> ExportSource:

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from tropd_cli.data.chat import chat_prompt_ids
 from tropd_cli.errors import TropdError
 from tropd_cli.evaluation.heldout import HeldOut
+from tropd_cli.export.card import BASE_LABELS
 from tropd_cli.export.source import ExportSource
 from tropd_cli.export.verify import (
     EXPORT_DTYPES,
@@ -153,11 +154,12 @@ def write_and_verify(source: ExportSource, folder: Path, format_: str, dtype: st
     else:
         if source.is_adapter:
             merge_base = "dequantized" if base == "quantized" else "full"
-            if model is None or merge_base != reference_base:
+            reused = model is not None and merge_base == reference_base  # its logits are `reference`
+            if not reused:
                 with console.status(f"loading the {merge_base} base with the adapter"):
                     model = run_model(source, merge_base)
             with console.status(f"merging the adapter into the {merge_base} float32 base"):
-                unmerged = logits(model, probes) if verify_ else []
+                unmerged = reference if reused else logits(model, probes) if verify_ else []
                 model = model.merge_and_unload()
                 if verify_:
                     merge_diff = max_abs_diff(logits(model, probes), unmerged)
@@ -180,9 +182,7 @@ def write_and_verify(source: ExportSource, folder: Path, format_: str, dtype: st
         reference_dtype = RUN_DTYPES[config.student.dtype] if reference_base == "quantized" else "fp32"
         verification = verify(exported, folder, dtype, texts, probes, reference, config, eos_ids, tokenizer,
                               reference_dtype)
-    verification.reference = ("the run's model" if not quantized_run
-                              else "the full-precision base + the adapter" if base == "full"
-                              else "the 4-bit base + the adapter (the model the run trained)")
+    verification.reference = BASE_LABELS[base] if quantized_run else "the run's model"
     verification.merge_diff = merge_diff
     if other:
         verification.other_base_diff, verification.other_base_greedy_identical = other["diff"], other["greedy"]

@@ -128,11 +128,9 @@ def activation_bytes(model: torch.nn.Module, dtype: str, tokens: int, checkpoint
 
 def longest_prompt(config: RunConfig, tokenizer: PreTrainedTokenizerBase, samples: int = 64) -> int:
     """Tokens in the longest of a seeded sample of the run's prompts (the toy tasks); without a chat template
-    (a failed check, reported separately) the bare prompt text."""
+    (a failed check, reported separately) the bare prompt text, as the chat encoder falls back to."""
     rng = random.Random(config.train.seed)
     problems = [random_problem(rng, config.data.toylab) for _ in range(samples)]
-    if tokenizer.chat_template is None:
-        return max(len(tokenizer(problem.prompt).input_ids) for problem in problems)
     return max(len(prompt_token_ids(tokenizer, problem)) for problem in problems)
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 if TYPE_CHECKING:
-    from tropd_cli.config import ObjectiveConfig, RunConfig
+    from tropd_cli.config import ObjectiveConfig
 
 LOG_PROB_FLOOR = math.log(1e-8)
 
@@ -231,7 +231,6 @@ class ObjectiveSpec:
     divergence: Callable[[ObjectiveConfig], DivergenceFn] | None = None  # full-vocabulary term (teacher logits)
     entropy_fraction: Callable[[ObjectiveConfig, int], float | None] | None = None  # batch-wide selection
     guidance: bool = False  # accepts objective.guidance
-    check: Callable[[RunConfig], None] | None = None  # its own configuration rules: raise ValueError
 
     def top_k(self, options: ObjectiveConfig) -> int:
         """How many teacher top-k ids scoring gathers."""

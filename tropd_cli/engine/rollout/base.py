@@ -49,13 +49,16 @@ class RolloutBackend(Protocol):
     cut after its first stop token (EOS ids given when the backend was made); with temperature 0 one
     greedy response is repeated n times. The same seed gives the same responses.
     `sync(model)` makes the backend sample from `model`'s current weights; the trainer calls it after every
-    optimizer step (a no-op for a backend that generates with `model` itself).
+    optimizer step (a no-op for a backend that generates with `model` itself). `close()` releases what the
+backend keeps outside the process's memory (temporary files) when the run ends.
     """
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
                  generator_seed: int) -> Rollouts: ...
 
     def sync(self, model: torch.nn.Module) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def cut_at_eos(tokens: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:

@@ -25,6 +25,9 @@ class HFGenerateBackend:
     def sync(self, model: torch.nn.Module) -> None:
         """Nothing to do: `generate` runs the training model itself."""
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
                  generator_seed: int) -> Rollouts:

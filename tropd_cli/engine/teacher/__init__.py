@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from tropd_cli.config import RunConfig
 
 __all__ = ["BACKEND_CAPABILITIES", "CAPABILITIES", "SERVED", "HFTeacherScorer", "TeacherScorer",
-           "backend_missing", "make_teacher_scorer", "missing_capabilities", "stats_from_prompt_logprobs"]
+           "backend_missing", "make_teacher_scorer", "stats_from_prompt_logprobs"]
 
 
 def make_teacher_scorer(kind: str, model: torch.nn.Module | None, chunk_size: int,
@@ -63,11 +63,6 @@ def make_teacher_scorer(kind: str, model: torch.nn.Module | None, chunk_size: in
 
         return ServerTeacherScorer(config.teacher.url, config.teacher.timeout_s, config.teacher.retries)
     raise ValueError(f"unknown teacher backend {kind!r}")
-
-
-def missing_capabilities(needs: frozenset[str], scorer: TeacherScorer) -> list[str]:
-    """What an objective needs of the teacher that `scorer` cannot return, in CAPABILITIES order."""
-    return backend_missing(needs, scorer.provides)
 
 
 def backend_missing(needs: frozenset[str], provides: frozenset[str]) -> list[str]:
