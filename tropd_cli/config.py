@@ -305,6 +305,8 @@ class EvalConfig(Section):
     every: int = Field(0, ge=0, description="Also evaluate every N steps (0: only before and after).")
     k: int = Field(1, ge=1, description="Samples per problem (avg@k); 1 with temperature 0 is greedy.")
     temperature: float = Field(0.0, ge=0, description="Evaluation sampling temperature (0: greedy).")
+    greedy: bool = Field(False, description="With a sampling temperature, also grade one greedy answer per "
+                         "problem (eval_greedy_accuracy).")
     seed: int = Field(1234, description="Seed of the held-out problem draw and of eval sampling.")
     teacher: bool = Field(True, description="Also report the teacher's accuracy.")
     benchmark: str = Field("toylab", description="What the held-out evaluation asks: toylab (the toy lab's "

@@ -371,10 +371,10 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
         if distributed.is_writer():
             truncate_metrics(run.metrics, start_step)
 
-    def accuracy(model: torch.nn.Module) -> float:
+    def measure(model: torch.nn.Module) -> dict[str, float]:
         # every rank evaluates; a sharded model generates whole
         with (teacher_gathered if model is teacher else strategy.gathered)():
-            return held_out.accuracy(model)
+            return held_out.measure(model)
 
     resolved = config.model_dump(mode="json")
 
@@ -390,8 +390,9 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     if checkpoint is None and held_out.enabled:
         with console.status("evaluating before training"):
             if config.eval.teacher:
-                summary.teacher_accuracy = accuracy(teacher)
-            summary.student_accuracy_before = accuracy(student)
+                summary.teacher_accuracy = measure(teacher)["accuracy"]
+            summary.student_eval_before = measure(student)
+            summary.student_accuracy_before = summary.student_eval_before["accuracy"]
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), console=console)
@@ -407,7 +408,7 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
                     raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "
                                      f"stopped; lower train.lr (now {config.train.lr:g}) and start again")
                 if config.eval.every and record["step"] % config.eval.every == 0 and held_out.enabled:
-                    record["eval_accuracy"] = accuracy(student)
+                    record.update({f"eval_{name}": value for name, value in measure(student).items()})
                     summary.eval_accuracy_by_step = {**(summary.eval_accuracy_by_step or {}),
                                                      str(record["step"]): record["eval_accuracy"]}
                 for sink in sinks:
@@ -440,7 +441,8 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
         backend.close()
     with console.status("evaluating after training"):
         if held_out.enabled:
-            summary.student_accuracy_after = accuracy(student)
+            summary.student_eval_after = measure(student)
+            summary.student_accuracy_after = summary.student_eval_after["accuracy"]
     if config.output.save_model:
         _save_student(run, student, tokenizer, summary, final, config, strategy)
     summary.status = "finished"

@@ -48,6 +48,8 @@ class RunSummary:
     wandb_run_id: str | None = None
     held_out: dict[str, Any] | None = None  # the held-out evaluation's protocol (`HeldOut.protocol`)
     eval_accuracy_by_step: dict[str, float] | None = None  # eval.every: step -> held-out accuracy
+    student_eval_before: dict[str, float] | None = None  # every held-out measure before training (HeldOut.measure)
+    student_eval_after: dict[str, float] | None = None  # and after
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     def to_json(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@
 takes a seeded subset of `eval.problems` of its problems (from `eval.data`, or for `custom` by default the
 prepared folder's `eval.jsonl`; hub benchmarks without `eval.data` need the hub) and grades them with the
 benchmark's grader; `eval.k` samples per problem at `eval.temperature` (greedy at 0), responses of at most
-`rollout.max_new_tokens`. The accuracy is avg@k, the mean correctness over every sample.
+`rollout.max_new_tokens`. The accuracy is avg@k, the mean correctness over every sample. With `eval.greedy`
+and a sampling temperature, one greedy answer per problem is graded too (`greedy_accuracy`); on the toy lab
+the samples' scratchpads are profiled (`slip_rate`, `format_coverage`: see `toylab.tasks.ScratchpadProfile`).
 """
 
 from __future__ import annotations
@@ -80,22 +82,37 @@ class HeldOut:
         eval_ = self.config.eval
         return {"benchmark": eval_.benchmark, "problems": len(self.problems), "k": eval_.k,
                 "temperature": eval_.temperature, "seed": eval_.seed, "source": self.source,
+                **({"greedy": True} if eval_.greedy and eval_.temperature > 0 else {}),
                 **({"fingerprint": self.fingerprint} if self.fingerprint else {})}
 
     def accuracy(self, model: torch.nn.Module) -> float:
         """avg@k of `model` on the held-out problems."""
+        return self.measure(model)["accuracy"]
+
+    def measure(self, model: torch.nn.Module) -> dict[str, float]:
+        """avg@k of `model` on the held-out problems (`accuracy`), with `eval.greedy` also the greedy
+        accuracy, and on the toy lab the samples' slip rate and format coverage."""
+        eval_ = self.config.eval
+        measured = self._measure(model, eval_.k, eval_.temperature)
+        if eval_.greedy and eval_.temperature > 0:
+            measured["greedy_accuracy"] = self._measure(model, 1, 0.0)["accuracy"]
+        return measured
+
+    def _measure(self, model: torch.nn.Module, k: int, temperature: float) -> dict[str, float]:
         config = self.config
         if config.eval.benchmark == TOYLAB:
             from tropd_cli.toylab.accuracy import toy_accuracy
 
-            return toy_accuracy(model, self.tokenizer, self.problems, k=config.eval.k,
-                                temperature=config.eval.temperature, max_new_tokens=config.rollout.max_new_tokens,
-                                seed=config.eval.seed, batch_size=config.rollout.batch_size).accuracy
-        n = 1 if config.eval.temperature == 0 else config.eval.k
+            report = toy_accuracy(model, self.tokenizer, self.problems, k=k, temperature=temperature,
+                                  max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
+                                  batch_size=config.rollout.batch_size)
+            return {"accuracy": report.accuracy, "slip_rate": report.slip_rate,
+                    "format_coverage": report.format_coverage}
+        n = 1 if temperature == 0 else k
         thinking = {} if config.data.thinking is None else {"enable_thinking": config.data.thinking}
         prompts = [chat_prompt_ids(self.tokenizer, problem.message, **thinking) for problem in self.problems]
-        params = SamplingParams(config.rollout.max_new_tokens, config.eval.temperature, 1.0)
+        params = SamplingParams(config.rollout.max_new_tokens, temperature, 1.0)
         rollouts, texts = generate_texts(model, self.tokenizer, prompts, n, params, config.eval.seed,
                                          config.rollout.batch_size, self.stop_ids)
         grades = grade_all([(self.problems[i], text) for i, text in zip(rollouts.prompt_index, texts)])
-        return sum(grade.correct for grade in grades) / max(1, len(grades))
+        return {"accuracy": sum(grade.correct for grade in grades) / max(1, len(grades))}

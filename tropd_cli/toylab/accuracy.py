@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from tropd_cli.data.chat import chat_prompt_ids
 from tropd_cli.engine.generation import generate_texts
 from tropd_cli.engine.rollout import SamplingParams
-from tropd_cli.toylab.tasks import Problem, Verdict, grade
+from tropd_cli.toylab.tasks import Problem, ScratchpadProfile, Verdict, grade
 
 
 @dataclass
@@ -30,6 +30,8 @@ class AccuracyReport:
     correct_per_problem: list[int] = field(repr=False)
     verdicts: dict[str, int]
     mean_response_tokens: float
+    slip_rate: float = 0.0  # scratchpad lines with the v2 students' slip token, over all lines
+    format_coverage: float = 0.0  # exp(entropy of the line forms used) / 3 (see tasks.ScratchpadProfile)
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> list[int]:
@@ -49,6 +51,9 @@ def toy_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pro
     for verdict, i in zip(verdicts, rollouts.prompt_index):
         correct[i] += verdict is Verdict.CORRECT
     counts = Counter(v.value for v in verdicts)
+    profile = ScratchpadProfile()
+    for text, i in zip(texts, rollouts.prompt_index):
+        profile.add(text, problems[i].expression)
     return AccuracyReport(
         accuracy=sum(correct) / (n * len(problems)),
         k=n,
@@ -56,4 +61,6 @@ def toy_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pro
         correct_per_problem=correct,
         verdicts={v.value: counts.get(v.value, 0) for v in Verdict},
         mean_response_tokens=sum(len(r) for r in rollouts.response_ids) / len(rollouts.response_ids),
+        slip_rate=profile.slip_rate,
+        format_coverage=profile.format_coverage,
     )

@@ -15,11 +15,16 @@ SIZES: dict[str, dict[str, int]] = {
                     num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     "student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+    # toy lab v2: head_dim 64, so that vLLM's CPU attention kernels accept the models too
+    "v2-teacher": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    "v2-student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=64),
 }
 
 
 def toy_config(size: str) -> Qwen3Config:
-    """The Qwen3 configuration of a toy model size ("teacher" or "student")."""
+    """The Qwen3 configuration of a toy model size (a key of SIZES)."""
     tokenizer = build_tokenizer()
     return Qwen3Config(
         vocab_size=len(tokenizer),

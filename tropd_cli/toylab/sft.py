@@ -10,21 +10,33 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.toylab.accuracy import prompt_token_ids
-from tropd_cli.toylab.tasks import Difficulty, Problem, is_held_out, noisy_scratchpad, random_problem
+from tropd_cli.toylab.tasks import (
+    Difficulty,
+    Problem,
+    is_held_out,
+    noisy_scratchpad,
+    random_problem,
+    varied_scratchpad,
+)
 
 
 def sft_batch(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], error_rate: float = 0.0,
-              rng: random.Random | None = None, shortcut_rate: float = 0.0) -> dict[str, torch.Tensor]:
+              rng: random.Random | None = None, shortcut_rate: float = 0.0, forms: str | None = None,
+              slip_rate: float = 0.0) -> dict[str, torch.Tensor]:
     """Right-padded prompt + solution + EOS, with labels only on supervised response tokens.
 
     With `error_rate` > 0 the solution is a `noisy_scratchpad`: injected mistakes carry no label. With
     `shortcut_rate` > 0 that fraction of solutions skips the scratchpad and gives only the answer line.
+    With `forms` ("varied" or "canonical", toy lab v2) the solution is a `varied_scratchpad` with
+    `error_rate` and `slip_rate`.
     """
     rng = rng or random.Random(0)
     rows = []
     for problem in problems:
         prompt = prompt_token_ids(tokenizer, problem)
-        if shortcut_rate > 0 and rng.random() < shortcut_rate:
+        if forms is not None:
+            pieces = varied_scratchpad(problem, rng, forms == "varied", error_rate, slip_rate)
+        elif shortcut_rate > 0 and rng.random() < shortcut_rate:
             pieces = [(problem.solution.split("\n")[-1], True)]
         elif error_rate > 0:
             pieces = noisy_scratchpad(problem, rng, error_rate)
@@ -51,7 +63,8 @@ def sft_batch(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], error
 
 def train_sft(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, difficulty: Difficulty,
               steps: int, batch_size: int, lr: float, seed: int, warmup: int = 50, error_rate: float = 0.0,
-              shortcut_rate: float = 0.0, on_step: Callable[[int, float], None] | None = None) -> None:
+              shortcut_rate: float = 0.0, on_step: Callable[[int, float], None] | None = None,
+              forms: str | None = None, slip_rate: float = 0.0) -> None:
     """AdamW with linear warmup and cosine decay on freshly drawn training-split problems."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -69,7 +82,7 @@ def train_sft(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, diffic
             problem = random_problem(rng, difficulty)
             if not is_held_out(problem.expression):
                 problems.append(problem)
-        batch = sft_batch(tokenizer, problems, error_rate, rng, shortcut_rate)
+        batch = sft_batch(tokenizer, problems, error_rate, rng, shortcut_rate, forms, slip_rate)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

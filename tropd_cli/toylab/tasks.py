@@ -166,3 +166,145 @@ def grade(response: str, answer: int) -> Verdict:
     if not re.fullmatch(r"-?\d+", extracted):
         return Verdict.MALFORMED
     return Verdict.CORRECT if int(extracted) == answer else Verdict.WRONG
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Toy lab v2: several equally valid line forms (a teacher with real entropy) and a student slip channel.
+#
+# Each scratchpad line may be written in one of three forms; the teacher is trained on all three, drawn
+# uniformly, so its next-token distribution at a line start carries about ln 3 nats (the forms begin with
+# different tokens). The student is trained on the canonical form only, and with probability epsilon per
+# line it slips: it writes SLIP_TOKEN, a token no teacher training text contains, then a wrong result that
+# later lines carry forward. Slips are rare, very implausible to the teacher, and make the answer wrong:
+# the outliers on-policy distillation has to cope with.
+
+SLIP_TOKEN = "?"
+CANONICAL_FORM = 0
+LINE_FORMS: dict[str, tuple[str, ...]] = {
+    "+": ("{a}+{b}={c}", "{b}+{a}={c}", "{c}={a}+{b}"),
+    "-": ("{a}-{b}={c}", "{c}={a}-{b}", "-{b}+{a}={c}"),
+}
+V2_DIFFICULTY = Difficulty(min_terms=4, max_terms=8, max_operand=9, max_value=59)
+
+
+def _line_pieces(form: str, a: tuple[str, bool], b: tuple[str, bool], c: tuple[str, bool]) -> list[tuple[str, bool]]:
+    """A line template cut into (text, supervised) pieces: the symbols are supervised, each number as given."""
+    pieces: list[tuple[str, bool]] = []
+    for part in re.split(r"(\{[abc]\})", form):
+        if part in ("{a}", "{b}", "{c}"):
+            pieces.append({"{a}": a, "{b}": b, "{c}": c}[part])
+        elif part:
+            pieces.append((part, True))
+    return pieces
+
+
+def _lowest(value: int, later: list[int]) -> int:
+    """The smallest running value from `value` on through the signed `later` terms."""
+    lowest = value
+    for term in later:
+        value += term
+        lowest = min(lowest, value)
+    return lowest
+
+
+def varied_scratchpad(problem: Problem, rng: random.Random, varied_forms: bool, error_rate: float = 0.0,
+                      slip_rate: float = 0.0) -> list[tuple[str, bool]]:
+    """A v2 scratchpad as (piece, supervised) pairs.
+
+    `varied_forms`: each line in a uniformly drawn form of LINE_FORMS (the teacher), else the canonical one
+    (the student). `error_rate`: as `noisy_scratchpad`, unsupervised wrong operand copies or results that
+    later lines continue from (the teacher learns the locally right continuation after a mistake).
+    `slip_rate`: per line, the canonical line's result is replaced by SLIP_TOKEN and a wrong value (1-3 off,
+    never driving a later value below 0), supervised, carried forward (the student's slip channel).
+    """
+    terms = re.findall(r"[+-]?\d+", problem.expression)
+    value = int(terms[0])
+    pieces: list[tuple[str, bool]] = []
+    for index, term in enumerate(terms[1:], start=2):
+        op, operand = term[0], int(term[1:])
+        later = [int(t) for t in terms[index:]]
+        form = rng.randrange(len(LINE_FORMS[op])) if varied_forms else CANONICAL_FORM
+        written_operand = operand
+        if error_rate and rng.random() < error_rate / 2:
+            written_operand = max(1, operand + rng.choice([-2, -1, 1, 2]))
+            if _lowest(value + written_operand if op == "+" else value - written_operand, later) < 0:
+                written_operand = operand  # keep every written value non-negative
+        result = value + written_operand if op == "+" else value - written_operand
+        written_result = result
+        if error_rate and rng.random() < error_rate / 2:
+            written_result = result + rng.choice([-2, -1, 1, 2])
+            if _lowest(written_result, later) < 0:
+                written_result = result
+        c_piece = (str(written_result), written_result == result)
+        if slip_rate and rng.random() < slip_rate:
+            lowest = _lowest(result, later)  # the off-by-delta value must keep every later value non-negative
+            written_result = result + rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if lowest + d >= 0])
+            form, c_piece = CANONICAL_FORM, (SLIP_TOKEN + str(written_result), True)
+        template = LINE_FORMS[op][form]
+        pieces += _line_pieces(template, (str(value), True), (str(written_operand), written_operand == operand),
+                               c_piece)
+        pieces.append(("\n", True))
+        value = written_result
+    pieces += [("answer", True), (":", True), (str(value), True)]
+    return pieces
+
+
+_FORM_PATTERNS = (
+    (re.compile(r"^(\d+)([+-])(\d+)=(\d+)$"), "infix"),
+    (re.compile(r"^(\d+)=(\d+)([+-])(\d+)$"), "result_first"),
+    (re.compile(r"^-(\d+)\+(\d+)=(\d+)$"), "negated"),
+)
+
+
+@dataclass
+class ScratchpadProfile:
+    """How responses wrote their scratchpad lines: slips, and which of the line forms."""
+
+    lines: int = 0
+    slips: int = 0
+    forms: list[int] = None  # lines per form index (LINE_FORMS order); unrecognised lines are not counted
+
+    def __post_init__(self) -> None:
+        self.forms = self.forms or [0, 0, 0]
+
+    def add(self, response: str, expression: str) -> None:
+        """Profile one response to the problem `expression`."""
+        previous = int(re.match(r"\d+", expression).group())
+        for line in response.split("\n"):
+            if not line or line.startswith(ANSWER_PREFIX) or line.startswith("answer"):
+                continue
+            self.lines += 1
+            self.slips += SLIP_TOKEN in line
+            line = line.replace(SLIP_TOKEN, "")
+            for pattern, kind in _FORM_PATTERNS:
+                match = pattern.match(line)
+                if match is None:
+                    continue
+                numbers = [int(g) for g in match.groups() if g.isdigit()]
+                if kind == "infix":
+                    x, op, y = int(match.group(1)), match.group(2), int(match.group(3))
+                    form = 1 if op == "+" and x != previous and y == previous else 0
+                    previous = numbers[-1]
+                elif kind == "result_first":
+                    form, previous = 2, numbers[0]
+                else:
+                    form, previous = 1, numbers[-1]
+                self.forms[form] += 1
+                break
+
+    @property
+    def slip_rate(self) -> float:
+        """Slipped lines over all scratchpad lines."""
+        return self.slips / self.lines if self.lines else 0.0
+
+    @property
+    def format_coverage(self) -> float:
+        """exp(entropy of the line-form distribution) / number of forms: 1/3 when one form is used, 1 when
+        all three are used equally (the teacher)."""
+        import math
+
+        total = sum(self.forms)
+        if not total:
+            return 0.0
+        entropy = -sum(n / total * math.log(n / total) for n in self.forms if n)
+        return math.exp(entropy) / len(self.forms)
