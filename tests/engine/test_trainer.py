@@ -73,6 +73,8 @@ INVARIANT = {
     "reopold-after-switch": ["objective.name=reopold", "objective.reopold_switch_step=0"],
     "gkd": ["objective.name=gkd", "objective.gkd_lambda=1"],
     "guidance-hard": ["objective.guidance=true", "objective.trust=hard"],
+    "tropd-grad-norm-split": ["train.grad_norm_split=true"],
+    "opd-grad-norm-split": ["objective.name=opd", "train.grad_norm_split=true"],
 }
 
 
