@@ -284,6 +284,11 @@ class TrainConfig(Section):
         "(one process), ddp (a whole replica per rank, gradients summed), fsdp2 (weights, gradients and AdamW "
         "states sharded over the ranks); auto: single on one process, else fsdp2 for a full student and ddp "
         "for LoRA/QLoRA.")
+    grad_norm_split: bool = Field(
+        False, description="Also report grad_norm_trusted and grad_norm_outlier, the norms (before clipping) of "
+        "the gradient's trusted and outlier parts, and outlier_grad_share; outliers are tropd's tokens with "
+        "M = 0, and for other objectives each token weighted by 1 - min(pi_T/pi_S, 1). One extra backward pass "
+        "per micro-batch and one more gradient-sized buffer; one process only.")
 
     @field_validator("logit_chunk_size", mode="before")
     @classmethod
@@ -370,6 +375,10 @@ class RunConfig(Section):
             raise PydanticCustomError("combination", "rollout.backend=vllm runs on one process today; with "
                                       "train.strategy={strategy} use rollout.backend=hf",
                                       {"strategy": self.train.strategy})
+        if self.train.grad_norm_split and self.train.strategy in ("ddp", "fsdp2"):
+            raise PydanticCustomError("combination", "train.grad_norm_split needs one process (its outlier "
+                                      "gradient is not summed over ranks); with train.strategy={strategy} set "
+                                      "train.grad_norm_split=false", {"strategy": self.train.strategy})
         return self
 
 

@@ -3,12 +3,14 @@
 The objective tests check the mathematics on hand-made tensors; these check the wiring around it: that
 micro-batching changes no value, that every update of a rollout batch measures rho, the PPO clip and the
 trust test against the policy that sampled, that each option reaches its objective, that entropy
-thresholds cover the whole rollout batch, that non-finite values never reach the weights, and that a
-second Ctrl-C stops at once. Trainers come from `make_trainer` in conftest.py.
+thresholds cover the whole rollout batch, that the step's student entropy is the sampling policy's over
+the generated tokens, that non-finite values never reach the weights, and that a second Ctrl-C stops at
+once. Trainers come from `make_trainer` in conftest.py.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 
@@ -73,6 +75,8 @@ INVARIANT = {
     "reopold-after-switch": ["objective.name=reopold", "objective.reopold_switch_step=0"],
     "gkd": ["objective.name=gkd", "objective.gkd_lambda=1"],
     "guidance-hard": ["objective.guidance=true", "objective.trust=hard"],
+    "tropd-grad-norm-split": ["train.grad_norm_split=true"],
+    "opd-grad-norm-split": ["objective.name=opd", "train.grad_norm_split=true"],
 }
 
 
@@ -103,6 +107,42 @@ def test_entropy_selection_counts_the_top_fraction_of_the_whole_rollout_batch(na
                            "rollout.prompts_per_step=4", "rollout.n=1")
     tokens = response_tokens(record)
     assert record["loss_token_fraction"] == pytest.approx(math.ceil(fraction * tokens) / tokens, abs=1e-9)
+
+
+@pytest.mark.parametrize("settings", [["objective.name=opd"], ["objective.guidance=true", "train.steps=3"]],
+                         ids=["opd", "guidance"])
+def test_student_entropy_is_the_token_mean_over_generated_tokens_of_the_sampling_policy(settings):
+    """H_t = -sum_v pi_S(v | c_t) log pi_S(v | c_t) from the logits of one unbatched forward of the student
+    before the update, averaged over the tokens the student generated (a guidance prefix is not), one
+    sequence per micro-batch, so that the token-weighted mean over micro-batches is what is checked. With
+    guidance the checked step is the middle one, whose rollouts start from half the teacher response."""
+    trainer = make_trainer(toy_config(*settings, "train.micro_batch_size=1"))
+    if "objective.guidance=true" in settings:
+        trainer.train_step()
+    seen = []
+    sample = trainer._rollouts
+
+    def record_rollouts(prompt_ids):
+        seen.append(sample(prompt_ids))
+        return seen[-1]
+
+    trainer._rollouts = record_rollouts
+    student = copy.deepcopy(student_of(trainer))
+    record = trainer.train_step()
+    rollouts, _, prefix_lengths = seen[0]
+    prefix_lengths = prefix_lengths or [0] * len(rollouts.response_ids)
+    entropies = []
+    with torch.no_grad():
+        for row, response in enumerate(rollouts.response_ids):
+            prompt = rollouts.prompt_ids[rollouts.prompt_index[row]]
+            logits = student(input_ids=torch.tensor([prompt + response])).logits[0].double()
+            log_probs = torch.log_softmax(logits, dim=-1)[len(prompt) - 1:-1]  # [response, vocab]
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            entropies.append(entropy[prefix_lengths[row]:])
+    generated = torch.cat(entropies)
+    assert len(generated) == response_tokens(record)  # the record's response length counts generated tokens
+    assert (sum(prefix_lengths) > 0) == ("objective.guidance=true" in settings)
+    assert record["student_entropy"] == pytest.approx(float(generated.mean()), rel=1e-5)
 
 
 TRUSTED_ON_SAMPLING_POLICY = ["reward_mean", "kl_k1", "reward_min", "trust_fraction", "outlier_fraction",

@@ -11,8 +11,10 @@ rollout backend to the new weights. `updates_per_batch` such updates reuse the b
 rho_t = exp(s_t - sbar_t), sbar_t fixed at the sampling policy (always the trainer's own forward pass; a
 sampler's log-probs, from vLLM, are only compared with it and, with `rollout.importance_correction: tis`,
 turned into a truncated importance weight). Objectives that select tokens by student
-entropy over the batch get a no-grad student pass first. Knows nothing about files, the command line, the
-backends' internals or the number of processes (that is the strategy's).
+entropy over the batch get a no-grad student pass first. With `train.grad_norm_split` the outlier tokens
+of each micro-batch get a backward of their own, so that the step reports the share of the gradient they
+carry. Knows nothing about files, the command line, the backends' internals or the number of processes
+(that is the strategy's).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tropd_cli.engine.objectives.base import (
     TokenStats,
     entropy_threshold,
     mean_pair,
+    outlier_probability,
 )
 from tropd_cli.engine.precision import autocast, autocast_dtype
 from tropd_cli.engine.rollout import RolloutBackend, Rollouts, SamplingParams
@@ -76,10 +79,14 @@ def has_dropout(model: torch.nn.Module) -> bool:
 
 
 def check_wiring(config: RunConfig, spec: ObjectiveSpec, vocab_size: int, scorer: TeacherScorer,
-                 has_teacher_backend: bool, has_teacher_responses: bool) -> None:
+                 has_teacher_backend: bool, has_teacher_responses: bool, world_size: int = 1) -> None:
     """What the configuration cannot know: the sources the objective needs were given, its top-k fits the
-    vocabulary, and the teacher's scorer returns what it needs. One line each, before the first step."""
+    vocabulary, the teacher's scorer returns what it needs, and the number of processes suits the options.
+    One line each, before the first step."""
     objective = config.objective
+    if config.train.grad_norm_split and world_size > 1:
+        raise TropdError(f"train.grad_norm_split needs one process (its outlier gradient is not summed over "
+                         f"ranks), but {world_size} are training; set train.grad_norm_split=false")
     if spec.needs_teacher_responses(objective) and not has_teacher_responses:
         setting = "objective.guidance=true" if objective.guidance else f"objective.name={spec.name}"
         raise TropdError(f"{setting} needs teacher responses, but no teacher-response source was given")
@@ -163,7 +170,7 @@ class Trainer:
             config.teacher.backend, models.teacher, chunk_positions(chunk, vocab_rows(models.teacher)), dtype,
             config, models.device)
         check_wiring(config, self.spec, decoder_and_head(models.student)[1].weight.shape[0], self.teacher_scorer,
-                     teacher_backend is not None, teacher_responses is not None)
+                     teacher_backend is not None, teacher_responses is not None, self.strategy.world_size)
         if config.train.gradient_checkpointing:
             if hasattr(models.student, "activation_checkpointing_enable"):  # transformers >= 5.x
                 models.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -239,9 +246,14 @@ class Trainer:
         metrics: Metrics = {}
         minimums: dict[str, float] = {}
         losses, grad_norms, lr, score_s = [], [], self.scheduler.get_last_lr()[0], 0.0
+        split_norms: list[tuple[float, float]] = []
         for _ in range(config.train.updates_per_batch):
-            loss_value, seconds = self._accumulate(micro, threshold, metrics, minimums, prefix_lengths)
+            outlier_grads = [None] * len(self.trainable) if config.train.grad_norm_split else None
+            loss_value, seconds = self._accumulate(micro, threshold, metrics, minimums, prefix_lengths,
+                                                   outlier_grads)
             score_s += seconds
+            if outlier_grads is not None:
+                split_norms.append(self._split_grad_norms(outlier_grads))
             grad_norms.append(strategy.clip_and_step(self.trainable, self.optimizer, config.train.max_grad_norm))
             self.backend.sync(models.student)
             losses.append(loss_value)
@@ -265,6 +277,7 @@ class Trainer:
             **minimums,
             **guided,
             "grad_norm": sum(grad_norms) / len(grad_norms),
+            **self._split_record(split_norms),
             "lr": lr,
             "response_length": batch["generated_tokens"] / batch["rollouts"],
             "truncation_rate": 1 - batch["finished"] / batch["rollouts"],
@@ -279,6 +292,34 @@ class Trainer:
             record["on_policy"] = float(on_policy)
         self.step += 1
         return record
+
+    def _split_grad_norms(self, outlier_grads: list[torch.Tensor | None]) -> tuple[float, float]:
+        """(|g_T|, |g_O|) of the scaled gradient g = g_T + g_O before clipping, norms over every trainable
+        parameter taken as `clip_grad_norm_` takes them (each tensor's norm, then the norm of those)."""
+        trusted, outlier = [], []
+        for parameter, outlier_grad in zip(self.trainable, outlier_grads):
+            grad = parameter.grad
+            if grad is None and outlier_grad is None:
+                continue
+            grad = torch.zeros_like(parameter) if grad is None else grad
+            outlier_grad = torch.zeros_like(grad) if outlier_grad is None else outlier_grad
+            trusted.append(torch.linalg.vector_norm(grad - outlier_grad))
+            outlier.append(torch.linalg.vector_norm(outlier_grad))
+        if not trusted:
+            return 0.0, 0.0
+        return tuple(float(torch.linalg.vector_norm(torch.stack(norms))) for norms in (trusted, outlier))
+
+    @staticmethod
+    def _split_record(split_norms: list[tuple[float, float]]) -> dict[str, float]:
+        """grad_norm_trusted, grad_norm_outlier (means over the updates, like grad_norm) and
+        outlier_grad_share = outlier / (trusted + outlier), 0 when both are 0; nothing without the split."""
+        if not split_norms:
+            return {}
+        trusted = sum(norms[0] for norms in split_norms) / len(split_norms)
+        outlier = sum(norms[1] for norms in split_norms) / len(split_norms)
+        total = trusted + outlier
+        return {"grad_norm_trusted": trusted, "grad_norm_outlier": outlier,
+                "outlier_grad_share": outlier / total if total else 0.0}
 
     def _batch_sums(self, rollouts: Rollouts, prefix_lengths: list[int] | None) -> dict[str, float]:
         """Counts over the whole rollout batch (every process's share summed): rollouts, finished ones,
@@ -315,10 +356,17 @@ class Trainer:
         return entropy_threshold(entropy, torch.ones_like(entropy), fraction)
 
     def _accumulate(self, micro: list[MicroBatch], threshold: float | None, metrics: Metrics,
-                    minimums: dict[str, float], prefix_lengths: list[int] | None = None) -> tuple[float, float]:
+                    minimums: dict[str, float], prefix_lengths: list[int] | None = None,
+                    outlier_grads: list[torch.Tensor | None] | None = None) -> tuple[float, float]:
         """One update's gradients: backpropagate each micro-batch's summed loss, then divide by the
         batch's normaliser (summed over every process). Adds the metrics to `metrics`/`minimums`; returns
         (loss, scoring seconds).
+
+        With `outlier_grads` (one slot per trainable parameter, `train.grad_norm_split`) also accumulates
+        there g_O, the gradient of the outlier tokens' share of the loss, sum_t w_t loss_t, with w_t the
+        objective's `outlier_weight` or else 1 - p_t (`outlier_probability`), scaled like the gradient;
+        the imitation term is trusted. It comes from its own `autograd.grad` before the backward, which
+        therefore sees the same graph and leaves the same gradient.
 
         With guidance the objective sees only the student's generated tokens (its normaliser G is their
         count over the batch) and the imitation term is a token-mean over the batch's P prefix tokens; its
@@ -371,6 +419,8 @@ class Trainer:
                     output.metrics.update(imitated.metrics)
                 score_s += time.perf_counter() - began
                 if loss.requires_grad:
+                    if outlier_grads is not None:
+                        self._add_outlier_gradient(output, stats, outlier_grads)
                     strategy.backward(loss)
             loss_sum += float(loss.detach())
             normaliser += output.normaliser
@@ -384,7 +434,26 @@ class Trainer:
         loss_sum, normaliser = strategy.all_reduce_sum([loss_sum, normaliser])
         scale = 1.0 / max(normaliser, 1.0)
         strategy.scale_gradients(self.trainable, scale)
+        for outlier_grad in outlier_grads or []:
+            if outlier_grad is not None:
+                outlier_grad.mul_(scale)
         return loss_sum * scale, score_s
+
+    def _add_outlier_gradient(self, output: ObjectiveOutput, stats: TokenStats,
+                              outlier_grads: list[torch.Tensor | None]) -> None:
+        """Add the gradient of sum_t w_t loss_t (w_t: the outlier weight) to `outlier_grads`, keeping the
+        graph for the micro-batch's own backward."""
+        weight = output.outlier_weight if output.outlier_weight is not None else outlier_probability(stats)
+        outlier_loss = (output.per_token_loss * weight.detach().to(output.per_token_loss.dtype)).sum()
+        if not outlier_loss.requires_grad:
+            return
+        grads = torch.autograd.grad(outlier_loss, self.trainable, retain_graph=True, allow_unused=True)
+        for index, grad in enumerate(grads):
+            if grad is not None:
+                if outlier_grads[index] is None:
+                    outlier_grads[index] = grad
+                else:
+                    outlier_grads[index].add_(grad)
 
     def _correct_for_sampler(self, item: MicroBatch, output: ObjectiveOutput) -> None:
         """Compare the sampler's log-probs with the trainer's sbar_t and, with `importance_correction: tis`,

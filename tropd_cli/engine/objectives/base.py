@@ -61,6 +61,9 @@ class ObjectiveOutput:
     normaliser: float
     metrics: Metrics = field(default_factory=dict)
     minimums: dict[str, float] = field(default_factory=dict)
+    # 1 on the tokens the objective itself treats as outliers (tropd's realised M_t = 0), 0 elsewhere;
+    # None: the trainer's `train.grad_norm_split` uses the expected trust test, `outlier_probability`
+    outlier_weight: torch.Tensor | None = None
 
     def mean_loss(self) -> torch.Tensor:
         """The loss averaged over `normaliser` tokens (0 when there are none)."""
@@ -81,6 +84,17 @@ def sampled_logprobs(stats: TokenStats) -> torch.Tensor:
 def k1_reward(stats: TokenStats) -> torch.Tensor:
     """r_t = tau_t - sbar_t (no gradient)."""
     return stats.teacher_logprobs.detach() - sampled_logprobs(stats)
+
+
+def trust_probability(stats: TokenStats) -> torch.Tensor:
+    """p_t = min(exp(tau_t - sbar_t), 1), the trust test's acceptance probability (no gradient)."""
+    return torch.exp(k1_reward(stats).clamp(max=0.0))
+
+
+def outlier_probability(stats: TokenStats) -> torch.Tensor:
+    """(1 - p_t) on response tokens, 0 elsewhere: the chance that the trust test calls a token an outlier,
+    the outlier share of an objective that draws no trust mask of its own (`train.grad_norm_split`)."""
+    return (1.0 - trust_probability(stats)) * float_mask(stats)
 
 
 def importance_ratio(stats: TokenStats) -> torch.Tensor:

@@ -19,6 +19,7 @@ from tropd_cli.engine.objectives.base import (
     telemetry,
     topk_forward_kl,
     topk_forward_kl_advantage,
+    trust_probability,
 )
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def trust_mask(stats: TokenStats, mode: str, generator: torch.Generator | None) 
         return (reward >= 0).to(reward.dtype)
     if mode != "bernoulli":
         raise ValueError(f"unknown trust test {mode!r}")
-    accept = torch.exp(reward.clamp(max=0.0))
+    accept = trust_probability(stats)
     uniform = torch.rand(accept.shape, generator=generator, dtype=torch.float64).to(accept.device)
     return (uniform < accept.double()).to(reward.dtype)
 
@@ -53,6 +54,7 @@ def tropd(stats: TokenStats, trust: str = "bernoulli", outlier: str = "fkl", cli
     mask:     0 (the token still counts in the mean);
     clip:     -max(r_t, c) rho_t, c = log(lambda / (1 - lambda)).
     The policy-gradient terms are PPO-clipped with `clip_epsilon` (inactive on the first update).
+    `outlier_weight` is the realised outlier mask, 1 - M_t on response tokens.
     """
     if outlier not in OUTLIER_STRATEGIES:
         raise ValueError(f"unknown outlier strategy {outlier!r}")
@@ -80,7 +82,7 @@ def tropd(stats: TokenStats, trust: str = "bernoulli", outlier: str = "fkl", cli
         "reward_trusted": mean_pair(safe * trusted, trusted),
         "reward_outlier": mean_pair(safe * outliers, outliers),
         "clip_fraction": mean_pair(clipped, mask),
-    })
+    }, outlier_weight=outliers)
     if outlier == "fkl":
         output.metrics["fkl_advantage_outlier"] = mean_pair(
             torch.where(is_outlier, advantage, torch.zeros_like(advantage)), outliers)
