@@ -287,7 +287,7 @@ def build_student(folder: Path, recipe: dict, tokenizer) -> None:
                                                                                          started, 1)})
 
 
-def reusable_summary(run_dir: Path, overrides: list[str]) -> dict | None:
+def reusable_summary(run_dir: Path, overrides: list[str], preset: str = PRESET) -> dict | None:
     """The summary of a run already done (finished or failed) with every setting this comparison chooses.
 
     The chosen settings are the preset's keys and the overrides. Fields the schema gains later, or
@@ -301,7 +301,7 @@ def reusable_summary(run_dir: Path, overrides: list[str]) -> dict | None:
     if summary.get("status") not in ("finished", "failed"):
         return None
     stored = dotted(yaml.safe_load(config_path.read_text()) or {})
-    if any(stored.get(key, _MISSING) != value for key, value in chosen_settings(overrides).items()):
+    if any(stored.get(key, _MISSING) != value for key, value in chosen_settings(overrides, preset).items()):
         return None
     return summary
 
@@ -309,18 +309,18 @@ def reusable_summary(run_dir: Path, overrides: list[str]) -> dict | None:
 _MISSING = object()
 
 
-def chosen_settings(overrides: list[str]) -> dict[str, object]:
+def chosen_settings(overrides: list[str], preset: str = PRESET) -> dict[str, object]:
     """Every dotted key the preset file or an override sets, with its value."""
-    raw = yaml.safe_load(preset_path(PRESET).read_text()) or {}
+    raw = yaml.safe_load(preset_path(preset).read_text()) or {}
     for override in overrides:
         apply_override(raw, override)
     return dotted(raw)
 
 
-def execute(config: RunConfig, run_dir: Path) -> dict:
+def execute(config: RunConfig, run_dir: Path, preset: str = PRESET) -> dict:
     """One distillation; a run stopped by a non-finite loss is a result (status failed), not an abort."""
     try:
-        return distill(config, PRESET, out=str(run_dir), overwrite=True, console=Console(quiet=True)).summary
+        return distill(config, preset, out=str(run_dir), overwrite=True, console=Console(quiet=True)).summary
     except Interrupted:
         raise
     except TropdError as error:

@@ -82,3 +82,34 @@ def test_in_run_evaluation_is_logged_and_summarised(tmp_path):
     assert summary["eval_accuracy_by_step"] == {"2": lines[1]["eval_accuracy"], "4": lines[3]["eval_accuracy"]}
     assert summary["student_accuracy_after"] == lines[3]["eval_accuracy"]
     assert "teacher_accuracy" not in summary and "student_accuracy_before" in summary
+
+
+def test_sampled_evaluation_with_greedy_and_the_scratchpad_profile():
+    config = load_config("toylab", ["eval.problems=10", "eval.k=3", "eval.temperature=1.0", "eval.greedy=true"])
+    tokenizer = load_tokenizer("toylab:student")
+    held_out = HeldOut(config, tokenizer)
+    student = load_causal_lm("toylab:student", trainable=False)
+    measured = held_out.measure(student)
+    sampled = toy_accuracy(student, tokenizer, held_out.problems, k=3, temperature=1.0, max_new_tokens=48,
+                           seed=config.eval.seed)
+    greedy = toy_accuracy(student, tokenizer, held_out.problems, max_new_tokens=48, seed=config.eval.seed)
+    assert measured == {"accuracy": sampled.accuracy, "greedy_accuracy": greedy.accuracy,
+                        "slip_rate": sampled.slip_rate, "format_coverage": sampled.format_coverage}
+    assert sampled.k == 3 and measured["accuracy"] != measured["greedy_accuracy"]
+    assert held_out.protocol()["greedy"] is True
+    assert "greedy_accuracy" not in HeldOut(load_config("toylab", ["eval.problems=4", "eval.greedy=true"]),
+                                            tokenizer).measure(student)  # greedy already: graded once
+
+
+def test_in_run_evaluation_logs_every_measure(tmp_path):
+    config = load_config("toylab", ["train.steps=2", "rollout.prompts_per_step=2", "rollout.n=2",
+                                    "rollout.max_new_tokens=24", "train.threads=1", "eval.problems=4",
+                                    "eval.every=2", "eval.teacher=false", "eval.k=2", "eval.temperature=1.0",
+                                    "eval.greedy=true"])
+    result = distill(config, "toylab", out=str(tmp_path / "run"), console=Console(file=io.StringIO()))
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    measures = {"accuracy", "greedy_accuracy", "slip_rate", "format_coverage"}
+    assert {key for key in last if key.startswith("eval_")} == {f"eval_{m}" for m in measures}
+    assert set(result.summary["student_eval_before"]) == measures
+    assert result.summary["student_eval_after"] == {m: last[f"eval_{m}"] for m in measures}
+    assert result.summary["student_accuracy_after"] == last["eval_accuracy"]

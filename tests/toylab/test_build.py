@@ -55,3 +55,45 @@ def test_shipped_pair_has_the_promised_gap(manifest):
     student = manifest["models"]["student"]["held_out_accuracy"]
     assert teacher >= 0.90 and teacher - student >= 0.30
     assert manifest["student_outliers"]["implausible_fraction"] > 0.01
+
+
+def test_build_v2_writes_the_teacher_three_students_and_their_mismatch(tmp_path, monkeypatch):
+    for name in build.RECIPES_V2:
+        monkeypatch.setitem(build.RECIPES_V2, name, {**build.RECIPES_V2[name], "steps": 2, "warmup": 1})
+    monkeypatch.setitem(build.EVAL_V2, "problems", 4)
+    monkeypatch.setitem(build.MISMATCH, "prompts", 4)
+    manifest = build.build_toylab(tmp_path, lab="v2")
+    names = ["v2-teacher", "v2-student-e0.00", "v2-student-e0.03", "v2-student-e0.10"]
+    assert list(manifest["models"]) == names and list(manifest["mismatch"]) == names[1:]
+    assert manifest["command"] == "tropd toylab build --lab v2" and manifest["difficulty"]["max_terms"] == 8
+    students = [dict(manifest["models"][name]["recipe"]) for name in names[1:]]
+    assert [r.pop("slip_rate") for r in students] == [0.0, 0.03, 0.1] and students[0] == students[1] == students[2]
+    for name in names:
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / name).config.head_dim == 64
+    stats = manifest["mismatch"]["v2-student-e0.10"]
+    parts = ("slip_teacher_logprob", "after_slip_teacher_logprob", "other_teacher_logprob")
+    assert stats["prompts"] == 4 and stats["tokens"] == sum(stats[part]["count"] for part in parts)
+    assert json.loads((tmp_path / "manifest-v2.json").read_text()) == manifest
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_unknown_lab_is_one_line(tmp_path):
+    from tropd_cli.errors import TropdError
+
+    with pytest.raises(TropdError, match="--lab must be one of v1, v2, got 'v3'"):
+        build.build_toylab(tmp_path, lab="v3")
+
+
+def test_teacher_logit_scale_multiplies_every_logit(tmp_path):
+    import torch
+
+    from tropd_cli.toylab.models import new_toy_model
+
+    source = tmp_path / "teacher"
+    new_toy_model("v2-teacher", 0).save_pretrained(source)
+    build.build_tokenizer().save_pretrained(source)
+    build.scale_teacher_logits(source, tmp_path / "deep", 2.0)
+    ids = torch.tensor([[5, 17, 900, 40, 3]])
+    original = AutoModelForCausalLM.from_pretrained(source).eval()(ids).logits
+    deep = AutoModelForCausalLM.from_pretrained(tmp_path / "deep").eval()(ids).logits
+    torch.testing.assert_close(deep, 2 * original, rtol=1e-5, atol=1e-5)

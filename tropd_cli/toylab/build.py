@@ -72,6 +72,7 @@ RECIPES_V2: dict[str, dict] = {
     **{v2_student_name(eps): dict(V2_STUDENT, slip_rate=eps) for eps in V2_EPSILONS},
 }
 EVAL_V2 = dict(seed=1234, problems=300, max_new_tokens=64)
+MISMATCH = dict(prompts=128, samples=4, seed=0)  # the student samples the manifest's mismatch statistics read
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,9 @@ def build_toylab(out: Path | None = None, only: str | None = None, console: Cons
             if name != "v2-teacher" and (out / name).is_dir():
                 stats = mismatch_statistics(out / "v2-teacher", out / name, tokenizer, spec)
                 manifest["mismatch"][name] = stats
-                console.print(f"{name}: slips are {100 * stats['slip_token_fraction']:.2f}% of sampled tokens, "
-                              f"teacher log-prob of a slip median {stats['slip_teacher_logprob']['median']:.1f}")
+                median = stats["slip_teacher_logprob"]["median"]
+                console.print(f"{name}: slips are {100 * stats['slip_token_fraction']:.2f}% of sampled tokens"
+                              + (f", teacher log-prob of a slip median {median:.1f}" if median is not None else ""))
     atomic_write_json(manifest_path, manifest)
     return manifest
 
@@ -193,8 +195,7 @@ def _quantiles(values: torch.Tensor) -> dict:
             "p90": round(float(q[2]), 3), "min": round(float(values.min()), 3)}
 
 
-def mismatch_statistics(teacher_folder: Path, student_folder: Path, tokenizer, spec: Lab, prompts: int = 128,
-                        seed: int = 0) -> dict:
+def mismatch_statistics(teacher_folder: Path, student_folder: Path, tokenizer, spec: Lab) -> dict:
     """What the teacher makes of a v2 student's temperature-1 samples: slips (share of tokens, teacher
     log-probs of the slip token and of the value after it), implausible tokens, and the teacher's entropy at
     line starts."""
@@ -204,6 +205,7 @@ def mismatch_statistics(teacher_folder: Path, student_folder: Path, tokenizer, s
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_folder).eval()
     student = AutoModelForCausalLM.from_pretrained(student_folder).eval()
+    prompts, samples, seed = MISMATCH["prompts"], MISMATCH["samples"], MISMATCH["seed"]
     rng = random.Random(seed)
     problems = []
     while len(problems) < prompts:
@@ -212,7 +214,7 @@ def mismatch_statistics(teacher_folder: Path, student_folder: Path, tokenizer, s
             problems.append(problem)
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in problems]
     rollouts = make_rollout_backend("hf", student, tokenizer.pad_token_id, [tokenizer.eos_token_id]).generate(
-        prompt_ids, 4, SamplingParams(spec.eval["max_new_tokens"], 1.0, 1.0), seed)
+        prompt_ids, samples, SamplingParams(spec.eval["max_new_tokens"], 1.0, 1.0), seed)
     batch = build_sequences([prompt_ids[i] for i in rollouts.prompt_index], rollouts.response_ids,
                             tokenizer.pad_token_id)
     teacher_stats = score_teacher(teacher, batch, top_k=1, chunk_size=1024)
@@ -233,7 +235,7 @@ def mismatch_statistics(teacher_folder: Path, student_folder: Path, tokenizer, s
     for response, index in zip(rollouts.response_ids, rollouts.prompt_index):
         profile.add(tokenizer.decode(response, skip_special_tokens=True), problems[index].expression)
     return {
-        "prompts": prompts, "samples_per_prompt": 4, "temperature": 1.0, "tokens": logprobs.numel(),
+        "prompts": prompts, "samples_per_prompt": samples, "temperature": 1.0, "tokens": logprobs.numel(),
         "mean_response_tokens": round(logprobs.numel() / len(rollouts.response_ids), 1),
         "slip_line_rate": round(profile.slip_rate, 4), "format_coverage": round(profile.format_coverage, 3),
         "slip_token_fraction": float(slip.float().mean()),
