@@ -347,7 +347,8 @@ def predictions(runs: dict[str, dict[str, list[dict]]]) -> list[dict]:
         agree = result["mean"] is not None and (abs(result["mean"]) <= 2 * result["se"] or abs(result["mean"]) < 2)
         verdict = "reversed" if result["verdict"] != "not resolved" else ("holds" if agree else "not resolved")
         parts.append(part(f"{method} - OPD at epsilon 0 (points)", {**result, "verdict": verdict}))
-    out.append({"key": "P0", "parts": parts, "verdict": combine(parts)})
+    p0 = "reversed" if any(p["verdict"] == "reversed" for p in parts) else combine(parts)
+    out.append({"key": "P0", "parts": parts, "verdict": p0})  # reversed if either difference is resolved
 
     parts = []
     for epsilon in EPSILONS[1:]:

@@ -53,9 +53,12 @@ def test_readme_command_runs(command, workdir, monkeypatch):
     if argv[0] == "distill" and "--resume" not in argv:
         argv = shrink(argv) + ([] if "--out" in argv else ["--out", str(workdir / "run")]) + ["--overwrite"]
     if argv[:2] == ["toylab", "build"]:
-        for name in build.RECIPES:
-            monkeypatch.setitem(build.RECIPES, name, {**build.RECIPES[name], "steps": 2, "warmup": 1})
+        for recipes in (build.RECIPES, build.RECIPES_V2):
+            for name in recipes:
+                monkeypatch.setitem(recipes, name, {**recipes[name], "steps": 2, "warmup": 1})
         monkeypatch.setitem(build.EVAL, "problems", 4)
+        monkeypatch.setitem(build.EVAL_V2, "problems", 4)
+        monkeypatch.setitem(build.MISMATCH, "prompts", 4)
     assert cli.main(argv) == 0
 
 

@@ -57,7 +57,7 @@ IMPLAUSIBLE_LOGPROB = -5.0
 
 V2_EPSILONS = (0.0, 0.03, 0.1)
 V2_TEACHER_STEPS = 2500
-V2_STUDENT_STEPS = 1000
+V2_STUDENT_STEPS = 1500
 
 
 def v2_student_name(epsilon: float) -> str:
@@ -141,7 +141,7 @@ def build_toylab(out: Path | None = None, only: str | None = None, console: Cons
 
         atomic_folder(out / name, fill)
         manifest["models"][name] = {
-            "recipe": recipe, "architecture": "Qwen3ForCausalLM", "config": SIZES[recipe["size"]],
+            "command": command, "recipe": recipe, "architecture": "Qwen3ForCausalLM", "config": SIZES[recipe["size"]],
             "parameters": sum(p.numel() for p in model.parameters()),
             "held_out_accuracy": report.accuracy, "held_out_verdicts": report.verdicts,
             "build_seconds": round(time.perf_counter() - started, 1),
@@ -156,17 +156,25 @@ def build_toylab(out: Path | None = None, only: str | None = None, console: Cons
         manifest["student_outliers"] = outlier_statistics(out, tokenizer)
         console.print(f"student samples: {100 * manifest['student_outliers']['implausible_fraction']:.2f}% of "
                       f"tokens have teacher log-prob < {IMPLAUSIBLE_LOGPROB}")
-    if lab == "v2" and (out / "v2-teacher").is_dir():
-        manifest.setdefault("mismatch", {})
-        for name in spec.recipes:
-            if name != "v2-teacher" and (out / name).is_dir():
-                stats = mismatch_statistics(out / "v2-teacher", out / name, tokenizer, spec)
-                manifest["mismatch"][name] = stats
-                median = stats["slip_teacher_logprob"]["median"]
-                console.print(f"{name}: slips are {100 * stats['slip_token_fraction']:.2f}% of sampled tokens"
-                              + (f", teacher log-prob of a slip median {median:.1f}" if median is not None else ""))
+    if lab == "v2":
+        record_mismatch(out, manifest, tokenizer, console)
     atomic_write_json(manifest_path, manifest)
     return manifest
+
+
+def record_mismatch(out: Path, manifest: dict, tokenizer, console: Console) -> None:
+    """The teacher's view of every v2 student in `out` (`mismatch_statistics`), into `manifest`."""
+    spec = LABS["v2"]
+    if not (out / "v2-teacher").is_dir():
+        return
+    manifest.setdefault("mismatch", {})
+    for name in spec.recipes:
+        if name != "v2-teacher" and (out / name).is_dir():
+            stats = mismatch_statistics(out / "v2-teacher", out / name, tokenizer, spec)
+            manifest["mismatch"][name] = stats
+            median = stats["slip_teacher_logprob"]["median"]
+            console.print(f"{name}: slips are {100 * stats['slip_token_fraction']:.2f}% of sampled tokens"
+                          + (f", teacher log-prob of a slip median {median:.1f}" if median is not None else ""))
 
 
 def scale_teacher_logits(source: Path, destination: Path, scale: float) -> None:
