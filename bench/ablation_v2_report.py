@@ -107,8 +107,8 @@ def markdown(report: dict) -> str:
     for condition, methods in report["conditions"].items():
         lines += ["", f"## {_condition_title(condition)}", "",
                   "| method | paper | start (%) | final sampled (%) | gain | final greedy (%) | slip rate start -> "
-                  "final (%) | coverage, first evaluation | median grad norm | p99/median | outlier grad share | entropy "
-                  "first -> last 10 steps | finished |",
+                  "final (%) | coverage, first evaluation | median grad norm | p99/median | outlier grad share | "
+                  "entropy first -> last 10 steps | finished |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method in (m["key"] for m in report["methods"]):
             if method not in methods:
@@ -116,11 +116,12 @@ def markdown(report: dict) -> str:
             row = methods[method]
             paper = next(m["paper"] for m in report["methods"] if m["key"] == method)
             lines.append(
-                f"| {labels[method]} | {_num(paper)} | {_pct(row['start'])} | {_pct(row['final_mean'], row['final_std'])} "
-                f"| {_pct(row['gain_mean'], row['gain_std'], sign=True)} | {_pct(row['final_greedy'])} | "
-                f"{_pct(row['start_slip'])} -> {_pct(row['final_slip'])} | {_num(row['coverage_early'])} | "
-                f"{_num(row['median_grad_norm'])} | {_num(row['tail_ratio'], 1)} | {_num(row['outlier_grad_share'])} | "
-                f"{_num(row['entropy_first'], 3)} -> {_num(row['entropy_last'], 3)} | {row['finished']}/{row['runs']} |")
+                f"| {labels[method]} | {_num(paper)} | {_pct(row['start'])} | "
+                f"{_pct(row['final_mean'], row['final_std'])} | {_pct(row['gain_mean'], row['gain_std'], sign=True)} | "
+                f"{_pct(row['final_greedy'])} | {_pct(row['start_slip'])} -> {_pct(row['final_slip'])} | "
+                f"{_num(row['coverage_early'])} | {_num(row['median_grad_norm'])} | {_num(row['tail_ratio'], 1)} | "
+                f"{_num(row['outlier_grad_share'])} | {_num(row['entropy_first'], 3)} -> "
+                f"{_num(row['entropy_last'], 3)} | {row['finished']}/{row['runs']} |")
     if report.get("plots"):
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({name})" for name in report["plots"]]

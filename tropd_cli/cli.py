@@ -319,8 +319,9 @@ def presets_show(name: Annotated[str, typer.Argument(metavar="NAME", help="Prese
 def toylab_build(
     out: Annotated[Path | None, typer.Option(help="Where to write teacher/, student/ and manifest.json "
                                              "(default: the package's shipped assets).")] = None,
-    only: Annotated[str | None, typer.Option(help="Rebuild only this model (v1: teacher or student; v2: "
-                                             "v2-teacher, v2-student-e0.00, v2-student-e0.03, v2-student-e0.10).")] = None,
+    only: Annotated[str | None, typer.Option(
+        help="Rebuild only this model (v1: teacher or student; v2: v2-teacher, v2-student-e0.00, "
+        "v2-student-e0.03, v2-student-e0.10).")] = None,
     lab: Annotated[str, typer.Option(help="Which toy lab: v1 (the demo's pair) or v2 (a teacher with entropy, "
                                      "students with rare slips).")] = "v1",
 ) -> None:
