@@ -97,3 +97,35 @@ def test_teacher_logit_scale_multiplies_every_logit(tmp_path):
     original = AutoModelForCausalLM.from_pretrained(source).eval()(ids).logits
     deep = AutoModelForCausalLM.from_pretrained(tmp_path / "deep").eval()(ids).logits
     torch.testing.assert_close(deep, 2 * original, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def manifest_v2():
+    return json.loads((TOYLAB_ASSETS / "manifest-v2.json").read_text())
+
+
+def test_shipped_v2_checkpoints_match_their_manifest(manifest_v2):
+    total = 0
+    for name, entry in manifest_v2["models"].items():
+        weights = (TOYLAB_ASSETS / name / "model.safetensors").read_bytes()
+        total += len(weights)
+        assert hashlib.sha256(weights).hexdigest() == entry["sha256"]
+        assert entry["command"] == f"tropd toylab build --lab v2 --only {name}"
+    assert total <= 10 * 2**20
+
+
+def test_shipped_v2_pair_is_a_mismatch_of_the_papers_kind(manifest_v2):
+    """A teacher with entropy where lines start; students whose slips are rare, very implausible and growing
+    with epsilon; nothing else differs between the students."""
+    models, mismatch = manifest_v2["models"], manifest_v2["mismatch"]
+    assert models["v2-teacher"]["held_out_accuracy"] >= 0.85
+    assert models["v2-teacher"]["held_out_format_coverage"] > 0.5  # its greedy answers mix the forms
+    slips = [mismatch[f"v2-student-e{e}"]["slip_token_fraction"] for e in ("0.00", "0.03", "0.10")]
+    assert slips[0] == 0 and 0.002 < slips[1] < slips[2] < 0.02
+    for name in ("v2-student-e0.03", "v2-student-e0.10"):
+        stats = mismatch[name]
+        assert -40 <= stats["slip_teacher_logprob"]["median"] <= -20
+        assert stats["teacher_entropy_line_start"]["median"] > 1.0 > stats["teacher_entropy_elsewhere"]["median"]
+        assert 30 <= stats["mean_response_tokens"] <= 55 and stats["format_coverage"] < 0.34
+    recipes = [dict(models[f"v2-student-e{e}"]["recipe"]) for e in ("0.00", "0.03", "0.10")]
+    assert [r.pop("slip_rate") for r in recipes] == [0.0, 0.03, 0.1] and recipes[0] == recipes[1] == recipes[2]

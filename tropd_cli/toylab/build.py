@@ -13,8 +13,8 @@ held-out accuracy, the fraction of student-sampled tokens with teacher log-prob 
 weights), so the demo never retrains them.
 
 Toy lab v2 (`tropd toylab build --lab v2`) is a mismatch of the paper's kind: its teacher writes every
-scratchpad line in one of three equally valid forms (real entropy, about ln 3 nats at line starts) over
-longer chains (4-8 terms), and its students, weaker and trained on the canonical form only, have a slip
+scratchpad line in one of three equally valid forms (real entropy where lines start) over longer chains
+(4-8 terms), and its students, weaker and trained on the canonical form only, have a slip
 channel: with probability epsilon per line they write a token the teacher never saw (`?`) and a wrong
 value that later lines carry forward. Three students share one recipe and differ only in epsilon
 (0, 0.03, 0.1). Its manifest (manifest-v2.json) adds, per student, the share of sampled tokens that are
@@ -63,6 +63,7 @@ V2_STUDENT_STEPS = 1500
 def v2_student_name(epsilon: float) -> str:
     """The shipped name of the v2 student with slip rate `epsilon` (v2-student-e0.03)."""
     return f"v2-student-e{epsilon:.2f}"
+
 
 V2_STUDENT = dict(size="v2-student", seed=0, steps=V2_STUDENT_STEPS, batch_size=64, lr=3e-3, warmup=50,
                   error_rate=0.0, forms="canonical")
