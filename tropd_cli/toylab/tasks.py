@@ -173,7 +173,8 @@ def grade(response: str, answer: int) -> Verdict:
 #
 # Each scratchpad line may be written in one of three forms; the teacher is trained on all three, drawn
 # uniformly, so its next-token distribution at a line start carries real entropy (the forms begin with
-# different tokens; the shipped teacher's median at the students' line starts is 1.85 nats). The student is trained on the canonical form only, and with probability epsilon per
+# different tokens; the shipped teacher's median at the students' line starts is 1.85 nats). The
+# student is trained on the canonical form only, and with probability epsilon per
 # line it slips: it writes SLIP_TOKEN, a token no teacher training text contains, then a wrong result that
 # later lines carry forward. Slips are rare, very implausible to the teacher, and make the answer wrong:
 # the outliers on-policy distillation has to cope with.
