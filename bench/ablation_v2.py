@@ -59,6 +59,16 @@ CONTROL = ("opd", "mask", "fkl")
 TAIL_STEPS = 10  # "first" and "last" steps of a run's per-step curves (entropy, KL)
 DEGRADE_POINTS = 5.0  # P6: final accuracy more than this below the run's best evaluation
 PREDICTIONS = Path(__file__).resolve().parent / "results" / "ablation-v2-predictions.md"
+# What changed after the first full invocation started, and why; no setting of any run changed.
+CHANGES_AFTER_FIRST_RUN: tuple[str, ...] = (
+    "The first invocation (87 runs, started 2026-12-01 23:11 UTC; its ledger entry carries its end time, "
+    "00:03:57, as `started`, since fixed) ran every run and then failed while writing the report: a condition "
+    "name holding `lr3e-05` was split at its dashes. The report code was fixed; no run was touched.",
+    "Its next two invocations re-executed the 9 runs at lr 3e-5, because the reuse test compared the override "
+    "`train.lr=3e-05`, which YAML reads as a string, with the stored float. Both times each of the 9 runs "
+    "reproduced the first invocation's accuracy and grad-norm numbers exactly; the override is now written "
+    "`3.0e-05`, so later invocations reuse them.",
+)
 
 METHODS = (
     Method("opd", "OPD", ("objective.name=opd",), 46.79),
@@ -151,7 +161,8 @@ def cell_overrides(budget: Budget, cell: Cell, seed: int, work_dir: Path) -> lis
     extra = [f"objective.reopold_switch_step={steps // 2}"] if cell.method == "reopold" else []
     teacher = [f"teacher.model={scaled_teacher(work_dir, cell.scale)}"] if cell.scale != 1.0 else []
     return [*COMMON_OVERRIDES, *budget.overrides, *method.overrides, *extra, *teacher,
-            f"student.model=toylab:{v2_student_name(cell.epsilon)}", f"train.lr={cell.lr:g}", f"train.seed={seed}"]
+            f"student.model=toylab:{v2_student_name(cell.epsilon)}", f"train.lr={cell.lr:.1e}", f"train.seed={seed}"]
+    # {lr:.1e} (3.0e-05): YAML reads 3e-05, without a dot, as a string, and a reused run's settings must compare equal
 
 
 def scaled_teacher(work_dir: Path, scale: float) -> Path:
@@ -176,7 +187,7 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
     if not (TOYLAB_ASSETS / "v2-teacher" / "config.json").is_file():
         raise TropdError("toy lab v2 is not built; run: tropd toylab build --lab v2")
     torch.set_num_threads(1)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     work_dir.mkdir(parents=True, exist_ok=True)
     for cell in budget.cells:
         if cell.scale != 1.0:
@@ -220,7 +231,7 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
         runs.setdefault(cell.condition, {}).setdefault(cell.method, []).append(run_stats(summary, records))
     invocations_path = work_dir / "invocations.json"
     invocations = json.loads(invocations_path.read_text()) if invocations_path.is_file() else []
-    invocations.append({"budget": budget.name, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    invocations.append({"budget": budget.name, "started": started_at,
                         "wall_seconds": round(time.perf_counter() - started, 1), "runs_executed": len(todo),
                         "runs_reused": reused, "jobs": jobs})
     atomic_write_json(invocations_path, invocations)
@@ -482,6 +493,7 @@ def build_report(budget: Budget, runs: dict, command: str, invocations: list[dic
         "conditions": {condition: {method: aggregate(seeds) for method, seeds in by_method.items()}
                        for condition, by_method in runs.items()},
         "predictions_text": PREDICTIONS.read_text() if PREDICTIONS.is_file() else "",
+        "changes_after_first_run": list(CHANGES_AFTER_FIRST_RUN) if budget.name == "full" else [],
         "predictions": predictions(runs),
     }
 

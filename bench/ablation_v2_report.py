@@ -5,6 +5,7 @@ verdicts, one table per condition) and one plot per slip rate plus the learning-
 from __future__ import annotations
 
 import os
+import re
 import statistics
 from pathlib import Path
 
@@ -29,9 +30,8 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def _condition_title(condition: str) -> str:
-    epsilon, lr, scale = condition.split("-")
-    return (f"epsilon {float(epsilon[1:]):g}, lr {lr[2:]}"
-            + ("" if scale == "t1" else f", teacher logits x{scale[1:]}"))
+    epsilon, lr, scale = re.fullmatch(r"e([\d.]+)-lr(.+)-t([\d.]+)", condition).groups()
+    return f"epsilon {float(epsilon):g}, lr {lr}" + ("" if scale == "1" else f", teacher logits x{scale}")
 
 
 def markdown(report: dict) -> str:
@@ -125,6 +125,9 @@ def markdown(report: dict) -> str:
     if report.get("plots"):
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({name})" for name in report["plots"]]
+    if report.get("changes_after_first_run"):
+        lines += ["", "## Changes after the first run", ""]
+        lines += [f"- {change}" for change in report["changes_after_first_run"]]
     lines += ["", "## The predictions as written before the runs", "", report["predictions_text"]]
     return "\n".join(lines) + "\n"
 
