@@ -226,9 +226,12 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
                 print(f"[{len(summaries)}/{total}] {cell.key} seed {seed}: {describe(stats)}, "
                       f"{ledger[f'{cell.key}-seed{seed}']:.0f}s", flush=True)
     runs: dict[str, dict[str, list[dict]]] = {}
-    for (cell, seed), summary in sorted(summaries.items(), key=lambda item: (item[0][0].key, item[0][1])):
-        records = read_metrics(work_dir / budget.name / cell.condition / f"{cell.method}-seed{seed}" / "metrics.jsonl")
-        runs.setdefault(cell.condition, {}).setdefault(cell.method, []).append(run_stats(summary, records))
+    for cell in budget.cells:  # conditions and methods in the design's order, seeds ascending
+        for seed in budget.seeds:
+            records = read_metrics(work_dir / budget.name / cell.condition / f"{cell.method}-seed{seed}" /
+                                   "metrics.jsonl")
+            stats = run_stats(summaries[(cell, seed)], records)
+            runs.setdefault(cell.condition, {}).setdefault(cell.method, []).append(stats)
     invocations_path = work_dir / "invocations.json"
     invocations = json.loads(invocations_path.read_text()) if invocations_path.is_file() else []
     invocations.append({"budget": budget.name, "started": started_at,
