@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cell_overrides(budget: Budget, cell: Cell, seed: int, work_dir: Path) -> list[str]:
-    """The settings on top of the preset: budget, method, student, learning rate, teacher, seed."""
-    steps = load_config(PRESET, list(budget.overrides)).train.steps
+def cell_overrides(budget: Budget, cell: Cell, seed: int, work_dir: Path, steps: int) -> list[str]:
+    """The settings on top of the preset: budget, method, student, learning rate, teacher, seed (`steps`: the
+    budget's train.steps)."""
     method = METHOD_BY_KEY[cell.method]
     extra = [f"objective.reopold_switch_step={steps // 2}"] if cell.method == "reopold" else []
     teacher = [f"teacher.model={scaled_teacher(work_dir, cell.scale)}"] if cell.scale != 1.0 else []
@@ -194,16 +194,20 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
             scaled_teacher(work_dir, cell.scale)
     ledger_path = work_dir / "wall_seconds.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
-    todo, summaries, reused = [], {}, 0
+    steps = load_config(PRESET, list(budget.overrides)).train.steps
+
+    def run_dir(cell: Cell, seed: int) -> Path:
+        return work_dir / budget.name / cell.condition / f"{cell.method}-seed{seed}"
+
+    todo, stats, reused = [], {}, 0
     for seed in budget.seeds:
         for cell in budget.cells:
-            overrides = cell_overrides(budget, cell, seed, work_dir)
-            run_dir = work_dir / budget.name / cell.condition / f"{cell.method}-seed{seed}"
-            summary = reusable_summary(run_dir, overrides, PRESET)
+            overrides = cell_overrides(budget, cell, seed, work_dir, steps)
+            summary = reusable_summary(run_dir(cell, seed), overrides, PRESET)
             if summary is None:
-                todo.append((cell, seed, overrides, run_dir))
+                todo.append((cell, seed, overrides))
             else:
-                summaries[(cell, seed)] = summary
+                stats[(cell, seed)] = run_stats(summary, read_metrics(run_dir(cell, seed) / "metrics.jsonl"))
                 reused += 1
     total = len(budget.seeds) * len(budget.cells)
     print(f"{total} runs: {reused} reused, {len(todo)} to run, {jobs} at a time", flush=True)
@@ -213,25 +217,22 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
         queue = list(todo)
         while queue or pending:
             while queue and len(pending) < jobs:
-                cell, seed, overrides, run_dir = queue.pop(0)
-                pending[pool.submit(run_one, overrides, str(run_dir))] = (cell, seed, time.perf_counter())
+                cell, seed, overrides = queue.pop(0)
+                future = pool.submit(run_one, overrides, str(run_dir(cell, seed)))
+                pending[future] = (cell, seed, time.perf_counter())
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 cell, seed, began = pending.pop(future)
-                summaries[(cell, seed)] = future.result()
-                ledger[f"{cell.key}-seed{seed}"] = round(time.perf_counter() - began, 1)
+                name = f"{cell.key}-seed{seed}"
+                ledger[name] = round(time.perf_counter() - began, 1)
                 atomic_write_json(ledger_path, ledger)
-                stats = run_stats(summaries[(cell, seed)], read_metrics(
-                    work_dir / budget.name / cell.condition / f"{cell.method}-seed{seed}" / "metrics.jsonl"))
-                print(f"[{len(summaries)}/{total}] {cell.key} seed {seed}: {describe(stats)}, "
-                      f"{ledger[f'{cell.key}-seed{seed}']:.0f}s", flush=True)
+                stats[(cell, seed)] = run_stats(future.result(), read_metrics(run_dir(cell, seed) / "metrics.jsonl"))
+                print(f"[{len(stats)}/{total}] {cell.key} seed {seed}: {describe(stats[(cell, seed)])}, "
+                      f"{ledger[name]:.0f}s", flush=True)
     runs: dict[str, dict[str, list[dict]]] = {}
     for cell in budget.cells:  # conditions and methods in the design's order, seeds ascending
         for seed in budget.seeds:
-            records = read_metrics(work_dir / budget.name / cell.condition / f"{cell.method}-seed{seed}" /
-                                   "metrics.jsonl")
-            stats = run_stats(summaries[(cell, seed)], records)
-            runs.setdefault(cell.condition, {}).setdefault(cell.method, []).append(stats)
+            runs.setdefault(cell.condition, {}).setdefault(cell.method, []).append(stats[(cell, seed)])
     invocations_path = work_dir / "invocations.json"
     invocations = json.loads(invocations_path.read_text()) if invocations_path.is_file() else []
     invocations.append({"budget": budget.name, "started": started_at,
@@ -302,12 +303,10 @@ def describe(stats: dict) -> str:
 # ------------------------------------------------------------------------------------------------ verdicts
 
 
-def paired(better: list[dict], worse: list[dict], field: str, scale: float = 100.0) -> dict:
-    """better - worse per seed (finished runs of both), mean, SE and the holds / reversed / not resolved rule."""
-    other = {r["seed"]: r[field] for r in worse if r["status"] == "finished" and r[field] is not None}
-    diffs = [scale * (r[field] - other[r["seed"]]) for r in better
-             if r["status"] == "finished" and r[field] is not None and r["seed"] in other]
-    return verdict_of(diffs)
+def paired(better: list[dict], worse: list[dict], field: str) -> dict:
+    """better - worse per seed in points (finished runs of both), mean, SE and the holds / reversed / not
+    resolved rule."""
+    return verdict_of(list(differences_of(better, worse, field).values()))
 
 
 def verdict_of(diffs: list[float]) -> dict:
@@ -340,6 +339,7 @@ def threshold_part(title: str, values: list[float], above: float) -> dict:
 
 
 def differences_of(a: list[dict], b: list[dict], field: str) -> dict[int, float]:
+    """100 x (a - b) of `field` per seed, over the seeds where both finished with a value."""
     other = {r["seed"]: r[field] for r in b if r["status"] == "finished" and r[field] is not None}
     return {r["seed"]: 100 * (r[field] - other[r["seed"]]) for r in a
             if r["status"] == "finished" and r[field] is not None and r["seed"] in other}

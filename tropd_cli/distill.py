@@ -373,7 +373,7 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
 
     def measure(model: torch.nn.Module) -> dict[str, float]:
         # every rank evaluates; a sharded model generates whole
-        with (teacher_gathered if model is teacher else strategy.gathered)():
+        with strategy.gathered():
             return held_out.measure(model)
 
     resolved = config.model_dump(mode="json")
@@ -390,7 +390,8 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     if checkpoint is None and held_out.enabled:
         with console.status("evaluating before training"):
             if config.eval.teacher:
-                summary.teacher_accuracy = measure(teacher)["accuracy"]
+                with teacher_gathered():
+                    summary.teacher_accuracy = held_out.accuracy(teacher)
             summary.student_eval_before = measure(student)
             summary.student_accuracy_before = summary.student_eval_before["accuracy"]
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),

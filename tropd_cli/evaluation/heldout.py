@@ -87,7 +87,7 @@ class HeldOut:
 
     def accuracy(self, model: torch.nn.Module) -> float:
         """avg@k of `model` on the held-out problems."""
-        return self.measure(model)["accuracy"]
+        return self._measure(model, self.config.eval.k, self.config.eval.temperature)["accuracy"]
 
     def measure(self, model: torch.nn.Module) -> dict[str, float]:
         """avg@k of `model` on the held-out problems (`accuracy`), with `eval.greedy` also the greedy

@@ -208,25 +208,12 @@ def mismatch_statistics(teacher_folder: Path, student_folder: Path, tokenizer, s
     """What the teacher makes of a v2 student's temperature-1 samples: slips (share of tokens, teacher
     log-probs of the slip token and of the value after it), implausible tokens, and the teacher's entropy at
     line starts."""
-    from transformers import AutoModelForCausalLM
-
     from tropd_cli.toylab.tasks import SLIP_TOKEN, ScratchpadProfile
 
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_folder).eval()
-    student = AutoModelForCausalLM.from_pretrained(student_folder).eval()
     prompts, samples, seed = MISMATCH["prompts"], MISMATCH["samples"], MISMATCH["seed"]
-    rng = random.Random(seed)
-    problems = []
-    while len(problems) < prompts:
-        problem = random_problem(rng, spec.difficulty)
-        if not is_held_out(problem.expression):
-            problems.append(problem)
-    prompt_ids = [prompt_token_ids(tokenizer, p) for p in problems]
-    rollouts = make_rollout_backend("hf", student, tokenizer.pad_token_id, [tokenizer.eos_token_id]).generate(
-        prompt_ids, samples, SamplingParams(spec.eval["max_new_tokens"], 1.0, 1.0), seed)
-    batch = build_sequences([prompt_ids[i] for i in rollouts.prompt_index], rollouts.response_ids,
-                            tokenizer.pad_token_id)
-    teacher_stats = score_teacher(teacher, batch, top_k=1, chunk_size=1024)
+    problems, rollouts, teacher_stats = sampled_and_scored(teacher_folder, student_folder, tokenizer,
+                                                           spec.difficulty, prompts, samples,
+                                                           spec.eval["max_new_tokens"], seed)
     logprobs, entropy = teacher_stats.logprobs, teacher_stats.entropy
     tokens = torch.tensor([t for response in rollouts.response_ids for t in response])
     slip_id, newline_id = tokenizer.convert_tokens_to_ids(SLIP_TOKEN), tokenizer.convert_tokens_to_ids("\n")
@@ -258,24 +245,33 @@ def mismatch_statistics(teacher_folder: Path, student_folder: Path, tokenizer, s
     }
 
 
-def outlier_statistics(folder: Path, tokenizer, prompts: int = 128, seed: int = 0) -> dict:
-    """How often the student samples (temperature 1) tokens the teacher finds implausible."""
+def sampled_and_scored(teacher_folder: Path, student_folder: Path, tokenizer, difficulty: Difficulty,
+                       prompts: int, samples: int, max_new_tokens: int, seed: int):
+    """The student's temperature-1 samples of `prompts` training-split problems and the teacher's scores of
+    them: (problems, rollouts, teacher stats with top-1)."""
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(folder / "teacher").eval()
-    student = AutoModelForCausalLM.from_pretrained(folder / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_folder).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_folder).eval()
     rng = random.Random(seed)
     problems = []
     while len(problems) < prompts:
-        problem = random_problem(rng, Difficulty())
+        problem = random_problem(rng, difficulty)
         if not is_held_out(problem.expression):
             problems.append(problem)
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in problems]
     rollouts = make_rollout_backend("hf", student, tokenizer.pad_token_id, [tokenizer.eos_token_id]).generate(
-        prompt_ids, 4, SamplingParams(EVAL["max_new_tokens"], 1.0, 1.0), seed)
+        prompt_ids, samples, SamplingParams(max_new_tokens, 1.0, 1.0), seed)
     batch = build_sequences([prompt_ids[i] for i in rollouts.prompt_index], rollouts.response_ids,
                             tokenizer.pad_token_id)
-    teacher_logprobs = score_teacher(teacher, batch, top_k=1, chunk_size=1024).logprobs
+    return problems, rollouts, score_teacher(teacher, batch, top_k=1, chunk_size=1024)
+
+
+def outlier_statistics(folder: Path, tokenizer, prompts: int = 128, seed: int = 0) -> dict:
+    """How often the student samples (temperature 1) tokens the teacher finds implausible."""
+    _, _, scored = sampled_and_scored(folder / "teacher", folder / "student", tokenizer, Difficulty(), prompts, 4,
+                                      EVAL["max_new_tokens"], seed)
+    teacher_logprobs = scored.logprobs
     return {
         "prompts": prompts, "samples_per_prompt": 4, "temperature": 1.0, "tokens": teacher_logprobs.numel(),
         "implausible_logprob": IMPLAUSIBLE_LOGPROB,

@@ -17,9 +17,10 @@ or the order of generation.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from tropd_cli.config import ToyTaskConfig as Difficulty  # the generator's knobs are plain config (data.toylab)
@@ -263,16 +264,13 @@ class ScratchpadProfile:
 
     lines: int = 0
     slips: int = 0
-    forms: list[int] = None  # lines per form index (LINE_FORMS order); unrecognised lines are not counted
-
-    def __post_init__(self) -> None:
-        self.forms = self.forms or [0, 0, 0]
+    forms: list[int] = field(default_factory=lambda: [0, 0, 0])  # lines per LINE_FORMS index; others uncounted
 
     def add(self, response: str, expression: str) -> None:
         """Profile one response to the problem `expression`."""
         previous = int(re.match(r"\d+", expression).group())
         for line in response.split("\n"):
-            if not line or line.startswith(ANSWER_PREFIX) or line.startswith("answer"):
+            if not line or line.startswith("answer"):
                 continue
             self.lines += 1
             self.slips += SLIP_TOKEN in line
@@ -302,8 +300,6 @@ class ScratchpadProfile:
     def format_coverage(self) -> float:
         """exp(entropy of the line-form distribution) / number of forms: 1/3 when one form is used, 1 when
         all three are used equally (the teacher)."""
-        import math
-
         total = sum(self.forms)
         if not total:
             return 0.0
