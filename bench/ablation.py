@@ -41,6 +41,7 @@ from rich.console import Console  # noqa: E402
 
 from tropd_cli.config import RunConfig, apply_override, dotted, load_config, preset_path  # noqa: E402
 from tropd_cli.distill import distill  # noqa: E402
+from tropd_cli.environment import describe as describe_environment  # noqa: E402
 from tropd_cli.errors import Interrupted, TropdError  # noqa: E402
 from tropd_cli.files import atomic_folder, atomic_write_json  # noqa: E402
 from tropd_cli.models import TOYLAB_ASSETS, load_tokenizer  # noqa: E402
@@ -491,6 +492,7 @@ def build_report(budget: Budget, students: dict, runs: dict, command: str, invoc
         "run_wall_seconds_total": round(sum(run_seconds), 1),
         "runs_reused": invocations[-1]["runs_reused"],
         "torch": torch.__version__,
+        "environment": describe_environment("cpu"),
         "threads": config.train.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "level_choice": LEVEL_CHOICE,

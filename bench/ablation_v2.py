@@ -45,6 +45,7 @@ from ablation import Method, execute, mean_std, read_metrics, reusable_summary  
 from ablation_v2_report import write_report  # noqa: E402
 
 from tropd_cli.config import load_config  # noqa: E402
+from tropd_cli.environment import describe as describe_environment  # noqa: E402
 from tropd_cli.errors import Interrupted, TropdError  # noqa: E402
 from tropd_cli.files import atomic_write_json  # noqa: E402
 from tropd_cli.models import TOYLAB_ASSETS  # noqa: E402
@@ -489,6 +490,7 @@ def build_report(budget: Budget, runs: dict, command: str, invocations: list[dic
         "eval": load_config(PRESET, list(budget.overrides)).eval.model_dump(include={"problems", "k", "temperature",
                                                                                       "every"}),
         "run_seconds": round(sum(ledger.values()), 1),
+        "environment": describe_environment("cpu"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "methods": [{"key": m.key, "label": m.label, "overrides": list(m.overrides), "paper": m.paper}
                     for m in METHODS],

@@ -97,8 +97,12 @@ def main(argv: list[str] | None = None) -> None:
               f"(speed-up {one['step_s'] / two['step_s']:.2f}x); peak RSS per rank "
               f"{one['peak_rss_mib_per_rank']} MiB vs {two['peak_rss_mib_per_rank']} MiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    from tropd_cli.environment import describe
+
     machine = {"cpus": os.cpu_count(), "torch_threads_per_rank": 1}
-    args.out.write_text(json.dumps({"machine": machine, "steps": args.steps, "results": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"command": " ".join([sys.executable, *sys.argv]),
+                                    "environment": describe("cpu", command=sys.argv), "machine": machine,
+                                    "steps": args.steps, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

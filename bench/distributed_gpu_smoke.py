@@ -152,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok, detail in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name:<{width}}  {detail.strip().splitlines()[-1] if detail else ''}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps({"nproc": nproc, "device": args.device, "results": results,
-                                                       "checks": checks}, indent=2) + "\n")
+    from tropd_cli.environment import describe
+
+    report = {"command": " ".join([sys.executable, *sys.argv]), "environment": describe(args.device, command=sys.argv),
+              "nproc": nproc, "device": args.device, "results": results, "checks": checks}
+    (args.out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 

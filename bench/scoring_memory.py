@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"{row['chunk_vocab_bytes'] / MiB:>13.1f} {row['tokens_vocab_bytes'] / MiB:>14.1f} "
                       f"{naive / MiB:>16.1f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"vocab": args.vocab, "device": args.device, "precision": args.precision,
+        from tropd_cli.environment import describe
+
+        Path(args.out).write_text(json.dumps({"command": " ".join([sys.executable, *sys.argv]),
+                                              "environment": describe(args.device, command=sys.argv),
+                                              "vocab": args.vocab, "device": args.device, "precision": args.precision,
                                               "rows": rows}, indent=2))
         print(f"wrote {args.out}")
     return rows

@@ -562,7 +562,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{shape.prompt_len} tokens, up to {shape.max_new_tokens} new, micro-batch {shape.micro_batch}, "
           f"lr {shape.lr}; {args.precision}; {args.warmup} warm-up + {args.steps} timed steps x {args.repeats} run(s) "
           "(median)")
-    report = {"device": device_name, "shape": asdict(shape), "steps": args.steps, "warmup": args.warmup,
+    from tropd_cli.environment import describe
+
+    report = {"command": " ".join([sys.executable, *sys.argv]), "environment": describe(args.device, command=sys.argv),
+              "device": device_name, "shape": asdict(shape), "steps": args.steps, "warmup": args.warmup,
               "repeats": args.repeats, "chunk_size": args.chunk_size, "precision": args.precision,
               "clock": args.clock, "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:

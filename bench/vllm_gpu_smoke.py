@@ -33,7 +33,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_rollouts import NEVER, save_tokenizer  # noqa: E402
+from vllm_rollouts import save_tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def random_model(folder: Path) -> str:
 
     config = Qwen3Config(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                          num_key_value_heads=4, head_dim=64, vocab_size=32768, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=NEVER, pad_token_id=0)
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(folder)
     save_tokenizer(config.vocab_size, folder)
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
     from tropd_cli.engine.rollout.vllm import EngineOptions, VLLMRolloutBackend
     from tropd_cli.engine.scoring import build_sequences, score_student
+    from tropd_cli.environment import describe
 
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -83,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [torch.randint(10, vocab, (24,), generator=generator).tolist() for _ in range(args.prompts)]
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     sampled = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
-    stops = [model.config.eos_token_id or NEVER]
-    results: dict = {"model": args.model or "random Qwen3 0.1B", "device": args.device, "dtype": args.dtype}
+    eos = model.config.eos_token_id  # None for the random model: no stop, every response runs full length
+    stops = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    results: dict = {"command": " ".join([sys.executable, *sys.argv]),
+                     "environment": describe(args.device, command=sys.argv),
+                     "model": args.model or "random Qwen3 0.1B", "device": args.device, "dtype": args.dtype}
     failures: list[str] = []
 
     def check(name: str, passed: bool, value: object) -> None:

@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # One thread: tests also start subprocesses, and two busy torch pools on two cores slow each other 100x.
-torch.set_num_threads(1)
+# TROPD_TEST_THREADS sets another count, for measuring how numbers move with it (bench/pinned_drift.py).
+torch.set_num_threads(int(os.environ.get("TROPD_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

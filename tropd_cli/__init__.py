@@ -16,6 +16,11 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-# bitsandbytes, imported by peft and by transformers' schedulers, logs on AVX512-BF16 CPUs that an optional
-# faster 4-bit kernel package is missing; tropd needs none, 4-bit or not. Set before anything imports it.
+# bitsandbytes, imported by peft and by transformers' schedulers, asks on AVX512-BF16 CPUs for an optional faster
+# 4-bit kernel from the hub and logs that it is missing; tropd needs none, 4-bit or not. With the hub offline,
+# the `kernels` package (bitsandbytes >= 0.50) first logs that it skips the kernel's publisher check. Set
+# before anything imports them.
+_OPTIONAL_KERNEL = "kernels-community/quantization-bitsandbytes"
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    _DropMessage(f"Skipping publisher trust check for '{_OPTIONAL_KERNEL}'"))

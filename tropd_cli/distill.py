@@ -68,6 +68,7 @@ from tropd_cli.engine.strategy import (
     make_strategy,
 )
 from tropd_cli.engine.trainer import Models, Trainer
+from tropd_cli.environment import describe
 from tropd_cli.errors import Interrupted, TropdError, first_line
 from tropd_cli.evaluation.heldout import HeldOut
 from tropd_cli.export.card import student_card
@@ -329,6 +330,9 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
     tokenizer = preflight.student_tokenizer
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    if distributed.is_writer():
+        with writing(str(run.env)):
+            run.record_environment(describe(device))
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     np.random.seed(config.train.seed % 2**32)

@@ -3,6 +3,7 @@
     RUN/config.yaml      the resolved configuration (`distill --resume` reads it back)
     RUN/summary.json     how the run stands: `RunSummary`, rewritten at start, at each stop and at the end
     RUN/metrics.jsonl    one line per step
+    RUN/env.json         where it ran: one `environment.describe()` per process that trained it (start, resumes)
     RUN/checkpoints/     step-NNNNNN/ folders (see `checkpoints.py`)
     RUN/student/         the final student (save_pretrained format)
     RUN/tensorboard/     event files when output.log_to has tensorboard
@@ -95,6 +96,10 @@ class RunFolder:
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
 
+    @property
+    def env(self) -> Path:
+        return self.path / "env.json"
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"
 
@@ -111,3 +116,12 @@ class RunFolder:
 
     def write_summary(self, summary: RunSummary) -> None:
         atomic_write_json(self.summary, summary.to_json())
+
+    def record_environment(self, environment: dict[str, Any]) -> None:
+        """Append this process's environment to env.json's `processes`, so that a resumed run keeps where
+        each of its parts ran."""
+        try:
+            processes = json.loads(self.env.read_text())["processes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            processes = []
+        atomic_write_json(self.env, {"processes": [*processes, environment]})

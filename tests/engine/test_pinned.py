@@ -53,6 +53,8 @@ RUNS = {
     "fkl_topk": (["objective.name=fkl_topk"], ["fkl_topk"]),
     "fkl_topk-advantage": (["objective.name=fkl_topk", "objective.fkl_form=advantage"], ["fkl_topk"]),
     "jsd_onpolicy": (["objective.name=jsd_onpolicy"], ["fkl_topk", "kl_k1"]),
+    # a weight other than the default 0.5, where beta and 1 - beta give the same loss
+    "jsd_onpolicy-beta": (["objective.name=jsd_onpolicy", "objective.jsd_beta=0.2"], ["fkl_topk", "kl_k1"]),
     "reopold-static_floor": (["objective.name=reopold", "objective.reopold_form=static_floor"],
                              ["loss_token_fraction", "reward_mean"]),
     # three steps: the middle one starts from half the teacher response
@@ -183,6 +185,9 @@ def test_two_steps_match_the_pinned_numbers(run, tmp_path, capsys):
     records = distill_records(tmp_path / run, settings)
     got = {name: [record[name] for record in records] for name in ["loss", "grad_norm", *specific]}
     if REPIN:
+        if out := os.environ.get("TROPD_PINNED_OUT"):  # bench/pinned_drift.py collects every run's numbers
+            with open(out, "a") as sink:
+                sink.write(json.dumps({"run": run, "metrics": got}) + "\n")
         capsys.readouterr()
         with capsys.disabled():
             print(pinned_entry(run, got))
