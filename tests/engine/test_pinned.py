@@ -10,7 +10,8 @@ a learning rate large enough for step 2 to see step 1's update, two updates with
 to clip, an EOPD entropy threshold that gives the forward-KL term to some tokens but not all, and small
 micro-batches where a threshold must be taken over the whole rollout batch.
 
-The numbers are those of float32 on one CPU thread (the conftest sets it). A deliberate change of the
+The numbers are those of float32 on one CPU thread (the conftest sets it). Step 1 is held to 1e-5 and later
+steps to 3e-4 (see STEP1_REL and LATER_REL for the measurements behind them). A deliberate change of the
 numerics (a new default, a different sampling order) changes them; regenerate the table with
 
     TROPD_REPIN=1 pytest -q tests/engine/test_pinned.py
@@ -137,6 +138,12 @@ PINNED = {
         "fkl_topk": [2.40763068, 1.18331642],
         "kl_k1": [6.87913084, 3.02763176],
     },
+    "jsd_onpolicy-beta": {
+        "loss": [3.30193067, 1.5358778],  # step 1: 0.2 kl_k1 + 0.8 fkl_topk (1 - beta on K1 gives 5.99)
+        "grad_norm": [16.9516773, 14.924963],
+        "fkl_topk": [2.40763021, 1.16245661],
+        "kl_k1": [6.87913179, 3.02956276],
+    },
     "reopold-static_floor": {
         "loss": [0.327113271, 0.147271287],
         "grad_norm": [6.60531378, 10.4133396],
@@ -164,6 +171,18 @@ PINNED = {
 
 REPIN = os.environ.get("TROPD_REPIN") == "1"
 
+# Tolerances from bench/results/pinned_drift.json (`bench/pinned_drift.py`): this table against runs with transformers
+# 5.19, 5.23 and 5.25 at 1 and 2 torch threads on another CPU (AMD EPYC, AVX2, no AVX-512), plus the drift a user
+# reported on an AVX512-BF16 CPU after a registry update. Step 1 starts from the shipped weights: it moved by at most
+# 1.7e-6 (under 1e-5 in the report), so it stays at 1e-5, where an option dropped on its way to an objective or a
+# threshold taken over the wrong tokens shows. From step 2 on, the first update's rounding differences grow: at most
+# 9.2e-5 measured (gkd-off-policy grad_norm), 4.1e-5 reported; 3e-4 leaves a margin of 3x. Bugs that only show from
+# step 2 stay outside it (`--perturb` in the same bench): over the 18 cases a learning rate 1% off moves the later
+# steps by 3.1e-3 to 6.7e-2, and a weight decay of 0.11 instead of the preset's 0 by 1.8e-4 to 4.6e-3 (past 3e-4 in 14
+# of 18 cases).
+STEP1_REL = 1e-5
+LATER_REL = 3e-4
+
 
 def distill_records(out, settings: list[str]) -> list[dict]:
     argv = ["distill", "--preset", "toylab", "--out", str(out)]
@@ -172,7 +191,7 @@ def distill_records(out, settings: list[str]) -> list[dict]:
 
 
 def pinned_entry(run: str, metrics: dict[str, list[float]]) -> str:
-    """`run`'s entry of PINNED as Python source, nine significant digits (the tolerance is 1e-5)."""
+    """`run`'s entry of PINNED as Python source, nine significant digits (the tightest tolerance is 1e-5)."""
     lines = [f'    "{run}": {{']
     for name, values in metrics.items():
         lines.append(f'        "{name}": [{", ".join(f"{value:.9g}" for value in values)}],')
@@ -182,6 +201,8 @@ def pinned_entry(run: str, metrics: dict[str, list[float]]) -> str:
 @pytest.mark.parametrize("run", list(RUNS))
 def test_two_steps_match_the_pinned_numbers(run, tmp_path, capsys):
     settings, specific = RUNS[run]
+    if REPIN and os.environ.get("TROPD_PINNED_EXTRA"):  # bench/pinned_drift.py --perturb: a deliberate bug's size
+        settings = [*settings, *os.environ["TROPD_PINNED_EXTRA"].split()]
     records = distill_records(tmp_path / run, settings)
     got = {name: [record[name] for record in records] for name in ["loss", "grad_norm", *specific]}
     if REPIN:
@@ -194,4 +215,5 @@ def test_two_steps_match_the_pinned_numbers(run, tmp_path, capsys):
         pytest.skip("repinning")
     assert got.keys() == PINNED[run].keys()
     for name, pinned in PINNED[run].items():
-        assert got[name] == pytest.approx(pinned, rel=1e-5, abs=1e-7), (run, name)
+        assert got[name][:1] == pytest.approx(pinned[:1], rel=STEP1_REL, abs=1e-7), (run, name, "step 1")
+        assert got[name][1:] == pytest.approx(pinned[1:], rel=LATER_REL, abs=1e-7), (run, name, "later steps")

