@@ -132,9 +132,13 @@ def test_resume_can_raise_the_step_count(uninterrupted, tmp_path):
     out = tmp_path / "run"
     distill(load_config("toylab", _settings(reference)[:2] + tiny(Path("/x"), 2)[2:]), "toylab", out=str(out),
             console=quiet())
+    first = json.loads((out / "env.json").read_text())["processes"]
     result = resume(out, ["train.steps=3"], console=quiet())
     assert result.summary["steps_done"] == 3 and [r["step"] for r in records(out)] == [1, 2, 3]
     assert "steps: 3" in (out / "config.yaml").read_text()
+    processes = json.loads((out / "env.json").read_text())["processes"]  # where each part of the run ran
+    assert len(first) == 1 and processes[0] == first[0] and len(processes) == 2
+    assert processes[1]["packages"]["torch"] == torch.__version__ and processes[1]["device"] == "cpu"
 
 
 def test_resume_errors(uninterrupted, tmp_path, capsys):

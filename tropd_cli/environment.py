@@ -35,15 +35,31 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     return versions
 
 
-def cpu_model() -> str:
-    """The processor's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+# The vector instructions that decide which CPU kernels run, and so the last digits of float32 results (and
+# whether bitsandbytes takes its AVX512-BF16 4-bit path).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first value of `key` in Linux's /proc/cpuinfo, or None elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == key:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """Which of CPU_FLAGS the processor has (empty where /proc/cpuinfo is missing)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [flag for flag in CPU_FLAGS if flag in flags]
 
 
 def device_name(device: str | torch.device | None = None) -> str:
@@ -81,6 +97,7 @@ def describe(device: str | torch.device | None = None, command: list[str] | None
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device_name(device),
