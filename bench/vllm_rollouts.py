@@ -227,7 +227,7 @@ def markdown(report: dict) -> str:
             hf, vllm = row["hf"], row["vllm"]
             lengths = (f"{hf['mean_tokens']['median']:.1f} / {hf['max_tokens']['max']:.0f}; "
                        f"{vllm['mean_tokens']['median']:.1f} / {vllm['max_tokens']['max']:.0f}")
-            lines.append(f"| {row['case']} | {row['model']} | {row['parameters'] / 1e6:.2f}M | {lengths} | "
+            lines.append(f"| {row['case']} | {row['model']} | {row['parameters']:,} | {lengths} | "
                          f"{rng(hf['tokens_per_s'], '.0f')} | {rng(vllm['tokens_per_s'], '.0f')} | "
                          f"{rng(row['speedup'], '.2f')}x | {row['vllm_startup_s']:.1f} | "
                          f"{rng(row['vllm_sync_s'], '.3f')} |")

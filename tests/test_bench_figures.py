@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md"]
 CITATION = re.compile(r"(?:bench/)?results/([\w.-]+\.json)")
-# A decimal figure; version numbers (2.13.0, 0.32) and figures inside code spans are not results.
-FIGURE = re.compile(r"(?<![\w.])(\d+\.\d+)(?![\d.]*\d)")
+# A decimal figure, in scientific notation too (9.2e-5); version numbers (2.13.0) and code spans are not results.
+FIGURE = re.compile(r"(?<![\w.])(\d+\.\d+(?:e-?\d+)?)(?![\d.]*\d)")
 
 
 def numbers_in(data) -> list[float]:
@@ -33,8 +33,13 @@ def numbers_in(data) -> list[float]:
 
 
 def quoted(figure: str, numbers: list[float]) -> bool:
-    decimals = len(figure.split(".")[1])
-    return any(f"{number:.{decimals}f}" == figure for number in numbers)
+    mantissa, _, exponent = figure.partition("e")
+    decimals = len(mantissa.split(".")[1])
+    # accuracies and fractions are stored as fractions and written as percentages
+    candidates = [scaled for number in numbers for scaled in (number, 100 * number)]
+    if exponent:
+        return any(float(f"{number:.{decimals}e}") == float(figure) for number in candidates)
+    return any(f"{number:.{decimals}f}" == figure for number in candidates)
 
 
 def sections() -> list[tuple[Path, str, list[str], str]]:
@@ -58,8 +63,11 @@ def figures(text: str) -> list[str]:
 
 
 def test_figures_are_found_as_the_docs_write_them() -> None:
-    assert figures("7.7-10.9x at 256 tokens, vLLM 0.32 (2.13.0), 0.18 s") == ["7.7", "10.9", "0.32", "0.18"]
+    assert figures("7.7-10.9x at 256 tokens, vLLM 0.32 (2.13.0), 0.18 s, 9.2e-5") == ["7.7", "10.9", "0.32", "0.18",
+                                                                                      "9.2e-5"]
     assert quoted("1.62", [1.6249]) and not quoted("1.62", [1.6261]) and quoted("12.0", [12.04])
+    assert quoted("61.3", [0.6133]) and not quoted("61.3", [0.6124])
+    assert quoted("9.2e-5", [9.1777e-05]) and not quoted("9.2e-5", [9.26e-05]) and not quoted("9.2e-5", [9.2e-4])
     assert "0.5" not in figures(re.sub(r"`[^`]*`", "", "with `--set x=0.5` at 1.5"))
 
 
