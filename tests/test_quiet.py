@@ -57,6 +57,7 @@ def lab(tmp_path_factory):
     return root, results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["full", "qlora"])
 def test_distill_is_quiet(lab, name) -> None:
     result = lab[1][name]
@@ -64,6 +65,7 @@ def test_distill_is_quiet(lab, name) -> None:
     assert foreign_lines(result.stderr) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["presets", "show", "toylab"],
     ["doctor", "--preset", "toylab"],
