@@ -79,8 +79,14 @@ class TeacherConfig(ModelSection):
         "vllm and server return the sampled token's log-prob and the top-k only (not entropy or full logits).")
     url: str | None = Field(None, validate_default=True,
                             description="server: base URL of the vLLM server, e.g. http://127.0.0.1:8000.")
-    timeout_s: float = Field(120.0, gt=0, description="server: seconds to wait for one scoring request.")
+    timeout_s: float = Field(120.0, gt=0, description="server: seconds to wait for each read of an answer.")
+    deadline_s: float = Field(300.0, gt=0, description="server: seconds for all of one request, retries included; "
+                              "then the run stops.")
     retries: int = Field(3, ge=0, description="server: retries of a failed request, with exponential backoff.")
+    max_concurrency: int = Field(1, ge=1, description="server: requests in flight at once; a micro-batch's "
+                                 "sequences are split over them.")
+    api_key_env: str | None = Field(None, description="server: name of the environment variable that holds the "
+                                    "server's API key (sent as a bearer token; the key itself is never written).")
 
     @field_validator("url")
     @classmethod

@@ -79,7 +79,10 @@ from tropd_cli.runfolder import RunFolder, RunSummary
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
 
 RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.checkpoint_keep", "train.threads", "train.device",
-                  "output.log_to", "output.wandb_project")
+                  "output.log_to", "output.wandb_project",
+                  # a served teacher restarted elsewhere, or slower, is the same teacher
+                  "teacher.url", "teacher.api_key_env", "teacher.timeout_s", "teacher.deadline_s", "teacher.retries",
+                  "teacher.max_concurrency")
 
 
 @dataclass

@@ -3,6 +3,7 @@ answers against a tiny fake server on the loopback, and the command `tropd serve
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -11,10 +12,11 @@ import torch
 from tropd_cli import cli
 from tropd_cli.engine.scoring import build_sequences
 from tropd_cli.engine.teacher import stats_from_prompt_logprobs
-from tropd_cli.engine.teacher.server import ServerTeacherScorer
+from tropd_cli.engine.teacher.server import ServerClient, ServerTeacherScorer, api_key_from
 from tropd_cli.errors import TropdError
 
 BATCH = build_sequences([[5, 6], [7]], [[8, 9], [10]], pad_token_id=0)
+CUT, TRICKLE = "cut", "trickle"
 
 
 def position(token, others):
@@ -45,10 +47,13 @@ def test_a_partial_score_is_refused():
 
 
 class FakeServer:
-    """A loopback HTTP server answering /v1/models and /v1/completions from `answers` (status, body) in turn."""
+    """A loopback HTTP server answering /v1/models and /v1/completions from `answers` in turn: (status, body),
+    a function of the request body that returns one, or CUT (an answer that stops short) or TRICKLE (an answer
+    sent a byte at a time). `headers` keeps each POST's headers."""
 
     def __init__(self, answers):
-        self.answers, self.requests = list(answers), []
+        self.answers, self.requests, self.headers = list(answers), [], []
+        self.lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,8 +72,25 @@ class FakeServer:
                 self._reply(200, {"data": [{"id": "teacher"}]})
 
             def do_POST(self):
-                owner.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self._reply(*owner.answers.pop(0))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with owner.lock:
+                    owner.requests.append(body)
+                    owner.headers.append(dict(self.headers))
+                    answer = owner.answers.pop(0)
+                if answer in (CUT, TRICKLE):
+                    self.send_response(200)
+                    self.send_header("Content-Length", "10000")
+                    self.end_headers()
+                    try:
+                        for _ in range(1 if answer == CUT else 10000):
+                            self.wfile.write(b"{" if answer == CUT else b" ")
+                            self.wfile.flush()
+                            if answer == TRICKLE:
+                                time.sleep(0.05)
+                    except OSError:  # the client gave up
+                        pass
+                    return
+                self._reply(*(answer(body) if callable(answer) else answer))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -139,3 +161,66 @@ def test_serve_teacher_prints_the_exact_server_command(capsys):
     assert out.startswith("python -m vllm.entrypoints.openai.api_server --model ")
     assert out.endswith("/toylab/assets/teacher --host 127.0.0.1 --port 8123 --dtype float32 --max-logprobs 64 "
                         "--max-model-len 512")
+
+
+GOOD = completions([scored([5, 6, 8, 9]), scored([7, 10])])
+
+
+def test_an_answer_cut_short_or_without_choices_is_retried(fake):
+    server = fake([CUT, (200, {"object": "text_completion"}), (200, "not an object"), (200, GOOD)])
+    stats = ServerTeacherScorer(server.url, retries=3, backoff_s=0.01).score(BATCH, 2)
+    assert stats.topk_ids.tolist() == [[108, 208], [109, 209], [110, 210]] and len(server.requests) == 4
+
+
+def test_a_server_that_keeps_answering_without_choices_says_so(fake):
+    server = fake([(200, {"object": "text_completion"})] * 2)
+    with pytest.raises(TropdError) as error:
+        ServerTeacherScorer(server.url, retries=1, backoff_s=0.01).score(BATCH, 2)
+    assert str(error.value).startswith(f"teacher server {server.url} did not answer /v1/completions after 2 tries "
+                                       "(an answer without 'choices')")
+
+
+def test_a_trickling_server_is_stopped_at_the_deadline(fake):
+    server = fake([TRICKLE, (200, GOOD)])
+    started = time.monotonic()
+    with pytest.raises(TropdError) as error:
+        ServerTeacherScorer(server.url, timeout_s=30, retries=3, backoff_s=0.01, deadline_s=0.5).score(BATCH, 2)
+    assert time.monotonic() - started < 3  # each read is far inside timeout_s; the deadline ends it
+    assert str(error.value).startswith(f"teacher server {server.url} did not answer /v1/completions after 1 tries "
+                                       "within teacher.deadline_s=0.5 (deadline passed while reading the answer)")
+
+
+def test_the_api_key_goes_out_as_a_bearer_token_and_never_into_a_message(fake, monkeypatch):
+    monkeypatch.setenv("TEACHER_KEY", "sk-secret")
+    server = fake([(500, {"error": {"message": "engine dead"}})] * 2)
+    with pytest.raises(TropdError) as error:
+        ServerTeacherScorer(server.url, retries=1, backoff_s=0.01, api_key=api_key_from("TEACHER_KEY")).score(BATCH, 2)
+    assert [headers["Authorization"] for headers in server.headers] == ["Bearer sk-secret"] * 2
+    assert "sk-secret" not in str(error.value)
+    monkeypatch.delenv("TEACHER_KEY")
+    with pytest.raises(TropdError, match="^teacher.api_key_env=TEACHER_KEY names an environment variable that is "
+                                         "not set$"):
+        api_key_from("TEACHER_KEY")
+    assert api_key_from(None) is None
+
+
+def test_sequences_are_split_over_concurrent_requests_and_rejoined_in_order(fake):
+    by_first_token = {5: scored([5, 6, 8, 9]), 7: scored([7, 10])}
+
+    def answer(body):  # each request scores its own prompts, whichever arrives first
+        time.sleep(0.2)
+        return 200, completions([by_first_token[prompt[0]] for prompt in body["prompt"]])
+
+    server = fake([answer, answer])
+    started = time.monotonic()
+    stats = ServerTeacherScorer(server.url, retries=0, max_concurrency=2).score(BATCH, 2)
+    assert time.monotonic() - started < 0.38  # the two requests were in flight together
+    assert sorted(request["prompt"] for request in server.requests) == [[[5, 6, 8, 9]], [[7, 10]]]
+    assert stats.topk_ids.tolist() == [[108, 208], [109, 209], [110, 210]]
+
+
+def test_a_4xx_answer_is_not_retried_by_the_client(fake):
+    server = fake([(404, {"error": {"message": "no such route"}})])
+    with pytest.raises(TropdError, match="no such route"):
+        ServerClient(server.url, retries=3).request("/v1/completions", {}, expect="choices")
+    assert len(server.requests) == 1

@@ -5,8 +5,12 @@ the exact `python -m vllm.entrypoints.openai.api_server ...` command, with `--ma
 objective's top-k (vLLM's default, 20, is below tropd's 64). One scoring call is one POST to
 `/v1/completions` with every sequence of the micro-batch as a token-id prompt, `max_tokens=1` and
 `prompt_logprobs=K`; the answer is used only when it covers every response token of every sequence, so a
-step never trains on a partial score. Failed connections, timeouts and 5xx answers are retried with
-exponential backoff; then the run stops with one line. `check_server` (run by preflight, before any model
+step never trains on a partial score. Failed connections, timeouts, 5xx answers, answers cut short and answers
+without the expected fields are retried with exponential backoff within a total deadline per request; a 4xx
+answer is not retried. Then the run stops with one line that names the server and what it answered. With
+`teacher.max_concurrency` above 1 the micro-batch's sequences go out as that many requests at once, so that the
+server stays busy; an API key is read from the environment variable `teacher.api_key_env` names (never from the
+configuration, never printed). `check_server` (run by preflight, before any model
 loads) finds a server that is down, serves another vocabulary, or refuses K log-probs.
 
 HTTP is the standard library's (urllib): no client dependency.
@@ -14,13 +18,16 @@ HTTP is the standard library's (urllib): no client dependency.
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import re
 import shlex
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
@@ -57,41 +64,84 @@ class ServerRefused(TropdError):
 
 
 class ServerClient:
-    """JSON over HTTP to one server, with a timeout per request and `retries` retries with backoff."""
+    """JSON over HTTP to one server: a timeout per read, `retries` retries with backoff, and all of one request,
+    retries included, within `deadline_s`; `api_key` goes out as a bearer token."""
 
-    def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0,
+                 deadline_s: float | None = None, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
+        self.deadline_s = deadline_s
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
 
-    def request(self, path: str, body: dict | None = None) -> Any:
-        """GET (no body) or POST `path`; a refused request (4xx) raises `ServerRefused` at once."""
+    def request(self, path: str, body: dict | None = None, expect: str | None = None) -> Any:
+        """GET (no body) or POST `path`; an answer without the field `expect` counts as failed. A refused
+        request (4xx) raises `ServerRefused` at once."""
         data = None if body is None else json.dumps(body).encode()
-        reason = ""
+        deadline = None if self.deadline_s is None else time.monotonic() + self.deadline_s
+        reason, tries = "", 0
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"},
+                pause = self.backoff_s * 2 ** (attempt - 1)
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    break
+                time.sleep(pause)
+            tries += 1
+            request = urllib.request.Request(self.url + path, data=data, headers=self.headers,
                                              method="GET" if data is None else "POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read().decode())
+                answer = json.loads(self._read(request, deadline).decode())
+                if expect is None or isinstance(answer, dict) and expect in answer:
+                    return answer
+                reason = f"an answer without {expect!r}"
             except urllib.error.HTTPError as error:
                 if error.code < 500:
                     raise ServerRefused(error.code, _message(error)) from None
                 reason = f"HTTP {error.code}: {_message(error)}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
-                reason = first_line(str(getattr(error, "reason", error)))
+            except http.client.IncompleteRead as error:
+                reason = f"an answer cut short ({len(error.partial)} bytes)"
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError,
+                    OSError) as error:
+                reason = first_line(str(getattr(error, "reason", error))) or type(error).__name__
             except ValueError as error:  # not JSON
                 reason = f"not a JSON answer ({first_line(str(error))})"
-        raise TropdError(f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
+        within = f" within teacher.deadline_s={self.deadline_s:g}" if deadline is not None and \
+            time.monotonic() >= deadline - 1e-3 else ""
+        raise TropdError(f"teacher server {self.url} did not answer {path} after {tries} tries{within} "
                          f"({reason}); is it running? `tropd serve-teacher --preset P --start` starts one")
+
+    def _read(self, request: urllib.request.Request, deadline: float | None) -> bytes:
+        """The whole answer, read in pieces so that a server trickling bytes cannot pass the deadline."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError("deadline passed")
+        timeout = self.timeout_s if remaining is None else min(self.timeout_s, remaining)
+        pieces = []
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            while piece := response.read1(1 << 16):  # what has arrived, not a full buffer
+                pieces.append(piece)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError("deadline passed while reading the answer")
+        return b"".join(pieces)
+
+
+def api_key_from(variable: str | None) -> str | None:
+    """The API key in the environment variable `variable` (teacher.api_key_env), or None when none is named."""
+    if not variable:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise TropdError(f"teacher.api_key_env={variable} names an environment variable that is not set")
+    return key
 
 
 def served_model(client: ServerClient) -> str:
     """The id of the (first) model the server serves."""
-    models = client.request("/v1/models").get("data") or []
+    models = client.request("/v1/models", expect="data").get("data") or []
     if not models:
         raise TropdError(f"teacher server {client.url} serves no model")
     return models[0]["id"]
@@ -104,7 +154,7 @@ def check_server(client: ServerClient, tokenizer: PreTrainedTokenizerBase, top_k
     size = len(tokenizer)
     probes = sorted(set(range(0, size, max(1, size // VOCABULARY_PROBES))) | {size - 1})
     try:
-        served = client.request("/detokenize", {"model": model, "tokens": probes})["prompt"]
+        served = client.request("/detokenize", {"model": model, "tokens": probes}, expect="prompt")["prompt"]
     except ServerRefused as error:
         raise TropdError(f"teacher server {client.url} serves another vocabulary: it refuses the local "
                          f"tokenizer's ids ({error})") from None
@@ -125,30 +175,50 @@ def check_server(client: ServerClient, tokenizer: PreTrainedTokenizerBase, top_k
 
 
 class ServerTeacherScorer:
-    """The teacher's log-probs and top-k from a vLLM server at `url`."""
+    """The teacher's log-probs and top-k from a vLLM server at `url`, in up to `max_concurrency` requests at
+    once."""
 
     provides = SERVED
     head = None
 
-    def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0) -> None:
-        self.client = ServerClient(url, timeout_s, retries, backoff_s)
+    def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0,
+                 deadline_s: float | None = None, api_key: str | None = None, max_concurrency: int = 1) -> None:
+        self.client = ServerClient(url, timeout_s, retries, backoff_s, deadline_s, api_key)
         self.model = served_model(self.client)
+        self.max_concurrency = max_concurrency
 
     def score(self, batch: SequenceBatch, top_k: int, keep_hidden: bool = False) -> TeacherStats:
         """tau_t and the top-k per response token, all or nothing."""
-        body = {"model": self.model, "prompt": sequences_of(batch), "max_tokens": 1, "temperature": 0.0,
-                "prompt_logprobs": top_k}
-        try:
-            choices = sorted(self.client.request("/v1/completions", body)["choices"], key=lambda c: c["index"])
-        except ServerRefused as error:
-            raise TropdError(f"teacher server {self.client.url} refused a scoring request: {error}") from None
+        sequences = sequences_of(batch)
+        parts = max(1, min(self.max_concurrency, len(sequences)))
+        size = -(-len(sequences) // parts)
+        chunks = [sequences[start:start + size] for start in range(0, len(sequences), size)]
+        if len(chunks) == 1:
+            answers = [self._complete(chunks[0], top_k)]
+        else:
+            with ThreadPoolExecutor(len(chunks)) as pool:
+                answers = list(pool.map(lambda chunk: self._complete(chunk, top_k), chunks))
         per_sequence = [[None if position is None else {int(token): (value["logprob"], value["rank"])
                                                         for token, value in position.items()}
-                         for position in choice.get("prompt_logprobs") or []] for choice in choices]
+                         for position in choice.get("prompt_logprobs") or []]
+                        for choices in answers for choice in choices]
         try:
             return stats_from_prompt_logprobs(batch, per_sequence, top_k)
         except ValueError as error:
             raise TropdError(f"teacher server {self.client.url} returned a partial score ({error})") from None
+
+    def _complete(self, prompts: list[list[int]], top_k: int) -> list[dict]:
+        """One request: the choices for `prompts`, in prompt order."""
+        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+                "prompt_logprobs": top_k}
+        try:
+            choices = self.client.request("/v1/completions", body, expect="choices")["choices"]
+        except ServerRefused as error:
+            raise TropdError(f"teacher server {self.client.url} refused a scoring request: {error}") from None
+        try:
+            return sorted(choices, key=lambda choice: choice["index"])
+        except (KeyError, TypeError):
+            raise TropdError(f"teacher server {self.client.url} returned choices without their index") from None
 
 
 def server_command(model_path: str, url: str, dtype: str, max_logprobs: int, max_model_len: int | None = None,
