@@ -316,7 +316,8 @@ def test_resume_refuses_a_changed_configuration(finished_run, tmp_path, capsys):
     assert error_line(capsys) == (
         f"error: cannot resume {run}: train.lr (0.001 -> 0.5) differ from the run's configuration; --resume may "
         f"change only train.steps, train.checkpoint_every, train.checkpoint_keep, train.threads, train.device, "
-        f"output.log_to, output.wandb_project; start a new run for the rest")
+        f"output.log_to, output.wandb_project, teacher.url, teacher.api_key_env, teacher.timeout_s, "
+        f"teacher.deadline_s, teacher.retries, teacher.max_concurrency; start a new run for the rest")
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("student:\n  model:", "student:\n  model: toylab:student\n  old:"))
     config.write_text(config.read_text().replace("\n  old: ", "\n  # was: "))
