@@ -91,3 +91,34 @@ def test_distributed_benches_parse_their_arguments_and_build_commands(tmp_path):
     sets = distributed_gpu_smoke.settings(tmp_path, "cuda", 4, 2, "train.strategy=fsdp2")
     assert "student.dtype=bfloat16" in sets and "rollout.prompts_per_step=8" in sets
     assert sets[-1] == "train.strategy=fsdp2"
+
+
+def test_vllm_rollouts_arguments_and_its_fixed_length_premise_on_the_hf_side(tmp_path, monkeypatch):
+    import vllm_rollouts
+
+    from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
+
+    args = vllm_rollouts.parse_args(["--cases", "fixed,step", "--sizes", "s", "--repeats", "3"])
+    assert args.cases == ["fixed", "step"] and args.sizes == ["s"] and args.steps == 12
+    for bad in (["--cases", "fast"], ["--sizes", "xl"], ["--repeats", "0"], ["--steps", "1"]):
+        with pytest.raises(SystemExit):
+            vllm_rollouts.parse_args(bad)
+    assert vllm_rollouts.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    # a model and tokenizer without EOS and no stop ids: every response runs to max_new_tokens
+    monkeypatch.setitem(vllm_rollouts.SIZES, "tiny", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                          num_attention_heads=1, num_key_value_heads=1,
+                                                          vocab_size=64))
+    model, stop_ids = vllm_rollouts.build_model("tiny", tmp_path)
+    assert stop_ids == [] and model.config.eos_token_id is None
+    rollouts = HFGenerateBackend(model, 0, stop_ids).generate([[5, 6, 7], [8]], 3, SamplingParams(9), 0)
+    assert [len(response) for response in rollouts.response_ids] == [9] * 6 and not any(rollouts.finished)
+
+
+def test_pinned_drift_compares_every_pinned_value():
+    import pinned_drift
+
+    reference = {"run": {"loss": [2.0, 1.0], "grad_norm": [4.0, 0.0]}}
+    rows = pinned_drift.differences({"run": {"loss": [2.0, 1.001], "grad_norm": [4.0004, 0.0]}}, reference)
+    assert [(r["metric"], r["step"]) for r in rows] == [("loss", 1), ("loss", 2), ("grad_norm", 1), ("grad_norm", 2)]
+    assert [round(r["relative"], 6) for r in rows] == [0.0, 0.001, 0.0001, 0.0]
+    assert pinned_drift.differences({}, reference) == []
