@@ -18,6 +18,7 @@ from tropd_cli.checkpoints import list_checkpoints, load_checkpoint
 from tropd_cli.config import load_config
 from tropd_cli.distill import distill, resume
 from tropd_cli.engine.trainer import Trainer
+from tropd_cli.errors import TeacherUnavailable
 from tropd_cli.models import stop_token_ids
 
 TIMINGS = ("rollout_s", "score_s", "update_s", "tokens_per_s")
@@ -90,6 +91,38 @@ def test_interrupted_then_resumed_equals_uninterrupted(uninterrupted, tmp_path, 
     monkeypatch.setattr(Trainer, "train_step", real_step)
     result = resume(out, console=quiet())
     assert result.summary["status"] == "finished" and result.summary["resumed_from"] == [2]
+    assert records(out) == records(reference)
+    expected, got = student_weights(reference), student_weights(out)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_teacher_that_goes_away_checkpoints_the_last_step_and_resume_matches(uninterrupted, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """The served teacher fails for good inside step 4, after that step's rollouts: the run stops in one line
+    with a checkpoint of step 3 (taken with the random states step 3 ended with), and a resume, here with
+    the teacher back, redoes step 4 exactly."""
+    reference, _ = uninterrupted["full"]
+    real_accumulate = Trainer._accumulate
+
+    def gone(self, *args, **kwargs):
+        if self.step == 3:
+            raise TeacherUnavailable("teacher server http://127.0.0.1:9 did not answer /v1/completions after 4 "
+                                     "tries (Connection refused)")
+        return real_accumulate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_accumulate", gone)
+    out = tmp_path / "run"
+    assert cli.main(["distill", "-p", "toylab", *[a for s in _settings(reference) for a in ("--set", s)],
+                     "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: teacher server http://127.0.0.1:9 did not answer /v1/completions after 4 tries (Connection "
+        f"refused); the run stopped after step 3 with a checkpoint in {out / 'checkpoints' / 'step-000003'}; "
+        f"go on with: tropd distill --resume {out} --set teacher.url=URL")
+    assert [step for step, _ in list_checkpoints(out)] == [2, 3] and len(records(out)) == 3
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(Trainer, "_accumulate", real_accumulate)
+    result = resume(out, ["teacher.url=http://127.0.0.1:10"], console=quiet())
+    assert result.summary["status"] == "finished" and result.summary["resumed_from"] == [3]
     assert records(out) == records(reference)
     expected, got = student_weights(reference), student_weights(out)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -97,15 +97,17 @@ def save_student(folder: Path, student: torch.nn.Module, tokenizer,
 
 def save_checkpoint(run_dir: Path, step: int, student: torch.nn.Module, tokenizer, trainer_state: dict,
                     summary: RunSummary, keep: int, config: dict[str, Any],
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    weights: dict[str, torch.Tensor] | None = None, random: dict[str, Any] | None = None) -> Path:
     """Write checkpoint `step` atomically with the sha256 of its files, then drop all but the newest `keep`
     (0: keep all). `config` is the resolved configuration the run trains with; `weights` the student's
-    whole state dict when it is sharded (the trainer state then holds the whole optimizer state too)."""
+    whole state dict when it is sharded (the trainer state then holds the whole optimizer state too);
+    `random` the random states to resume with (default: the current ones)."""
     target = checkpoint_dir(run_dir, step)
 
     def fill(folder: Path) -> None:
         save_student(folder / "student", student, tokenizer, weights)
-        torch.save({**trainer_state, "random": random_states()}, folder / TRAINER_STATE)
+        torch.save({**trainer_state, "random": random if random is not None else random_states()},
+                   folder / TRAINER_STATE)
         files = {path.relative_to(folder).as_posix(): sha256_of(path)
                  for path in sorted(folder.rglob("*")) if path.is_file()}
         atomic_write_json(folder / STATE, {"step": step, "summary": summary.to_json(), "config": config,

@@ -48,6 +48,7 @@ from tropd_cli.checkpoints import (
     config_sha256,
     list_checkpoints,
     load_checkpoint,
+    random_states,
     restore_adapter,
     restore_random_states,
     save_checkpoint,
@@ -69,7 +70,7 @@ from tropd_cli.engine.strategy import (
 )
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.environment import describe
-from tropd_cli.errors import Interrupted, TropdError, first_line
+from tropd_cli.errors import Interrupted, TeacherUnavailable, TropdError, first_line
 from tropd_cli.evaluation.heldout import HeldOut
 from tropd_cli.export.card import student_card
 from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
@@ -385,14 +386,28 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
 
     resolved = config.model_dump(mode="json")
 
-    def save_checkpoint_now() -> Path:
+    def save_checkpoint_now(random: dict | None = None) -> Path:
         summary.train_seconds = round(time.perf_counter() - started, 2)
         trainer_state = trainer.state_dict()  # every rank: a sharded state is gathered to rank 0
         weights = strategy.model_state_dict()
         if not distributed.is_writer():
             return checkpoint_dir(run.path, trainer.step)
         return save_checkpoint(run.path, trainer.step, student, tokenizer, trainer_state, summary,
-                               config.train.checkpoint_keep, resolved, weights)
+                               config.train.checkpoint_keep, resolved, weights, random)
+
+    def teacher_gone(error: TeacherUnavailable, step_random: dict) -> TropdError:
+        """The line a run stops with when its served teacher goes away during a step: on one process, before
+        the step's first update, the last completed step is checkpointed with the random states it ended with,
+        so that a resume redoes the failed step exactly."""
+        how = f"tropd distill --resume {run.path}{_nproc_flag(strategy)} --set teacher.url=URL"
+        if trainer.step == 0 or strategy.world_size > 1 or trainer.updates_in_step:
+            newest = list_checkpoints(run.path)
+            where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
+            return TropdError(f"{error}; the run stopped during step {trainer.step + 1} ({where}); go on with: {how}")
+        student.zero_grad(set_to_none=True)
+        saved = save_checkpoint_now(step_random)
+        return TropdError(f"{error}; the run stopped after step {trainer.step} with a checkpoint in {saved}; "
+                          f"go on with: {how}")
 
     if checkpoint is None and held_out.enabled:
         with console.status("evaluating before training"):
@@ -410,7 +425,11 @@ def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: 
         with progress, stop:
             task = progress.add_task("distill", total=config.train.steps, completed=start_step, info="")
             while trainer.step < config.train.steps:
-                record = trainer.train_step()
+                step_random = random_states()  # what a failed step's checkpoint resumes with (dropout's stream)
+                try:
+                    record = trainer.train_step()
+                except TeacherUnavailable as error:
+                    raise teacher_gone(error, step_random) from None
                 diverged = non_finite(record, student, strategy)
                 if diverged:
                     raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "

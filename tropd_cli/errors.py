@@ -9,6 +9,10 @@ class Interrupted(TropdError):
     """Ctrl-C during long work: what was done so far is saved; the CLI exits with code 130."""
 
 
+class TeacherUnavailable(TropdError):
+    """A served teacher did not answer after its retries (or answered wrongly) in the middle of a run."""
+
+
 class WriteError(TropdError):
     """A file could not be written (full disk, file-size limit, permissions): the CLI exits with code 1."""
 

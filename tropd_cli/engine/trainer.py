@@ -186,6 +186,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, train.lr_schedule, train.warmup_steps, train.steps,
                                         train.lr_min_ratio)
         self.step = 0
+        self.updates_in_step = 0
 
     def state_dict(self) -> dict:
         """What a resumed run needs besides the student's weights: step, optimizer, scheduler, and the
@@ -232,6 +233,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One rollout batch and `updates_per_batch` optimizer steps; returns the step's telemetry."""
         config, models, strategy = self.config, self.models, self.strategy
+        self.updates_in_step = 0  # optimizer steps taken in this step so far (a failed step may have none)
         started = time.perf_counter()
         rollouts, on_policy, prefix_lengths = self._rollouts(next(self.prompts))
         rollout_s = time.perf_counter() - started
@@ -255,6 +257,7 @@ class Trainer:
             if outlier_grads is not None:
                 split_norms.append(self._split_grad_norms(outlier_grads))
             grad_norms.append(strategy.clip_and_step(self.trainable, self.optimizer, config.train.max_grad_norm))
+            self.updates_in_step += 1
             self.backend.sync(models.student)
             losses.append(loss_value)
         self.scheduler.step()

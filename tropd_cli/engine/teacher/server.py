@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.engine.scoring import SequenceBatch, TeacherStats
 from tropd_cli.engine.teacher.base import SERVED, sequences_of, stats_from_prompt_logprobs
-from tropd_cli.errors import TropdError, first_line
+from tropd_cli.errors import TeacherUnavailable, TropdError, first_line
 
 if TYPE_CHECKING:
     from tropd_cli.config import RunConfig
@@ -111,8 +111,8 @@ class ServerClient:
                 reason = f"not a JSON answer ({first_line(str(error))})"
         within = f" within teacher.deadline_s={self.deadline_s:g}" if deadline is not None and \
             time.monotonic() >= deadline - 1e-3 else ""
-        raise TropdError(f"teacher server {self.url} did not answer {path} after {tries} tries{within} "
-                         f"({reason}); is it running? `tropd serve-teacher --preset P --start` starts one")
+        raise TeacherUnavailable(f"teacher server {self.url} did not answer {path} after {tries} tries{within} "
+                                 f"({reason}); is it running? `tropd serve-teacher --preset P --start` starts one")
 
     def _read(self, request: urllib.request.Request, deadline: float | None) -> bytes:
         """The whole answer, read in pieces so that a server trickling bytes cannot pass the deadline."""
@@ -205,7 +205,7 @@ class ServerTeacherScorer:
         try:
             return stats_from_prompt_logprobs(batch, per_sequence, top_k)
         except ValueError as error:
-            raise TropdError(f"teacher server {self.client.url} returned a partial score ({error})") from None
+            raise TeacherUnavailable(f"teacher server {self.client.url} returned a partial score ({error})") from None
 
     def _complete(self, prompts: list[list[int]], top_k: int) -> list[dict]:
         """One request: the choices for `prompts`, in prompt order."""
@@ -214,11 +214,12 @@ class ServerTeacherScorer:
         try:
             choices = self.client.request("/v1/completions", body, expect="choices")["choices"]
         except ServerRefused as error:
-            raise TropdError(f"teacher server {self.client.url} refused a scoring request: {error}") from None
+            raise TeacherUnavailable(f"teacher server {self.client.url} refused a scoring request: {error}") from None
         try:
             return sorted(choices, key=lambda choice: choice["index"])
         except (KeyError, TypeError):
-            raise TropdError(f"teacher server {self.client.url} returned choices without their index") from None
+            raise TeacherUnavailable(f"teacher server {self.client.url} returned choices without their index") \
+                from None
 
 
 def server_command(model_path: str, url: str, dtype: str, max_logprobs: int, max_model_len: int | None = None,
