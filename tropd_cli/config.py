@@ -85,6 +85,10 @@ class TeacherConfig(ModelSection):
     retries: int = Field(3, ge=0, description="server: retries of a failed request, with exponential backoff.")
     max_concurrency: int = Field(1, ge=1, description="server: requests in flight at once; a micro-batch's "
                                  "sequences are split over them.")
+    served_model: str | None = Field(None, description="server: the name the server serves the teacher under "
+                                     "(vLLM's --served-model-name); default: teacher.model or the path it "
+                                     "resolves to, as `tropd serve-teacher` serves it. Preflight refuses a server "
+                                     "that serves another model.")
     api_key_env: str | None = Field(None, description="server: name of the environment variable that holds the "
                                     "server's API key (sent as a bearer token; the key itself is never written).")
 

@@ -12,8 +12,16 @@ import torch
 from tropd_cli import cli
 from tropd_cli.engine.scoring import build_sequences
 from tropd_cli.engine.teacher import stats_from_prompt_logprobs
-from tropd_cli.engine.teacher.server import ServerClient, ServerTeacherScorer, api_key_from
+from tropd_cli.engine.teacher.server import (
+    ServerClient,
+    ServerTeacherScorer,
+    api_key_from,
+    check_server,
+    served_model,
+    teacher_names,
+)
 from tropd_cli.errors import TropdError
+from tropd_cli.models import resolve_model_path
 
 BATCH = build_sequences([[5, 6], [7]], [[8, 9], [10]], pad_token_id=0)
 CUT, TRICKLE = "cut", "trickle"
@@ -224,3 +232,17 @@ def test_a_4xx_answer_is_not_retried_by_the_client(fake):
     with pytest.raises(TropdError, match="no such route"):
         ServerClient(server.url, retries=3).request("/v1/completions", {}, expect="choices")
     assert len(server.requests) == 1
+
+
+def test_the_teacher_must_be_what_the_server_serves(fake):
+    server = fake([])  # serves one model, "teacher"
+    assert served_model(ServerClient(server.url)) == "teacher"
+    assert served_model(ServerClient(server.url), ("other", "teacher")) == "teacher"
+    with pytest.raises(TropdError) as error:
+        check_server(ServerClient(server.url), None, 2, "top_k", teacher_names("Qwen/Qwen3-32B", None))
+    assert str(error.value) == (f"teacher server {server.url} serves teacher, not the teacher Qwen/Qwen3-32B; if that "
+                                "is the same model under another name, set teacher.served_model=teacher")
+    assert server.requests == []  # refused on the model list alone
+    assert teacher_names("toylab:teacher", None) == ("toylab:teacher", resolve_model_path("toylab:teacher"))
+    assert teacher_names("Qwen/Qwen3-32B", None) == ("Qwen/Qwen3-32B",)
+    assert teacher_names("Qwen/Qwen3-32B", "big") == ("big",)

@@ -29,6 +29,7 @@ from tropd_cli.engine.teacher.server import (  # noqa: E402
     ServerTeacherScorer,
     check_server,
     server_command,
+    teacher_names,
 )
 from tropd_cli.engine.teacher.vllm import VLLMTeacherScorer  # noqa: E402
 from tropd_cli.errors import TropdError  # noqa: E402
@@ -113,9 +114,20 @@ def test_the_in_process_vllm_teachers_scores_equal_the_hf_scorers(teacher_engine
     assert_scores_equal(VLLMTeacherScorer("unused", llm=teacher_engine).score(batch, TOP_K), reference)
 
 
-def test_the_server_check_passes_and_names_the_model(server_url, toy_tokenizer):
-    assert check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k").endswith(
-        f"at {server_url}, top-{TOP_K} prompt log-probs")
+def test_the_server_check_passes_and_names_the_model(server_url, toy_tokenizer, vllm_pair_dir):
+    teacher = str(vllm_pair_dir / "teacher")  # what `tropd serve-teacher` passes as --model
+    assert check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k", teacher_names(teacher, None)) == \
+        f"{teacher} at {server_url}, top-{TOP_K} prompt log-probs"
+
+
+def test_a_server_serving_another_model_is_refused_in_one_line(server_url, toy_tokenizer, vllm_pair_dir):
+    with pytest.raises(TropdError) as error:
+        check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k", teacher_names("Qwen/Qwen3-32B", None))
+    teacher = str(vllm_pair_dir / "teacher")
+    assert str(error.value) == (f"teacher server {server_url} serves {teacher}, not the teacher Qwen/Qwen3-32B; if "
+                                f"that is the same model under another name, set teacher.served_model={teacher}")
+    assert check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k", teacher_names("Qwen/Qwen3-32B",
+                                                                                             teacher))
 
 
 def test_k_above_the_servers_max_logprobs_is_one_line(server_url, toy_tokenizer):

@@ -206,13 +206,15 @@ def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase
         if setting.endswith("=vllm") and find_spec("vllm") is None:
             return Check("backends", detail, error=vllm_missing(setting))
     if teacher == "server":
-        from tropd_cli.engine.teacher.server import ServerClient, api_key_from, check_server
+        from tropd_cli.engine.teacher.server import ServerClient, api_key_from, check_server, teacher_names
 
         try:
             client = ServerClient(config.teacher.url, timeout_s=min(config.teacher.timeout_s, 10.0), retries=1,
                                   deadline_s=min(config.teacher.deadline_s, 30.0),
                                   api_key=api_key_from(config.teacher.api_key_env))
-            detail += f" ({check_server(client, teacher_tokenizer, spec.top_k(config.objective), spec.top_k_option)})"
+            names = teacher_names(config.teacher.model, config.teacher.served_model)
+            served = check_server(client, teacher_tokenizer, spec.top_k(config.objective), spec.top_k_option, names)
+            detail += f" ({served})"
         except TropdError as error:
             return Check("backends", detail, error=str(error))
     if rollout == "vllm" and config.student.quantization != "none":

@@ -59,11 +59,12 @@ def make_teacher_scorer(kind: str, model: torch.nn.Module | None, chunk_size: in
                                 trust_remote_code=teacher.trust_remote_code)
         return VLLMTeacherScorer(resolve_model_path(teacher.model), options)
     if kind == "server":
-        from tropd_cli.engine.teacher.server import ServerTeacherScorer, api_key_from
+        from tropd_cli.engine.teacher.server import ServerTeacherScorer, api_key_from, teacher_names
 
         teacher = config.teacher
         return ServerTeacherScorer(teacher.url, teacher.timeout_s, teacher.retries, deadline_s=teacher.deadline_s,
-                                   api_key=api_key_from(teacher.api_key_env), max_concurrency=teacher.max_concurrency)
+                                   api_key=api_key_from(teacher.api_key_env), max_concurrency=teacher.max_concurrency,
+                                   expected=teacher_names(teacher.model, teacher.served_model))
     raise ValueError(f"unknown teacher backend {kind!r}")
 
 

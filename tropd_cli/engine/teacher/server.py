@@ -139,18 +139,28 @@ def api_key_from(variable: str | None) -> str | None:
     return key
 
 
-def served_model(client: ServerClient) -> str:
-    """The id of the (first) model the server serves."""
-    models = client.request("/v1/models", expect="data").get("data") or []
-    if not models:
+def served_model(client: ServerClient, expected: tuple[str, ...] = ()) -> str:
+    """The id of the model the server serves under one of the `expected` names (any name when none is given:
+    then the first)."""
+    ids = [str(model.get("id")) for model in client.request("/v1/models", expect="data").get("data") or []]
+    if not ids:
         raise TropdError(f"teacher server {client.url} serves no model")
-    return models[0]["id"]
+    if not expected:
+        return ids[0]
+    match = next((name for name in ids if name in expected), None)
+    if match is None:
+        raise TropdError(f"teacher server {client.url} serves {', '.join(ids)}, not the teacher "
+                         f"{expected[0]}; if that is the same model under another name, set "
+                         f"teacher.served_model={ids[0]}")
+    return match
 
 
-def check_server(client: ServerClient, tokenizer: PreTrainedTokenizerBase, top_k: int, top_k_option: str) -> str:
-    """That the server answers, serves `tokenizer`'s vocabulary and gives `top_k` prompt log-probs; returns what
-    it serves (one line) or raises TropdError with the one-line reason."""
-    model = served_model(client)
+def check_server(client: ServerClient, tokenizer: PreTrainedTokenizerBase, top_k: int, top_k_option: str,
+                 expected: tuple[str, ...] = ()) -> str:
+    """That the server answers, serves the teacher (under one of the `expected` names, when given) with
+    `tokenizer`'s vocabulary and gives `top_k` prompt log-probs; returns what it serves (one line) or raises
+    TropdError with the one-line reason."""
+    model = served_model(client, expected)
     size = len(tokenizer)
     probes = sorted(set(range(0, size, max(1, size // VOCABULARY_PROBES))) | {size - 1})
     try:
@@ -182,9 +192,10 @@ class ServerTeacherScorer:
     head = None
 
     def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0,
-                 deadline_s: float | None = None, api_key: str | None = None, max_concurrency: int = 1) -> None:
+                 deadline_s: float | None = None, api_key: str | None = None, max_concurrency: int = 1,
+                 expected: tuple[str, ...] = ()) -> None:
         self.client = ServerClient(url, timeout_s, retries, backoff_s, deadline_s, api_key)
-        self.model = served_model(self.client)
+        self.model = served_model(self.client, expected)
         self.max_concurrency = max_concurrency
 
     def score(self, batch: SequenceBatch, top_k: int, keep_hidden: bool = False) -> TeacherStats:
@@ -220,6 +231,14 @@ class ServerTeacherScorer:
         except (KeyError, TypeError):
             raise TeacherUnavailable(f"teacher server {self.client.url} returned choices without their index") \
                 from None
+
+
+def teacher_names(model: str, served_model: str | None) -> tuple[str, ...]:
+    """The names a server may serve the teacher `model` under: `served_model` (teacher.served_model) when set,
+    else the spec itself or the path it resolves to (what `tropd serve-teacher` passes as --model)."""
+    from tropd_cli.models import resolve_model_path
+
+    return (served_model,) if served_model else tuple(dict.fromkeys((model, resolve_model_path(model))))
 
 
 def server_command(model_path: str, url: str, dtype: str, max_logprobs: int, max_model_len: int | None = None,
