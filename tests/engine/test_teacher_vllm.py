@@ -5,12 +5,16 @@ for the module on a free loopback port; so does the in-process engine. Both scor
 with head_dim 64; the HF scorer's top-k and sampled log-probs are the reference, to 1e-4.
 """
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (the vLLM lane,
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM  # noqa: E402
 
+from tropd_cli import cli  # noqa: E402
 from tropd_cli.engine.rollout.vllm import EngineOptions, start_engine  # noqa: E402
 from tropd_cli.engine.scoring import build_sequences  # noqa: E402
 from tropd_cli.engine.teacher import HFTeacherScorer  # noqa: E402
@@ -158,3 +163,102 @@ def test_a_server_that_is_down_is_one_line_after_its_retries():
         ServerTeacherScorer(url, timeout_s=2, retries=2, backoff_s=0.05)
     assert str(error.value).startswith(f"teacher server {url} did not answer /v1/models after 3 tries (")
     assert "\n" not in str(error.value) and time.monotonic() - started < 10
+
+
+class Proxy:
+    """A loopback proxy in front of the real server: it can cut one answer short and send one answer without
+    its choices (each retried by the client), and it goes away for good after `live` completion requests."""
+
+    def __init__(self, target: str, faults: tuple[str, ...] = (), live: int | None = None) -> None:
+        self.target, self.faults, self.live, self.completions = target, list(faults), live, 0
+        self.closed = False
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, body: bytes | None) -> None:
+                if self.path == "/v1/completions":
+                    owner.completions += 1
+                    if owner.live is not None and owner.completions > owner.live:
+                        threading.Thread(target=owner.close, daemon=True).start()
+                        self.close_connection = True
+                        return  # no answer: the connection closes, and the port closes behind it
+                    fault = owner.faults.pop(0) if owner.faults and owner.completions > 1 else None
+                    if fault == "cut":
+                        self.send_response(200)
+                        self.send_header("Content-Length", "1000")
+                        self.end_headers()
+                        self.wfile.write(b'{"choices": [')
+                        return
+                    if fault == "malformed":
+                        self._send(200, b'{"object": "text_completion"}')
+                        return
+                request = urllib.request.Request(owner.target + self.path, data=body, method=self.command,
+                                                 headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as answer:
+                        self._send(answer.status, answer.read())
+                except urllib.error.HTTPError as error:
+                    self._send(error.code, error.read())
+
+            def _send(self, status: int, data: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._forward(None)
+
+            def do_POST(self):
+                self._forward(self.rfile.read(int(self.headers["Content-Length"])))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def test_a_run_whose_server_dies_resumes_on_another_and_matches_the_uninterrupted_run(server_url, vllm_pair_dir,
+                                                                                      tmp_path, capsys):
+    """Through a proxy that cuts one answer short and sends one without choices (both retried), four steps with
+    the served teacher; then the same run with a proxy that dies inside step 4: one line, a checkpoint of step 3,
+    and `--resume --set teacher.url=` pointing at the server itself finishes it with the same metrics."""
+    settings = [f"teacher.model={vllm_pair_dir / 'teacher'}", f"student.model={vllm_pair_dir / 'student'}",
+                "teacher.backend=server", f"objective.top_k={TOP_K}", "train.steps=4", "train.checkpoint_every=2",
+                "train.checkpoint_keep=0", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8",
+                "eval.problems=0", "train.lr=1e-3", "teacher.retries=2", "teacher.timeout_s=20"]
+
+    def distill(out, url, *extra):
+        argv = ["distill", "-p", "toylab", "--out", str(out), "--set", f"teacher.url={url}"]
+        return cli.main(argv + [part for setting in [*settings, *extra] for part in ("--set", setting)])
+
+    def records(out):
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s") and k != "tokens_per_s"}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    flaky = Proxy(server_url, faults=("cut", "malformed"))
+    assert distill(tmp_path / "reference", flaky.url) == 0
+    flaky.close()
+    per_step = (flaky.completions - 2 - 1) // 4  # less the two retried answers and preflight's one request
+    capsys.readouterr()
+
+    dying = Proxy(server_url, live=1 + 3 * per_step)
+    out = tmp_path / "run"
+    assert distill(out, dying.url) == 2
+    dying.close()
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith(f"error: teacher server {dying.url} did not answer "
+                                                  "/v1/completions after ")
+    assert error.endswith(f"; the run stopped after step 3 with a checkpoint in {out / 'checkpoints' / 'step-000003'};"
+                          f" go on with: tropd distill --resume {out} --set teacher.url=URL")
+    assert cli.main(["distill", "--resume", str(out), "--set", f"teacher.url={server_url}"]) == 0
+    assert records(out) == records(tmp_path / "reference")
