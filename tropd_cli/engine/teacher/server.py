@@ -109,8 +109,8 @@ class ServerClient:
                 reason = first_line(str(getattr(error, "reason", error))) or type(error).__name__
             except ValueError as error:  # not JSON
                 reason = f"not a JSON answer ({first_line(str(error))})"
-        within = f" within teacher.deadline_s={self.deadline_s:g}" if deadline is not None and \
-            time.monotonic() >= deadline - 1e-3 else ""
+        out_of_time = deadline is not None and time.monotonic() >= deadline - 1e-3
+        within = f" within teacher.deadline_s={self.deadline_s:g}" if out_of_time else ""
         raise TeacherUnavailable(f"teacher server {self.url} did not answer {path} after {tries} tries{within} "
                                  f"({reason}); is it running? `tropd serve-teacher --preset P --start` starts one")
 
