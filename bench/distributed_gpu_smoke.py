@@ -61,7 +61,8 @@ def build_pair(folder: Path, hidden: int, layers: int) -> None:
         config = toy_config("student")
         config.update(dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                            num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
-                           head_dim=64, max_position_embeddings=512))
+                           head_dim=64, max_position_embeddings=512,
+                           layer_types=["full_attention"] * layers))
         torch.manual_seed(seed)
         Qwen3ForCausalLM(config).save_pretrained(folder / name)
         tokenizer.save_pretrained(folder / name)

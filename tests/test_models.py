@@ -262,3 +262,17 @@ def test_the_kernels_offline_notice_is_silenced_and_only_with_tropd() -> None:
                                       env={**os.environ, "HF_HUB_OFFLINE": "1"}).stderr
     assert "Skipping publisher trust check" in stderr["plain"]
     assert stderr["tropd"] == ""
+
+
+def test_models_load_without_the_hubs_kernels_unless_the_user_asks() -> None:
+    """With `kernels` installed, transformers swaps layers for kernels fetched from the hub (on CUDA at the first
+    forward, which fails offline). tropd turns that off by default and leaves `USE_HUB_KERNELS=YES` to the user."""
+    pytest.importorskip("kernels", reason="without the kernels package transformers uses its own layers anyway")
+    load = ("from transformers import AutoModelForCausalLM\n"
+            f"print(AutoModelForCausalLM.from_pretrained({str(Path(resolve_model_path('toylab:student')))!r}).use_kernels)\n")
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"} | {"HF_HUB_OFFLINE": "1"}
+    runs = {"plain": (load, env), "tropd": ("import tropd_cli\n" + load, env),
+            "asked": ("import tropd_cli\n" + load, env | {"USE_HUB_KERNELS": "YES"})}
+    used = {name: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                 env=run_env).stdout.strip() for name, (code, run_env) in runs.items()}
+    assert used == {"plain": "True", "tropd": "False", "asked": "True"}
