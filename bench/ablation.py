@@ -19,12 +19,10 @@ Every run goes through `tropd_cli.distill.distill` with one torch thread; run fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -35,14 +33,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from ablation_report import write_report  # noqa: E402
-from rich.console import Console  # noqa: E402
+from common import (  # noqa: E402
+    Method,
+    check_folders,
+    command_line,
+    comparison_parser,
+    execute,
+    folders,
+    mean_std,
+    read_json,
+    read_metrics,
+    reusable_summary,
+    run_reporting_errors,
+)
 
-from tropd_cli.config import RunConfig, apply_override, dotted, load_config, preset_path  # noqa: E402
-from tropd_cli.distill import distill  # noqa: E402
+from tropd_cli.config import load_config  # noqa: E402
 from tropd_cli.environment import describe as describe_environment  # noqa: E402
-from tropd_cli.errors import Interrupted, TropdError  # noqa: E402
 from tropd_cli.files import atomic_folder, atomic_write_json  # noqa: E402
 from tropd_cli.models import TOYLAB_ASSETS, load_tokenizer  # noqa: E402
 from tropd_cli.toylab.build import RECIPES, outlier_statistics  # noqa: E402
@@ -51,19 +58,9 @@ from tropd_cli.toylab.sft import train_sft  # noqa: E402
 from tropd_cli.toylab.tasks import Difficulty  # noqa: E402
 
 PRESET = "toylab"
+WORK_DIR = "/tmp/tropd-ablation"  # run folders by default (WORK_DIR-quick with --quick)
 SPIKE_FACTOR = 5.0  # a grad-norm spike: a step whose pre-clip norm exceeds 5x its run's median
 TAIL_STEPS = 10  # "final" trust fraction and response length: mean over the last 10 steps
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of the table: the overrides that select its objective, and the paper's Table 1 average."""
-
-    key: str
-    label: str
-    overrides: tuple[str, ...]
-    paper: float | None
-
 
 METHODS = (
     Method("opd", "OPD", ("objective.name=opd",), 46.79),
@@ -162,41 +159,23 @@ QUICK = Budget("quick", (0,), ("train.steps=4", "rollout.prompts_per_step=4", "r
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the comparison, write the report; user errors exit 2 in one line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps, tiny budgets")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="run folders (default /tmp/tropd-ablation, or /tmp/tropd-ablation-quick)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report folder (default bench/results, or WORK_DIR/report with --quick)")
-    args = parser.parse_args(argv)
-    budget = QUICK if args.quick else FULL
-    work_dir = args.work_dir or Path("/tmp/tropd-ablation" + ("-quick" if args.quick else ""))
-    out = args.out or (work_dir / "report" if args.quick else Path(__file__).resolve().parent / "results")
-    command = shlex.join([".venv/bin/python", "bench/ablation.py", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        run_comparison(budget, work_dir, out, command)
-    except Interrupted as error:
-        print(f"stopped: {error}", file=sys.stderr)
-        return 130
-    except TropdError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    args = comparison_parser(__doc__.split("\n\n")[0], WORK_DIR).parse_args(argv)
+    work_dir, out = folders(args, WORK_DIR)
+    command = command_line("bench/ablation.py", argv)
+    return run_reporting_errors(lambda: run_comparison(QUICK if args.quick else FULL, work_dir, out, command))
 
 
 def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str) -> dict:
     """Run every level x seed x method (seed-major, so a partial comparison stays balanced), then report."""
-    for folder, role in ((work_dir, "--work-dir"), (out, "--out")):
-        if folder.exists() and not folder.is_dir():
-            raise TropdError(f"{role} {folder} exists and is not a folder")
+    check_folders(work_dir, out)
     torch.set_num_threads(1)
     started = time.perf_counter()
     students = {level.key: prepare_student(level, budget, work_dir) for level in LEVELS}
     ledger_path = work_dir / "wall_seconds.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+    ledger = read_json(ledger_path, {})
     runs: dict[str, dict[str, list[dict]]] = {level.key: {m.key: [] for m in METHODS} for level in LEVELS}
     invocations_path = work_dir / "invocations.json"
-    earlier = json.loads(invocations_path.read_text()) if invocations_path.is_file() else []
+    earlier = read_json(invocations_path, [])
     this = {"budget": budget.name, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_seconds": 0.0,
             "runs_executed": 0, "runs_reused": 0}
     total, done, reused = len(LEVELS) * len(budget.seeds) * len(METHODS), 0, 0
@@ -207,17 +186,17 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str) -> d
                 overrides = run_overrides(budget, students[level.key]["model"], method, seed)
                 run_dir = work_dir / budget.name / level.key / f"{method.key}-seed{seed}"
                 name = f"{budget.name}/{level.key}/{method.key}-seed{seed}"
-                summary = reusable_summary(run_dir, overrides)
+                summary = reusable_summary(run_dir, overrides, PRESET)
                 note = ", reused"
                 if summary is None:
                     note = ""
                     run_started = time.perf_counter()
-                    summary = execute(load_config(PRESET, overrides), run_dir)
+                    summary = execute(load_config(PRESET, overrides), run_dir, PRESET)
                     ledger[name] = round(time.perf_counter() - run_started, 1)
                     atomic_write_json(ledger_path, ledger)
                 else:
                     reused += 1
-                stats = run_stats(summary, read_metrics(run_dir / "metrics.jsonl"), ledger.get(name))
+                stats = run_stats(summary, read_metrics(run_dir), ledger.get(name))
                 runs[level.key][method.key].append(stats)
                 print(f"[{done}/{total}] {level.key:7s} {method.key:11s} seed {seed}: {describe(stats)}{note}",
                       flush=True)
@@ -288,58 +267,6 @@ def build_student(folder: Path, recipe: dict, tokenizer) -> None:
                                                                                          started, 1)})
 
 
-def reusable_summary(run_dir: Path, overrides: list[str], preset: str = PRESET) -> dict | None:
-    """The summary of a run already done (finished or failed) with every setting this comparison chooses.
-
-    The chosen settings are the preset's keys and the overrides. Fields the schema gains later, or
-    defaults the preset does not set, do not force a rerun: a changed code base is the user's call
-    (a fresh --work-dir reruns everything).
-    """
-    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
-    if not (summary_path.is_file() and config_path.is_file()):
-        return None
-    summary = json.loads(summary_path.read_text())
-    if summary.get("status") not in ("finished", "failed"):
-        return None
-    stored = dotted(yaml.safe_load(config_path.read_text()) or {})
-    if any(stored.get(key, _MISSING) != value for key, value in chosen_settings(overrides, preset).items()):
-        return None
-    return summary
-
-
-_MISSING = object()
-
-
-def chosen_settings(overrides: list[str], preset: str = PRESET) -> dict[str, object]:
-    """Every dotted key the preset file or an override sets, with its value."""
-    raw = yaml.safe_load(preset_path(preset).read_text()) or {}
-    for override in overrides:
-        apply_override(raw, override)
-    return dotted(raw)
-
-
-def execute(config: RunConfig, run_dir: Path, preset: str = PRESET) -> dict:
-    """One distillation; a run stopped by a non-finite loss is a result (status failed), not an abort."""
-    try:
-        return distill(config, preset, out=str(run_dir), overwrite=True, console=Console(quiet=True)).summary
-    except Interrupted:
-        raise
-    except TropdError as error:
-        if not (run_dir / "summary.json").is_file():  # stopped before training: a setup error, not a result
-            raise
-        summary = json.loads((run_dir / "summary.json").read_text())
-        summary["error"] = str(error)
-        atomic_write_json(run_dir / "summary.json", summary)
-        return summary
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The per-step records of a run's metrics.jsonl."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_stats(summary: dict, records: list[dict], wall_seconds: float | None) -> dict:
     """Accuracy, stability and length numbers of one run, with its curves for the plots."""
     grad_norms = [r["grad_norm"] for r in records]
@@ -378,13 +305,6 @@ def describe(stats: dict) -> str:
     wall = f", {stats['wall_seconds']:.0f}s" if stats["wall_seconds"] is not None else ""
     return (f"accuracy {100 * stats['accuracy_before']:.1f}% -> {100 * stats['accuracy_after']:.1f}%, "
             f"max grad norm {stats['max_grad_norm']:.2f}{wall}")
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (0 for a single value; None for no values)."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(runs: list[dict]) -> dict:

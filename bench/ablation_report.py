@@ -4,9 +4,10 @@ claims) and one accuracy / grad-norm plot per mismatch level. `ablation.py` runs
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
+
+from common import num, pct, pyplot, save_png
 
 from tropd_cli.files import atomic_write_json, atomic_write_text
 
@@ -18,17 +19,6 @@ def write_report(report: dict, out: Path) -> None:
     for key, level in report["levels"].items():
         plot_level(level, out / f"ablation-{key}.png", {k: m["label"] for k, m in report["methods"].items()})
     atomic_write_text(out / "ablation.md", markdown(report))
-
-
-def _pct(value: float | None, std: float | None = None, sign: bool = False) -> str:
-    if value is None:
-        return "—"
-    text = f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
-    return text + (f" ± {100 * std:.1f}" if std is not None else "")
-
-
-def _num(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def markdown(report: dict) -> str:
@@ -79,7 +69,7 @@ def markdown(report: dict) -> str:
             "",
             level["description"],
             f"Student recipe: `{json.dumps(level['student']['recipe'])}`. Teacher held-out accuracy "
-            f"{_pct(level['teacher_accuracy'])}%, student before {_pct(level['student_accuracy_before'])}%. "
+            f"{pct(level['teacher_accuracy'])}%, student before {pct(level['student_accuracy_before'])}%. "
             f"Of the student's temperature-1 samples ({outliers['prompts']} prompts x "
             f"{outliers['samples_per_prompt']}), {100 * outliers['implausible_fraction']:.1f}% of tokens have a "
             f"teacher log-prob below {outliers['implausible_logprob']:g} and "
@@ -92,11 +82,11 @@ def markdown(report: dict) -> str:
         for key, row in level["methods"].items():
             method = report["methods"][key]
             lines.append(
-                f"| {method['label']} | {_num(method['paper_table1'])} "
-                f"| {_pct(row['accuracy_after_mean'], row['accuracy_after_std'])} "
-                f"| {_pct(row['gain_mean'], row['gain_std'], sign=True)} | {_num(row['median_grad_norm'])} "
-                f"| {_num(row['max_grad_norm'])} "
-                f"| {row['spikes']} | {_num(row['final_trust_fraction'], 3)} | {_num(row['response_length'], 1)} "
+                f"| {method['label']} | {num(method['paper_table1'])} "
+                f"| {pct(row['accuracy_after_mean'], row['accuracy_after_std'])} "
+                f"| {pct(row['gain_mean'], row['gain_std'], sign=True)} | {num(row['median_grad_norm'])} "
+                f"| {num(row['max_grad_norm'])} "
+                f"| {row['spikes']} | {num(row['final_trust_fraction'], 3)} | {num(row['response_length'], 1)} "
                 f"| {row['finished']}/{row['runs']} |")
         if level["claims"]:
             lines += ["", "Claims (accuracy differences paired by seed, in points; holds = every seed agrees and "
@@ -119,11 +109,7 @@ def markdown(report: dict) -> str:
 
 def plot_level(level: dict, path: Path, labels: dict[str, str]) -> None:
     """Held-out accuracy and grad norm over steps, mean over seeds, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     figure, (accuracy_axis, grad_axis) = plt.subplots(1, 2, figsize=(14, 4.2), dpi=72)
     colors = plt.get_cmap("tab10").colors
     for index, (key, row) in enumerate(level["methods"].items()):
@@ -146,7 +132,4 @@ def plot_level(level: dict, path: Path, labels: dict[str, str]) -> None:
     handles, labels = accuracy_axis.get_legend_handles_labels()
     figure.legend(handles, labels, fontsize=8, loc="center right")
     figure.tight_layout(rect=(0, 0, 0.81, 1))
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png")
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_png(figure, path)

@@ -22,13 +22,11 @@ comparison resumes where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -41,17 +39,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from ablation import Method, execute, mean_std, read_metrics, reusable_summary  # noqa: E402
 from ablation_v2_report import write_report  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    Method,
+    check_folders,
+    command_line,
+    comparison_parser,
+    execute,
+    folders,
+    mean_std,
+    read_json,
+    read_metrics,
+    reusable_summary,
+    run_reporting_errors,
+)
 
 from tropd_cli.config import load_config  # noqa: E402
 from tropd_cli.environment import describe as describe_environment  # noqa: E402
-from tropd_cli.errors import Interrupted, TropdError  # noqa: E402
+from tropd_cli.errors import TropdError  # noqa: E402
 from tropd_cli.files import atomic_write_json  # noqa: E402
 from tropd_cli.models import TOYLAB_ASSETS  # noqa: E402
 from tropd_cli.toylab.build import scale_teacher_logits, v2_student_name  # noqa: E402
 
 PRESET = "toylab-v2"
+WORK_DIR = "/tmp/tropd-ablation-v2"  # run folders by default (WORK_DIR-quick with --quick)
 EPSILONS = (0.0, 0.03, 0.1)
 BASE_LR = 1e-4
 SWEEP_LRS = (3e-5, 3e-4)
@@ -59,7 +71,7 @@ TAIL_SCALE = 2.0
 CONTROL = ("opd", "mask", "fkl")
 TAIL_STEPS = 10  # "first" and "last" steps of a run's per-step curves (entropy, KL)
 DEGRADE_POINTS = 5.0  # P6: final accuracy more than this below the run's best evaluation
-PREDICTIONS = Path(__file__).resolve().parent / "results" / "ablation-v2-predictions.md"
+PREDICTIONS = RESULTS / "ablation-v2-predictions.md"
 # What changed after the first full invocation started, and why; no setting of any run changed.
 CHANGES_AFTER_FIRST_RUN: tuple[str, ...] = (
     "The first invocation (87 runs, started 2026-12-01 23:11 UTC; its ledger entry carries its end time, "
@@ -132,27 +144,14 @@ QUICK = Budget("quick", (0,), ("train.steps=4", "rollout.prompts_per_step=2", "r
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the comparison, write the report; user errors exit 2 in one line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps, tiny budgets")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="run folders (default /tmp/tropd-ablation-v2, or /tmp/tropd-ablation-v2-quick)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report folder (default bench/results, or WORK_DIR/report with --quick)")
+    parser = comparison_parser(__doc__.split("\n\n")[0], WORK_DIR)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each (default 2)")
     args = parser.parse_args(argv)
-    budget = QUICK if args.quick else FULL
-    work_dir = args.work_dir or Path("/tmp/tropd-ablation-v2" + ("-quick" if args.quick else ""))
-    out = args.out or (work_dir / "report" if args.quick else Path(__file__).resolve().parent / "results")
-    command = shlex.join([".venv/bin/python", "bench/ablation_v2.py", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        run_comparison(budget, work_dir, out, command, max(1, args.jobs))
-    except (Interrupted, KeyboardInterrupt) as error:
-        print(f"stopped: {error or 'interrupted'}; finished runs are kept and reused next time", file=sys.stderr)
-        return 130
-    except TropdError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    work_dir, out = folders(args, WORK_DIR)
+    command = command_line("bench/ablation_v2.py", argv)
+    return run_reporting_errors(
+        lambda: run_comparison(QUICK if args.quick else FULL, work_dir, out, command, max(1, args.jobs)),
+        stopped_note="; finished runs are kept and reused next time")
 
 
 def cell_overrides(budget: Budget, cell: Cell, seed: int, work_dir: Path, steps: int) -> list[str]:
@@ -182,9 +181,7 @@ def run_one(overrides: list[str], run_dir: str) -> dict:
 
 def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs: int) -> dict:
     """Run every seed x cell (seed-major, so a partial comparison stays balanced), then report."""
-    for folder, role in ((work_dir, "--work-dir"), (out, "--out")):
-        if folder.exists() and not folder.is_dir():
-            raise TropdError(f"{role} {folder} exists and is not a folder")
+    check_folders(work_dir, out)
     if not (TOYLAB_ASSETS / "v2-teacher" / "config.json").is_file():
         raise TropdError("toy lab v2 is not built; run: tropd toylab build --lab v2")
     torch.set_num_threads(1)
@@ -194,7 +191,7 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
         if cell.scale != 1.0:
             scaled_teacher(work_dir, cell.scale)
     ledger_path = work_dir / "wall_seconds.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+    ledger = read_json(ledger_path, {})
     steps = load_config(PRESET, list(budget.overrides)).train.steps
 
     def run_dir(cell: Cell, seed: int) -> Path:
@@ -208,7 +205,7 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
             if summary is None:
                 todo.append((cell, seed, overrides))
             else:
-                stats[(cell, seed)] = run_stats(summary, read_metrics(run_dir(cell, seed) / "metrics.jsonl"))
+                stats[(cell, seed)] = run_stats(summary, read_metrics(run_dir(cell, seed)))
                 reused += 1
     total = len(budget.seeds) * len(budget.cells)
     print(f"{total} runs: {reused} reused, {len(todo)} to run, {jobs} at a time", flush=True)
@@ -227,7 +224,7 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
                 name = f"{cell.key}-seed{seed}"
                 ledger[name] = round(time.perf_counter() - began, 1)
                 atomic_write_json(ledger_path, ledger)
-                stats[(cell, seed)] = run_stats(future.result(), read_metrics(run_dir(cell, seed) / "metrics.jsonl"))
+                stats[(cell, seed)] = run_stats(future.result(), read_metrics(run_dir(cell, seed)))
                 print(f"[{len(stats)}/{total}] {cell.key} seed {seed}: {describe(stats[(cell, seed)])}, "
                       f"{ledger[name]:.0f}s", flush=True)
     runs: dict[str, dict[str, list[dict]]] = {}
@@ -235,7 +232,7 @@ def run_comparison(budget: Budget, work_dir: Path, out: Path, command: str, jobs
         for seed in budget.seeds:
             runs.setdefault(cell.condition, {}).setdefault(cell.method, []).append(stats[(cell, seed)])
     invocations_path = work_dir / "invocations.json"
-    invocations = json.loads(invocations_path.read_text()) if invocations_path.is_file() else []
+    invocations = read_json(invocations_path, [])
     invocations.append({"budget": budget.name, "started": started_at,
                         "wall_seconds": round(time.perf_counter() - started, 1), "runs_executed": len(todo),
                         "runs_reused": reused, "jobs": jobs})

@@ -4,12 +4,11 @@ verdicts, one table per condition) and one plot per slip rate plus the learning-
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 from pathlib import Path
 
-from ablation_report import _num, _pct
+from common import num, pct, pyplot, save_png
 
 from tropd_cli.files import atomic_write_json, atomic_write_text
 
@@ -67,8 +66,8 @@ def markdown(report: dict) -> str:
     if "v2-teacher" in models:
         teacher = models["v2-teacher"]
         lines.append(f"Teacher `toylab:v2-teacher` ({teacher['parameters']:,} parameters): greedy held-out accuracy "
-                     f"{_pct(teacher['held_out_accuracy'])}%, format coverage of its greedy answers "
-                     f"{_num(teacher.get('held_out_format_coverage'))}.")
+                     f"{pct(teacher['held_out_accuracy'])}%, format coverage of its greedy answers "
+                     f"{num(teacher.get('held_out_format_coverage'))}.")
         lines.append("")
     if mismatch:
         lines += ["| student | greedy accuracy (%) | slip lines (sampled) | slip tokens | teacher log-prob of a slip "
@@ -78,10 +77,10 @@ def markdown(report: dict) -> str:
             slip = stats["slip_teacher_logprob"]
             after = stats["after_slip_teacher_logprob"]
             lines.append(
-                f"| `toylab:{name}` | {_pct(models.get(name, {}).get('held_out_accuracy'))} | "
+                f"| `toylab:{name}` | {pct(models.get(name, {}).get('held_out_accuracy'))} | "
                 f"{100 * stats['slip_line_rate']:.2f}% | {100 * stats['slip_token_fraction']:.2f}% | "
-                f"{_num(slip['median'], 1)} ({_num(slip['p10'], 1)} to {_num(slip['p90'], 1)}) | "
-                f"{_num(after['median'], 1)} | {_num(stats['teacher_entropy_line_start']['median'])} |")
+                f"{num(slip['median'], 1)} ({num(slip['p10'], 1)} to {num(slip['p90'], 1)}) | "
+                f"{num(after['median'], 1)} | {num(stats['teacher_entropy_line_start']['median'])} |")
         lines.append("")
     lines += ["## Verdicts", "", "| prediction | verdict | parts (per seed; mean ± SE) |", "|---|---|---|"]
     for prediction in report["predictions"]:
@@ -102,7 +101,7 @@ def markdown(report: dict) -> str:
         lines += ["", "Learning-rate sweep at epsilon 0.1 (P6): final and best sampled accuracy, means over seeds.", "",
                   "| method | lr | final (%) | best evaluation (%) | degrades |", "|---|---:|---:|---:|---|"]
         for row in sweep:
-            lines.append(f"| {labels[row['method']]} | {row['lr']:g} | {_pct(row['final'])} | {_pct(row['peak'])} | "
+            lines.append(f"| {labels[row['method']]} | {row['lr']:g} | {pct(row['final'])} | {pct(row['peak'])} | "
                          f"{'diverged' if row['diverged'] else 'yes' if row['degrades'] else 'no'} |")
     for condition, methods in report["conditions"].items():
         lines += ["", f"## {_condition_title(condition)}", "",
@@ -116,12 +115,12 @@ def markdown(report: dict) -> str:
             row = methods[method]
             paper = next(m["paper"] for m in report["methods"] if m["key"] == method)
             lines.append(
-                f"| {labels[method]} | {_num(paper)} | {_pct(row['start'])} | "
-                f"{_pct(row['final_mean'], row['final_std'])} | {_pct(row['gain_mean'], row['gain_std'], sign=True)} | "
-                f"{_pct(row['final_greedy'])} | {_pct(row['start_slip'])} -> {_pct(row['final_slip'])} | "
-                f"{_num(row['coverage_early'])} | {_num(row['median_grad_norm'])} | {_num(row['tail_ratio'], 1)} | "
-                f"{_num(row['outlier_grad_share'])} | {_num(row['entropy_first'], 3)} -> "
-                f"{_num(row['entropy_last'], 3)} | {row['finished']}/{row['runs']} |")
+                f"| {labels[method]} | {num(paper)} | {pct(row['start'])} | "
+                f"{pct(row['final_mean'], row['final_std'])} | {pct(row['gain_mean'], row['gain_std'], sign=True)} | "
+                f"{pct(row['final_greedy'])} | {pct(row['start_slip'])} -> {pct(row['final_slip'])} | "
+                f"{num(row['coverage_early'])} | {num(row['median_grad_norm'])} | {num(row['tail_ratio'], 1)} | "
+                f"{num(row['outlier_grad_share'])} | {num(row['entropy_first'], 3)} -> "
+                f"{num(row['entropy_last'], 3)} | {row['finished']}/{row['runs']} |")
     if report.get("plots"):
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({name})" for name in report["plots"]]
@@ -149,11 +148,7 @@ def _mean_curve(seeds: list[dict], name: str) -> tuple[list, list]:
 
 def plot_condition(condition: str, methods: dict, path: Path, labels: dict[str, str]) -> None:
     """Sampled accuracy, grad norm, student entropy and slip rate over steps, mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(14, 8), dpi=72)
     colors = plt.get_cmap("tab10").colors
     panels = (("accuracy", "sampled avg@4 (%)", 100, "linear"), ("grad_norm", "grad norm before clipping", 1, "log"),
@@ -171,7 +166,4 @@ def plot_condition(condition: str, methods: dict, path: Path, labels: dict[str, 
     handles, names = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, names, fontsize=8, loc="center right")
     figure.tight_layout(rect=(0, 0, 0.82, 1))
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png")
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_png(figure, path)

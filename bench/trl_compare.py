@@ -317,7 +317,8 @@ def run_tropd(spec: dict, device: torch.device) -> dict:
     from tropd_cli.config import RunConfig
     from tropd_cli.engine.precision import autocast_dtype
     from tropd_cli.engine.rollout import HFGenerateBackend
-    from tropd_cli.engine.trainer import Models, Trainer
+    from tropd_cli.engine.run import trainer_for
+    from tropd_cli.engine.trainer import Models
     from tropd_cli.models import load_causal_lm
 
     shape, folder = StepShape(**spec["shape"]), Path(spec["folder"])
@@ -335,7 +336,7 @@ def run_tropd(spec: dict, device: torch.device) -> dict:
     student = load_causal_lm(str(folder / "student"), "float32", device, trainable=True)
     backend = CountingBackend(HFGenerateBackend(student, PAD_ID, [EOS_ID], config.rollout.batch_size,
                                                 autocast=autocast_dtype(config.train.autocast, device)))
-    trainer = Trainer(config, Models(teacher, student, PAD_ID, device), backend, iter(step_prompts(spec)))
+    trainer = trainer_for(config, Models(teacher, student, PAD_ID, device), backend, iter(step_prompts(spec)))
     memory, records = PeakMemory(device), []
     for index in range(spec["warmup"] + spec["steps"]):
         if index == spec["warmup"]:

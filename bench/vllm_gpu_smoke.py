@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
-    from tropd_cli.engine.rollout.vllm import EngineOptions, VLLMRolloutBackend
+    from tropd_cli.engine.rollout.vllm import VLLMRolloutBackend
     from tropd_cli.engine.scoring import build_sequences, score_student
+    from tropd_cli.engine.vllm_engine import EngineOptions
     from tropd_cli.environment import describe
 
     args = parse_args(argv)

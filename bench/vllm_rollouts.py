@@ -111,7 +111,8 @@ def race(model: torch.nn.Module, folder: str, prompts: list[list[int]], stop_ids
          args: argparse.Namespace, fixed: bool) -> dict:
     """Start a vLLM engine on `folder`, then `--repeats` rounds of HF generate, vLLM sync, vLLM generate."""
     from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
-    from tropd_cli.engine.rollout.vllm import EngineOptions, VLLMRolloutBackend
+    from tropd_cli.engine.rollout.vllm import VLLMRolloutBackend
+    from tropd_cli.engine.vllm_engine import EngineOptions
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
     hf = HFGenerateBackend(model, 0, stop_ids, batch_size=len(prompts) * args.n)

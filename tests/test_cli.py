@@ -5,17 +5,15 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import crash_inside_step, pair_models, set_args
 
 from tropd_cli import cli
-from tropd_cli.engine.trainer import Trainer
 from tropd_cli.errors import TropdError
 
 
 def pair_overrides(pair: Path, steps: int = 2) -> list[str]:
-    settings = [f"teacher.model={pair / 'teacher'}", f"student.model={pair / 'student'}",
-                f"train.steps={steps}", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8",
-                "eval.problems=4"]
-    return [arg for setting in settings for arg in ("--set", setting)]
+    return set_args([*pair_models(pair), f"train.steps={steps}", "rollout.prompts_per_step=2", "rollout.n=2",
+                     "rollout.max_new_tokens=8", "eval.problems=4"])
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["distill", "--help"], ["presets", "--help"],
@@ -97,14 +95,7 @@ def test_output_path_under_a_file_is_rejected(random_pair_dir, tmp_path, capsys)
 
 
 def test_ctrl_c_saves_the_student_and_metrics(random_pair_dir, tmp_path, monkeypatch, capsys):
-    real_step = Trainer.train_step
-
-    def interrupt_on_third(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupt_on_third)
+    crash_inside_step(monkeypatch, 3)
     out = tmp_path / "run"
     code = cli.main(["distill", "-p", "toylab", *pair_overrides(random_pair_dir, steps=5), "--out", str(out)])
     assert code == 130

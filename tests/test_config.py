@@ -134,3 +134,29 @@ def test_preset_files_are_read_as_strictly(tmp_path: Path):
     path.write_text("train:\n  steps: yes\n")
     with pytest.raises(TropdError, match="train.steps: true .expects a number, not a boolean"):
         load_config(str(path))
+
+
+def test_the_names_only_tables_match_what_they_name():
+    """Validation reads names, not modules: `GUIDED` is the objectives whose spec takes guidance, and the
+    prompt generators are the names `data.prompts` and benchmarks may give instead of a folder or dataset."""
+    from tropd_cli.data import GENERATORS, is_generator
+    from tropd_cli.data.generators import get_generator
+    from tropd_cli.engine.objectives import GUIDED, get_objective, objective_names
+
+    assert GUIDED == {name for name in objective_names() if get_objective(name).guidance}
+    assert all(get_generator(name).name == name for name in GENERATORS)
+    assert is_generator(RunConfig().data.prompts) and not is_generator("prepared/toy")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["objective.name=opd", "objective.guidance=true"],
+     "objective.guidance applies to objective.name=tropd, not opd; set objective.guidance=false"),
+    (["eval.benchmark=custom"], "eval.benchmark=custom reads a local file: set eval.data to a JSONL file, or "
+                                "data.prompts to a prepared folder (its eval.jsonl)"),
+    (["eval.benchmark=gsm9k"], "invalid value for eval.benchmark: 'gsm9k' (input should be one of: gsm8k, "
+                               "math500, aime24, aime25, amc23, gpqa-diamond, toylab, custom)"),
+])
+def test_rules_that_read_names_give_their_one_line(overrides, message):
+    with pytest.raises(TropdError) as error:
+        load_config("toylab", overrides)
+    assert str(error.value) == message

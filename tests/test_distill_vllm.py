@@ -61,3 +61,29 @@ def test_toylab_with_vllm_rollouts_gains_what_hf_rollouts_gain_over_three_seeds(
     with capsys.disabled():
         print(f"\ngains over seeds 0-2, 20 steps: {gains}")
     assert means["vllm"] > 0.05 and abs(means["vllm"] - means["hf"]) <= 0.05, gains
+
+
+def test_an_in_process_vllm_teacher_is_held_once_and_its_engine_samples(vllm_pair_dir, tmp_path, monkeypatch):
+    """teacher.backend=vllm: the teacher's weights are in its engine only (no torch copy loads), and seqkd's
+    teacher samples come from that engine."""
+    from tropd_cli.engine import run
+    from tropd_cli.engine.rollout.vllm import VLLMRolloutBackend
+
+    loads, samples = [], []
+    real_load, real_generate = run.load_causal_lm, VLLMRolloutBackend.generate
+    monkeypatch.setattr(run, "load_causal_lm", lambda spec, *a, **k: loads.append(spec) or real_load(spec, *a, **k))
+    monkeypatch.setattr(VLLMRolloutBackend, "generate",
+                        lambda self, *a, **k: samples.append(a[1]) or real_generate(self, *a, **k))
+    settings = {
+        "teacher.model": vllm_pair_dir / "teacher", "student.model": vllm_pair_dir / "student",
+        "teacher.backend": "vllm", "objective.name": "seqkd", "rollout.n": 2, "rollout.prompts_per_step": 2,
+        "rollout.max_new_tokens": 8, "rollout.vllm_enforce_eager": "true", "rollout.vllm_kv_cache_gib": 0.25,
+        "rollout.vllm_max_model_len": 256, "train.steps": 2, "eval.problems": 0, "train.checkpoint_every": 0,
+    }
+    args = [part for key, value in settings.items() for part in ("--set", f"{key}={value}")]
+    out = tmp_path / "run"
+    assert cli.main(["distill", "-p", "toylab", *args, "--out", str(out)]) == 0
+    assert loads == [str(vllm_pair_dir / "student")]
+    assert samples == [2, 2]  # each step's teacher samples, n=2, from the teacher's engine
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["teacher_loaded_here"] is True

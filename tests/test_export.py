@@ -8,7 +8,6 @@ distilled once per session; each export is made once and shared by the tests tha
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -18,9 +17,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
+from helpers import STUDENT_MODES, quiet
 from peft import PeftModel
 from peft.tuners.lora import LoraModel
-from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,28 +32,19 @@ from tropd_cli.models import load_causal_lm, load_tokenizer, resolve_model_path
 from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import Difficulty, sample_problems
 
-MODES = {
-    "full": [],
-    "lora": ["student.lora.enabled=true"],
-    "qlora": ["student.lora.enabled=true", "student.quantization=4bit"],
-}
 TINY_RUN = ["train.steps=2", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8",
             "eval.problems=4", "train.threads=1", "train.lr=1e-2", "train.warmup_steps=0",
             "train.checkpoint_every=1", "train.checkpoint_keep=0"]
 BASE = Path(resolve_model_path("toylab:student"))
 
 
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=120)
-
-
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """One finished run folder per student mode."""
     root = tmp_path_factory.mktemp("runs")
-    for mode, settings in MODES.items():
+    for mode, settings in STUDENT_MODES.items():
         distill(load_config("toylab", TINY_RUN + settings), "toylab", out=str(root / mode), console=quiet())
-    return {mode: root / mode for mode in MODES}
+    return {mode: root / mode for mode in STUDENT_MODES}
 
 
 @pytest.fixture(scope="session")
@@ -438,10 +428,26 @@ def test_help_names_every_option(capsys):
         assert option in out
 
 
-def test_quantized_base_merges_into_the_dequantized_4bit_weights(runs, tmp_path, probes):
+def counted_loads(monkeypatch) -> list[str]:
+    """The quantization ("none" or "4bit") of every model export loads from now on, in order."""
+    loads = []
+    real = export_write.load_causal_lm
+
+    def counting(spec, *args, **kwargs):
+        loads.append(kwargs.get("quantization", "none"))
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(export_write, "load_causal_lm", counting)
+    return loads
+
+
+def test_quantized_base_merges_into_the_dequantized_4bit_weights(runs, tmp_path, probes, monkeypatch):
     """--base quantized: merged = dequantised nf4 base + (alpha / r) B @ A, and it reproduces the 4-bit model
     the run trained (logits and greedy text), which the full-precision merge does not."""
+    loads = counted_loads(monkeypatch)
     result = export(runs["qlora"], tmp_path / "q", base="quantized", console=quiet())
+    # the 4-bit reference, the full base beside it, and the dequantized merge made from those two
+    assert loads == ["4bit", "none"]
     merged = load_file(result.out / "model.safetensors")
     quantized = load_causal_lm("toylab:student", quantization="4bit", trainable=False)
     pairs = lora_pairs(load_file(runs["qlora"] / "student" / "adapter_model.safetensors"))
@@ -477,6 +483,14 @@ def test_base_errors_are_one_line(mode, argv, message, runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("base", "verify", "expected"), [
+    ("quantized", False, ["none", "4bit"]), ("full", False, ["none"]), ("full", True, ["none", "4bit"])])
+def test_a_qlora_export_reads_each_base_once(base, verify, expected, runs, tmp_path, monkeypatch):
+    loads = counted_loads(monkeypatch)
+    export(runs["qlora"], tmp_path / "out", base=base, verify=verify, evaluate=False, console=quiet())
+    assert loads == expected
 
 
 def test_no_eval_keeps_the_runs_number_and_says_whose_it_is(runs, tmp_path):

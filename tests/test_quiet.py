@@ -36,7 +36,7 @@ def test_foreign_lines_are_told_apart() -> None:
 
 
 def test_stderr_without_drops_only_the_named_lines_even_on_failure(capfd) -> None:
-    from tropd_cli.engine.rollout.vllm import stderr_without
+    from tropd_cli.engine.vllm_engine import stderr_without
 
     with pytest.raises(RuntimeError), stderr_without(("NUMA binding",)):
         os.write(2, b"[W1204 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy\nnative problem\n")

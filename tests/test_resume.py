@@ -1,6 +1,5 @@
 """Checkpoints, --resume, metric sinks, autocast, gradient checkpointing and stop tokens."""
 
-import io
 import json
 import os
 import signal
@@ -10,52 +9,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
-from safetensors.torch import load_file
+from helpers import crash_inside_step, pair_models, quiet, set_args, student_weights
 
 from tropd_cli import cli
-from tropd_cli.checkpoints import list_checkpoints, load_checkpoint
+from tropd_cli.checkpoints import load_checkpoint
 from tropd_cli.config import load_config
 from tropd_cli.distill import distill, resume
 from tropd_cli.engine.trainer import Trainer
 from tropd_cli.errors import TeacherUnavailable
 from tropd_cli.models import stop_token_ids
+from tropd_cli.runfolder import RunFolder
 
 TIMINGS = ("rollout_s", "score_s", "update_s", "tokens_per_s")
 
 
 def tiny(pair: Path, steps: int = 4, *extra: str) -> list[str]:
-    return [f"teacher.model={pair / 'teacher'}", f"student.model={pair / 'student'}", f"train.steps={steps}",
-            "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8", "eval.problems=0",
-            "train.checkpoint_every=2", "train.checkpoint_keep=0", "train.lr=1e-3", "train.threads=1", *extra]
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO())
+    return [*pair_models(pair), f"train.steps={steps}", "rollout.prompts_per_step=2", "rollout.n=2",
+            "rollout.max_new_tokens=8", "eval.problems=0", "train.checkpoint_every=2", "train.checkpoint_keep=0",
+            "train.lr=1e-3", "train.threads=1", *extra]
 
 
 def records(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
-
-
-def student_weights(run: Path) -> dict[str, torch.Tensor]:
-    folder = run / "student"
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
-    return load_file(folder / name)
-
-
-def crash_inside_step(monkeypatch, step: int):
-    """Make the run die with Ctrl-C's exception inside `step` (1-based); returns the real train_step."""
-    real_step = Trainer.train_step
-
-    def crash(self):
-        if self.step == step - 1:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
-    return real_step
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +48,7 @@ def uninterrupted(random_pair_dir, tmp_path_factory):
 
 def test_checkpoints_are_written_every_n_steps_and_load_weights_only(uninterrupted):
     run, _ = uninterrupted["full"]
-    assert [step for step, _ in list_checkpoints(run)] == [2, 4]
+    assert [step for step, _ in RunFolder(run).list_checkpoints()] == [2, 4]
     state, trainer_state = load_checkpoint(run / "checkpoints" / "step-000002")
     assert state["step"] == 2 and trainer_state["step"] == 2 and state["summary"]["steps_done"] == 2
     assert set(trainer_state) >= {"optimizer", "scheduler", "random"}
@@ -85,8 +61,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(uninterrupted, tmp_path, 
     reference, extra = uninterrupted[mode]
     real_step = crash_inside_step(monkeypatch, 4)
     out = tmp_path / "run"
-    assert cli.main(["distill", "-p", "toylab", *[a for s in _settings(reference) + list(extra)
-                                                   for a in ("--set", s)], "--out", str(out)]) == 130
+    assert cli.main(["distill", "-p", "toylab", *set_args(_settings(reference) + list(extra)),
+                     "--out", str(out)]) == 130
     assert len(records(out)) == 3  # steps 1-3 logged; step 3 is redone after resuming from step 2
     monkeypatch.setattr(Trainer, "train_step", real_step)
     result = resume(out, console=quiet())
@@ -112,13 +88,13 @@ def test_a_teacher_that_goes_away_checkpoints_the_last_step_and_resume_matches(u
 
     monkeypatch.setattr(Trainer, "_accumulate", gone)
     out = tmp_path / "run"
-    assert cli.main(["distill", "-p", "toylab", *[a for s in _settings(reference) for a in ("--set", s)],
+    assert cli.main(["distill", "-p", "toylab", *set_args(_settings(reference)),
                      "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: teacher server http://127.0.0.1:9 did not answer /v1/completions after 4 tries (Connection "
         f"refused); the run stopped after step 3 with a checkpoint in {out / 'checkpoints' / 'step-000003'}; "
         f"go on with: tropd distill --resume {out} --set teacher.url=URL")
-    assert [step for step, _ in list_checkpoints(out)] == [2, 3] and len(records(out)) == 3
+    assert [step for step, _ in RunFolder(out).list_checkpoints()] == [2, 3] and len(records(out)) == 3
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
     monkeypatch.setattr(Trainer, "_accumulate", real_accumulate)
     result = resume(out, ["teacher.url=http://127.0.0.1:10"], console=quiet())
@@ -150,7 +126,7 @@ def test_first_ctrl_c_finishes_the_step_checkpoints_and_resume_matches(uninterru
 
     monkeypatch.setattr(Trainer, "train_step", ctrl_c_during_third)
     out = tmp_path / "run"
-    assert cli.main(["distill", "-p", "toylab", *[a for s in _settings(reference) for a in ("--set", s)],
+    assert cli.main(["distill", "-p", "toylab", *set_args(_settings(reference)),
                      "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert (f"stopped after step 3; checkpoint saved in {out / 'checkpoints' / 'step-000003'}; "
@@ -194,7 +170,7 @@ def test_resume_errors(uninterrupted, tmp_path, capsys):
 def test_checkpoint_keep_prunes_old_checkpoints(random_pair_dir, tmp_path):
     settings = tiny(random_pair_dir, 4) + ["train.checkpoint_every=1", "train.checkpoint_keep=2"]
     distill(load_config("toylab", settings), "toylab", out=str(tmp_path / "run"), console=quiet())
-    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [3, 4]
+    assert [step for step, _ in RunFolder(tmp_path / "run").list_checkpoints()] == [3, 4]
 
 
 def test_tensorboard_gets_the_same_metric_names(random_pair_dir, tmp_path):
@@ -250,10 +226,10 @@ def test_missing_sink_package_is_one_line(random_pair_dir, tmp_path, monkeypatch
 
 
 def test_gradient_checkpointing_gives_the_same_update(random_pair_dir, tmp_path, monkeypatch):
-    import tropd_cli.distill as distill_module
+    import tropd_cli.engine.run as run_module
 
     runs, layer_calls = [], []
-    real_load = distill_module.load_models
+    real_load = run_module.load_models
 
     def counting_load(*args):
         teacher, student = real_load(*args)
@@ -262,7 +238,7 @@ def test_gradient_checkpointing_gives_the_same_update(random_pair_dir, tmp_path,
         layer_calls.append(calls)
         return teacher, student
 
-    monkeypatch.setattr(distill_module, "load_models", counting_load)
+    monkeypatch.setattr(run_module, "load_models", counting_load)
     for flag in ("false", "true"):
         out = tmp_path / flag
         distill(load_config("toylab", tiny(random_pair_dir, 2, f"train.gradient_checkpointing={flag}")),
@@ -302,7 +278,7 @@ def test_stop_tokens_include_the_generation_config_eos_ids(random_pair_dir, tmp_
 
 def test_trust_remote_code_is_off_unless_asked(random_pair_dir, tmp_path, capsys):
     assert load_config("toylab").student.trust_remote_code is False
-    argv = ["distill", "-p", "toylab", *[a for s in tiny(random_pair_dir, 1) for a in ("--set", s)],
+    argv = ["distill", "-p", "toylab", *set_args(tiny(random_pair_dir, 1)),
             "--trust-remote-code", "--out", str(tmp_path / "run")]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -317,7 +293,7 @@ def test_resume_with_guidance_keeps_the_teacher_responses(random_pair_dir, tmp_p
     distill(load_config("toylab", settings), "toylab", out=str(reference), console=quiet())
     real_step = crash_inside_step(monkeypatch, 4)
     out = tmp_path / "run"
-    assert cli.main(["distill", "-p", "toylab", *[a for s in settings for a in ("--set", s)],
+    assert cli.main(["distill", "-p", "toylab", *set_args(settings),
                      "--out", str(out)]) == 130
     monkeypatch.setattr(Trainer, "train_step", real_step)
     resume(out, console=quiet())

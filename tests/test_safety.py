@@ -17,23 +17,24 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
+from helpers import crash_inside_step, pair_models, set_args
 
 from tropd_cli import cli
-from tropd_cli.checkpoints import list_checkpoints, verify_checkpoint
+from tropd_cli.checkpoints import verify_checkpoint
 from tropd_cli.config import load_config_file
 from tropd_cli.engine.trainer import Trainer
 from tropd_cli.errors import TropdError
 from tropd_cli.files import LOCK, LOCK_INFO, MARKER, holder
 from tropd_cli.models import check_safetensors, load_causal_lm, load_model_config
+from tropd_cli.runfolder import RunFolder
 
 FILE_SIZE_LIMIT = 100_000  # above config.yaml, summary.json and a tokenizer; below the toy student's weights
 
 
 def tiny(pair: Path, steps: int = 4, *extra: str) -> list[str]:
-    settings = [f"teacher.model={pair / 'teacher'}", f"student.model={pair / 'student'}", f"train.steps={steps}",
-                "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=6", "eval.problems=0",
-                "train.checkpoint_every=2", "train.checkpoint_keep=0", "train.lr=1e-3", "train.threads=1", *extra]
-    return [arg for setting in settings for arg in ("--set", setting)]
+    return set_args([*pair_models(pair), f"train.steps={steps}", "rollout.prompts_per_step=2", "rollout.n=2",
+                     "rollout.max_new_tokens=6", "eval.problems=0", "train.checkpoint_every=2",
+                     "train.checkpoint_keep=0", "train.lr=1e-3", "train.threads=1", *extra])
 
 
 def distill_argv(pair: Path, out: Path, steps: int = 4, *extra: str) -> list[str]:
@@ -130,14 +131,7 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_finished(random_pair_dir
                                                                 monkeypatch, capsys):
     run = copy_run(finished_run, tmp_path / "run")
     before = tree(run)
-    real_step = Trainer.train_step
-
-    def crash_in_third(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_in_third)
+    real_step = crash_inside_step(monkeypatch, 3)
     assert cli.main([*distill_argv(random_pair_dir, run, 4), "--overwrite"]) == 130
     err = capsys.readouterr().err
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".run.new-")]
@@ -213,7 +207,7 @@ def test_sigkill_during_a_checkpoint_keeps_the_previous_one_resumable(random_pai
     finally:
         if process.poll() is None:
             process.kill()
-    assert [step for step, _ in list_checkpoints(out)] == [1, 2]
+    assert [step for step, _ in RunFolder(out).list_checkpoints()] == [1, 2]
     verify_checkpoint(out / "checkpoints" / "step-000002")
     assert json.loads((out / "summary.json").read_text())["status"] == "running"  # nobody lived to say otherwise
     assert cli.main(["distill", "--resume", str(out)]) == 0
@@ -235,7 +229,7 @@ def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_a_failed_summary(
     assert "File too large" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps_done"] == 2 and summary["error"] == err.strip()[7:]
-    assert not list_checkpoints(out)
+    assert not RunFolder(out).list_checkpoints()
 
 
 def test_a_file_size_limit_during_an_export_is_one_line_and_leaves_nothing(finished_run, tmp_path):

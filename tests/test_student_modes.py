@@ -16,29 +16,20 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from helpers import STUDENT_MODES, crash_inside_step, set_args
 from peft import PeftModel
 
-import tropd_cli.distill as distill_module
+import tropd_cli.engine.run as run_module
 from tropd_cli import cli
 from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
 from tropd_cli.engine.scoring import SequenceBatch, build_sequences
-from tropd_cli.engine.trainer import Trainer
 from tropd_cli.models import load_causal_lm, load_tokenizer
 from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import Difficulty, sample_problems
 
-MODES = {
-    "full": [],
-    "lora": ["student.lora.enabled=true"],
-    "qlora": ["student.lora.enabled=true", "student.quantization=4bit"],
-}
 REVERSE_KL = ["objective.name=gkd", "objective.gkd_beta=1.0", "objective.gkd_lambda=1.0", "train.lr=1e-3",
               "train.warmup_steps=0", "train.steps=4", "eval.problems=0", "rollout.prompts_per_step=4",
               "rollout.n=2", "rollout.max_new_tokens=16"]
-
-
-def as_args(settings: list[str]) -> list[str]:
-    return [arg for setting in settings for arg in ("--set", setting)]
 
 
 @dataclass
@@ -57,15 +48,15 @@ def load_base(mode: str) -> torch.nn.Module:
 def capture_distill(settings: list[str], out: Path) -> tuple[int, list[torch.nn.Module]]:
     """Run `tropd distill` on the toylab preset; also return the models it loaded (teacher, student)."""
     loaded: list[torch.nn.Module] = []
-    real = distill_module.load_causal_lm
+    real = run_module.load_causal_lm
 
     def spy(*args, **kwargs):
         loaded.append(real(*args, **kwargs))
         return loaded[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(distill_module, "load_causal_lm", spy)
-        code = cli.main(["distill", "-p", "toylab", *as_args(settings), "--out", str(out)])
+        patch.setattr(run_module, "load_causal_lm", spy)
+        code = cli.main(["distill", "-p", "toylab", *set_args(settings), "--out", str(out)])
     return code, loaded
 
 
@@ -112,11 +103,11 @@ def reload_student(run: TrainedRun) -> torch.nn.Module:
     return PeftModel.from_pretrained(load_base(run.mode), folder)
 
 
-@pytest.fixture(scope="module", params=list(MODES))
+@pytest.fixture(scope="module", params=list(STUDENT_MODES))
 def trained(request, tmp_path_factory) -> TrainedRun:
     mode = request.param
     out = tmp_path_factory.mktemp(mode) / "run"
-    code, (teacher, student) = capture_distill(MODES[mode] + REVERSE_KL, out)
+    code, (teacher, student) = capture_distill(STUDENT_MODES[mode] + REVERSE_KL, out)
     assert code == 0
     return TrainedRun(mode, out, teacher, student)
 
@@ -168,16 +159,9 @@ def test_saved_student_reloads_with_the_trained_logits(trained, fixed_batch):
 
 
 def test_ctrl_c_saves_the_adapter(tmp_path, monkeypatch, capsys):
-    real_step = Trainer.train_step
-
-    def interrupt_on_second(self):
-        if self.step == 1:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupt_on_second)
+    crash_inside_step(monkeypatch, 2)
     out = tmp_path / "run"
-    code, _ = capture_distill(MODES["qlora"] + REVERSE_KL, out)
+    code, _ = capture_distill(STUDENT_MODES["qlora"] + REVERSE_KL, out)
     assert code == 130
     assert f"interrupted during step 2; student and metrics saved in {out}" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())

@@ -1,4 +1,5 @@
-"""Resumable checkpoints of a run: `RUN/checkpoints/step-NNNNNN/`, each written atomically.
+"""Resumable checkpoints of a run: `RUN/checkpoints/step-NNNNNN/`, each written atomically (where each file
+lies: `runfolder.CheckpointFolder`).
 
 A checkpoint holds `student/` (the student in save_pretrained format with its tokenizer: the whole model,
 or the peft adapter), `trainer_state.pt` (optimizer, scheduler, step, the teacher-response cache, and the
@@ -14,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,7 @@ import torch
 
 from tropd_cli.errors import TropdError, first_line
 from tropd_cli.files import atomic_folder, atomic_write_json, sha256_of, writing
-from tropd_cli.runfolder import RunFolder, RunSummary
-
-CHECKPOINTS = "checkpoints"
-STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
-STATE = "state.json"
-TRAINER_STATE = "trainer_state.pt"
+from tropd_cli.runfolder import CheckpointFolder, RunFolder, RunSummary
 
 
 class DamagedCheckpoint(TropdError):
@@ -39,24 +34,6 @@ class DamagedCheckpoint(TropdError):
 def config_sha256(config: dict[str, Any]) -> str:
     """The sha256 of a resolved configuration (its JSON form, keys sorted)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return RunFolder(run_dir).checkpoint(step)
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Every saved checkpoint of a run, oldest first, as (step, folder); damaged ones included (a checkpoint
-    folder only ever appears complete, so a missing file means damage, not a save in progress)."""
-    root = RunFolder(run_dir).checkpoints
-    if not root.is_dir():
-        return []
-    found = []
-    for folder in root.iterdir():
-        match = STEP_FOLDER.match(folder.name)
-        if match and folder.is_dir():
-            found.append((int(match.group(1)), folder))
-    return sorted(found)
 
 
 def random_states() -> dict[str, Any]:
@@ -102,36 +79,39 @@ def save_checkpoint(run_dir: Path, step: int, student: torch.nn.Module, tokenize
     (0: keep all). `config` is the resolved configuration the run trains with; `weights` the student's
     whole state dict when it is sharded (the trainer state then holds the whole optimizer state too);
     `random` the random states to resume with (default: the current ones)."""
-    target = checkpoint_dir(run_dir, step)
+    run = RunFolder(run_dir)
+    target = run.checkpoint(step)
 
     def fill(folder: Path) -> None:
-        save_student(folder / "student", student, tokenizer, weights)
+        checkpoint = CheckpointFolder(folder)
+        save_student(checkpoint.student, student, tokenizer, weights)
         torch.save({**trainer_state, "random": random if random is not None else random_states()},
-                   folder / TRAINER_STATE)
+                   checkpoint.trainer_state)
         files = {path.relative_to(folder).as_posix(): sha256_of(path)
                  for path in sorted(folder.rglob("*")) if path.is_file()}
-        atomic_write_json(folder / STATE, {"step": step, "summary": summary.to_json(), "config": config,
-                                           "config_sha256": config_sha256(config), "files": files})
+        atomic_write_json(checkpoint.state, {"step": step, "summary": summary.to_json(), "config": config,
+                                             "config_sha256": config_sha256(config), "files": files})
 
     with writing(f"checkpoint {target}"):
         atomic_folder(target, fill)
     if keep:
-        for _, old in list_checkpoints(run_dir)[:-keep]:
+        for _, old in run.list_checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def verify_checkpoint(folder: Path) -> dict:
     """state.json of a checkpoint whose every listed file is present with its recorded sha256."""
+    checkpoint = CheckpointFolder(folder)
     try:
-        state = json.loads((folder / STATE).read_text())
+        state = json.loads(checkpoint.state.read_text())
     except (OSError, ValueError) as error:
-        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {STATE} is unreadable "
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {checkpoint.state.name} is unreadable "
                                 f"({getattr(error, 'strerror', None) or first_line(error)})") from None
     if not isinstance(state, dict):
-        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {STATE} holds no object")
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {checkpoint.state.name} holds no object")
     files = state.get("files")
-    listed = files if isinstance(files, dict) else {TRAINER_STATE: None}  # written before checksums
+    listed = files if isinstance(files, dict) else {checkpoint.trainer_state.name: None}  # written before checksums
     for name, digest in listed.items():
         path = folder / name
         if not path.is_file():
@@ -145,10 +125,11 @@ def verify_checkpoint(folder: Path) -> dict:
 def load_checkpoint(folder: Path) -> tuple[dict, dict]:
     """(state.json, trainer_state.pt) of a verified checkpoint folder; a damaged one is a one-line error."""
     state = verify_checkpoint(folder)
+    trainer_state_file = CheckpointFolder(folder).trainer_state
     try:
-        trainer_state = torch.load(folder / TRAINER_STATE, weights_only=True, map_location="cpu")
+        trainer_state = torch.load(trainer_state_file, weights_only=True, map_location="cpu")
     except (OSError, ValueError, RuntimeError) as error:
-        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: cannot read {TRAINER_STATE} "
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: cannot read {trainer_state_file.name} "
                                 f"({first_line(error)})") from None
     return state, trainer_state
 

@@ -118,8 +118,6 @@ def distill(
       tropd distill --resume runs/opd-1 --from-step 50
     """
     from tropd_cli.config import load_config
-    from tropd_cli.distill import distill as run_distill
-    from tropd_cli.distill import resume as resume_run
 
     if nproc > 1:
         from tropd_cli.engine.distributed import launch
@@ -138,13 +136,18 @@ def distill(
         if preset is not None or out is not None:
             raise TropdError("--resume continues a run with its own config.yaml and folder; "
                              "drop --preset and --out")
+        from tropd_cli.distill import resume as resume_run
+
         resume_run(resume, overrides, console=console, from_step=from_step)
         return
     if from_step is not None:
         raise TropdError("--from-step chooses the checkpoint of --resume RUN_DIR; add --resume")
     if preset is None:
         raise TropdError("distill needs --preset (see `tropd presets list`) or --resume RUN_DIR")
-    run_distill(load_config(preset, overrides), preset, out=out, overwrite=overwrite, console=console)
+    config = load_config(preset, overrides)  # a bad configuration fails before torch is imported
+    from tropd_cli.distill import distill as run_distill
+
+    run_distill(config, preset, out=out, overwrite=overwrite, console=console)
 
 
 def distill_args(preset: str | None, set_: list[str] | None, out: str | None, overwrite: bool, resume: Path | None,

@@ -4,6 +4,9 @@ A run is described by `RunConfig` (sections teacher, student, data, rollout, obj
 output). Presets are YAML files in `presets/`; `--set section.key=value` overrides any field, parsed as
 a YAML scalar and validated by the schema. Unknown keys and bad values raise `TropdError` with one line
 that names the key and what is allowed.
+
+Validation looks names up in light tables only (objective names and traits, benchmark names, prompt
+generators): it imports no objective, benchmark registry or generator, and so neither torch nor the toy lab.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from tropd_cli.engine.objectives import get_objective, objective_names
+from tropd_cli.data import is_generator
+from tropd_cli.engine.objectives import GUIDED, objective_names
 from tropd_cli.errors import TropdError, first_line
+from tropd_cli.evaluation import benchmark_names
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -333,11 +338,9 @@ class EvalConfig(Section):
     @field_validator("benchmark")
     @classmethod
     def _known_benchmark(cls, value: str) -> str:
-        from tropd_cli.evaluation.registry import load_registry
-
-        if value not in load_registry():
+        if value not in benchmark_names():
             raise PydanticCustomError("benchmark", "input should be one of: {names}",
-                                      {"names": ", ".join(load_registry())})
+                                      {"names": ", ".join(benchmark_names())})
         return value
 
 
@@ -369,22 +372,18 @@ class RunConfig(Section):
     def _combinations(self) -> RunConfig:
         """Rules across fields, checked with the rest of the configuration (before anything is created)."""
         objective = self.objective
-        # the objective's module (and torch) is imported only when a rule needs its traits
-        if objective.guidance and not get_objective(objective.name).guidance:
-            raise PydanticCustomError("combination", "objective.guidance applies to objective.name=tropd, not "
-                                      "{name}; set objective.guidance=false", {"name": objective.name})
+        if objective.guidance and objective.name not in GUIDED:
+            raise PydanticCustomError("combination", "objective.guidance applies to objective.name={guided}, not "
+                                      "{name}; set objective.guidance=false",
+                                      {"guided": ", ".join(sorted(GUIDED)), "name": objective.name})
         if (self.eval.problems and self.eval.benchmark == "custom" and self.eval.data is None
-                and self.data.prompts == "toylab"):
+                and is_generator(self.data.prompts)):
             raise PydanticCustomError("combination", "eval.benchmark=custom reads a local file: set eval.data to a "
                                       "JSONL file, or data.prompts to a prepared folder (its eval.jsonl)")
         if self.teacher.shard and self.teacher.backend != "hf":
             raise PydanticCustomError("combination", "teacher.shard splits the teacher loaded here, but teacher."
                                       "backend={backend} scores elsewhere; set teacher.shard=false",
                                       {"backend": self.teacher.backend})
-        if self.rollout.backend == "vllm" and self.train.strategy in ("ddp", "fsdp2"):
-            raise PydanticCustomError("combination", "rollout.backend=vllm runs on one process today; with "
-                                      "train.strategy={strategy} use rollout.backend=hf",
-                                      {"strategy": self.train.strategy})
         if self.train.grad_norm_split and self.train.strategy in ("ddp", "fsdp2"):
             raise PydanticCustomError("combination", "train.grad_norm_split needs one process (its outlier "
                                       "gradient is not summed over ranks); with train.strategy={strategy} set "

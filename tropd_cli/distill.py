@@ -24,7 +24,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,37 +43,23 @@ from rich.table import Table
 from tropd_cli import __version__
 from tropd_cli.checkpoints import (
     DamagedCheckpoint,
-    checkpoint_dir,
     config_sha256,
-    list_checkpoints,
     load_checkpoint,
     random_states,
-    restore_adapter,
     restore_random_states,
     save_checkpoint,
     save_student,
 )
 from tropd_cli.config import RunConfig, dotted, load_config_file, to_yaml
-from tropd_cli.data.sources import prompt_batches, teacher_response_source
 from tropd_cli.engine import distributed
-from tropd_cli.engine.guidance import InRunTeacherResponses
-from tropd_cli.engine.precision import autocast_dtype
-from tropd_cli.engine.rollout import make_rollout_backend, student_engine_options
-from tropd_cli.engine.scoring import chunk_positions, vocab_rows
-from tropd_cli.engine.strategy import (
-    GatheredBackend,
-    GatheredResponses,
-    ShardedTeacherScorer,
-    SingleDevice,
-    make_strategy,
-)
-from tropd_cli.engine.trainer import Models, Trainer
+from tropd_cli.engine.run import teacher_loaded_here, wire
+from tropd_cli.engine.strategy import SingleDevice
 from tropd_cli.environment import describe
 from tropd_cli.errors import Interrupted, TeacherUnavailable, TropdError, first_line
 from tropd_cli.evaluation.heldout import HeldOut
 from tropd_cli.export.card import student_card
 from tropd_cli.files import OwnedFolder, atomic_folder, atomic_write_text, writing
-from tropd_cli.models import LoraSpec, load_causal_lm, pick_device, resolve_model_path
+from tropd_cli.models import pick_device
 from tropd_cli.preflight import Preflight, check_before_distill
 from tropd_cli.runfolder import RunFolder, RunSummary
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
@@ -97,14 +82,6 @@ def run_dir_for(config: RunConfig, preset: str, out: str | None) -> Path:
     template = out or config.output.dir
     return Path(template.format(preset=Path(preset).stem, objective=config.objective.name,
                                 seed=config.train.seed))
-
-
-def student_lora(config: RunConfig) -> LoraSpec | None:
-    """The student's LoRA adapter settings, or None when every weight trains."""
-    lora = config.student.lora
-    if not lora.enabled:
-        return None
-    return LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
 
 
 def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: bool = False,
@@ -141,7 +118,7 @@ def distill(config: RunConfig, preset: str, out: str | None = None, overwrite: b
         except BaseException as error:
             if not replacing:
                 raise
-            if summary.steps_done == 0 and not list_checkpoints(run.path):
+            if summary.steps_done == 0 and not run.list_checkpoints():
                 owned.abandon_replacement()  # nothing trained: nothing worth keeping
                 raise
             note = f"the new run stays in {run.path}; {run_dir} still holds the previous run"
@@ -159,7 +136,8 @@ def new_summary(config: RunConfig, preset: str) -> RunSummary:
     return RunSummary(preset=preset, objective=config.objective.name, seed=config.train.seed,
                       steps=config.train.steps, student_base_model=config.student.model,
                       student_format="adapter" if config.student.lora.enabled else "full",
-                      config_sha256=config_sha256(config.model_dump(mode="json")))
+                      config_sha256=config_sha256(config.model_dump(mode="json")),
+                      teacher_loaded_here=teacher_loaded_here(config))
 
 
 def resume(run_dir: Path, overrides: list[str] | None = None, console: Console | None = None,
@@ -192,7 +170,7 @@ def resume(run_dir: Path, overrides: list[str] | None = None, console: Console |
         summary.config_sha256 = config_sha256(resolved)
         summary.resumed_from = [*summary.resumed_from, step]
         write_config(run, config, summary.preset)
-        newer = [later for later, _ in list_checkpoints(run_dir) if later > step]
+        newer = [later for later, _ in run.list_checkpoints() if later > step]
         if newer:
             console.print(f"resuming from step {step} on purpose; the checkpoints of steps "
                           f"{', '.join(map(str, newer))} are replaced as the run passes them", highlight=False)
@@ -212,7 +190,7 @@ def _check_world_size(run_dir: Path, trained_on: int) -> None:
 
 
 def _checkpoint_to_resume(run: RunFolder, from_step: int | None) -> tuple[int, Path]:
-    found = list_checkpoints(run.path)
+    found = run.list_checkpoints()
     if not found:
         raise TropdError(f"{run.path} has no checkpoint to resume from (nothing in {run.checkpoints})")
     if from_step is None:
@@ -228,7 +206,7 @@ def _load_resumable(run: RunFolder, step: int, folder: Path) -> tuple[dict, dict
     try:
         return load_checkpoint(folder)
     except DamagedCheckpoint as error:
-        older = [str(s) for s, _ in list_checkpoints(run.path) if s < step]
+        older = [str(s) for s, _ in run.list_checkpoints() if s < step]
         hint = (f"to resume from an older checkpoint on purpose, pass --from-step {older[-1]} (saved: "
                 f"{', '.join(older)})" if older else "no older checkpoint is saved")
         raise DamagedCheckpoint(f"{error}; {hint}") from None
@@ -257,33 +235,6 @@ def write_config(run: RunFolder, config: RunConfig, preset: str) -> None:
         return
     with writing(str(run.config)):
         atomic_write_text(run.config, f"# tropd {__version__}, preset {preset}\n" + to_yaml(config))
-
-
-def load_models(config: RunConfig, device: torch.device, checkpoint: Path | None
-                ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The frozen teacher and the trainable student, the student's weights from `checkpoint` if given."""
-    teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
-                             quantization=config.teacher.quantization, trainable=False,
-                             trust_remote_code=config.teacher.trust_remote_code)
-    lora = student_lora(config)
-    saved_full_model = checkpoint is not None and lora is None
-    student = load_causal_lm(str(checkpoint / "student") if saved_full_model else config.student.model,
-                             config.student.dtype, device, quantization=config.student.quantization, lora=lora,
-                             trainable=True, trust_remote_code=config.student.trust_remote_code)
-    if checkpoint is not None and lora is not None:
-        restore_adapter(student, checkpoint / "student")
-    return teacher, student
-
-
-def sharded_teacher(config: RunConfig, teacher: torch.nn.Module, device: torch.device
-                    ) -> tuple[ShardedTeacherScorer | None, Callable[[], contextlib.AbstractContextManager]]:
-    """With teacher.shard under torchrun: the teacher's scorer with its weights split over the ranks, and
-    the context in which it runs whole (to generate); else (None: the teacher's own forward, no context)."""
-    if not (config.teacher.shard and distributed.launched()):
-        return None, contextlib.nullcontext
-    chunk = chunk_positions(config.train.logit_chunk_size, vocab_rows(teacher))
-    scorer = ShardedTeacherScorer(teacher, chunk, autocast_dtype(config.train.autocast, device), device)
-    return scorer, scorer.gathered
 
 
 class StopAfterStep:
@@ -321,161 +272,186 @@ def _train(config: RunConfig, run: RunFolder, preflight: Preflight, summary: Run
     try:
         device = distributed.rank_device(pick_device(config.train.device))
         with distributed.process_group(device):
-            return _run_loop(config, run, preflight, summary, console, checkpoint, final, started, device)
+            loop = DistillLoop(config, run, preflight, summary, console, final, started, device)
+            loop.set_up(checkpoint)
+            loop.evaluate_before()
+            loop.train()
+            return loop.finish()
     except BaseException as error:
         _record_end(run, summary, error, started)
         raise
 
 
-def _run_loop(config: RunConfig, run: RunFolder, preflight: Preflight, summary: RunSummary, console: Console,
-              checkpoint: tuple[Path, dict] | None, final: RunFolder, started: float, device: torch.device
-              ) -> RunResult:
-    _write_summary(run, summary, started)  # status running, from the first moment
-    tokenizer = preflight.student_tokenizer
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    if distributed.is_writer():
-        with writing(str(run.env)):
-            run.record_environment(describe(device))
-    torch.manual_seed(config.train.seed)
-    random.seed(config.train.seed)
-    np.random.seed(config.train.seed % 2**32)
-    for section in (config.teacher, config.student):
-        if section.trust_remote_code:
-            console.print(f"[yellow]trust_remote_code is on:[/] {section.model} runs its own Python code",
-                          highlight=False, soft_wrap=True)
+class DistillLoop:
+    """One process's part of a run, read top to bottom: `set_up` (seeds, the wired parts, a checkpoint's
+    state), `evaluate_before`, `train` (steps, checkpoints, stops), `finish` (evaluate after, save)."""
 
-    held_out = HeldOut(config, tokenizer, preflight.stop_ids)
-    if held_out.enabled:
-        summary.held_out = held_out.protocol()
+    def __init__(self, config: RunConfig, run: RunFolder, preflight: Preflight, summary: RunSummary,
+                 console: Console, final: RunFolder, started: float, device: torch.device) -> None:
+        self.config, self.run, self.preflight, self.summary = config, run, preflight, summary
+        self.console, self.final, self.started, self.device = console, final, started, device
+        self.fresh = True
 
-    strategy = make_strategy(config.train.strategy, config.student.lora.enabled, config.rollout.prompts_per_step,
-                             device)
-    if strategy.world_size > 1 and config.rollout.backend == "vllm":
-        raise TropdError("rollout.backend=vllm runs on one process today; on several use rollout.backend=hf")
-    folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
-    teacher, student = load_models(config, device, folder)
-    mixed = autocast_dtype(config.train.autocast, device)
-    backend = make_rollout_backend(config.rollout.backend, student, tokenizer.pad_token_id, preflight.stop_ids,
-                                   config.rollout.batch_size, autocast=mixed,
-                                   model_path=resolve_model_path(config.student.model),
-                                   options=student_engine_options(config), adapter=config.student.lora.enabled)
-    teacher_backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id, preflight.stop_ids,
-                                           config.rollout.batch_size, autocast=mixed)
-    teacher_scorer, teacher_gathered = sharded_teacher(config, teacher, device)
-    teacher_responses = teacher_response_source(config, teacher_backend, preflight.prepared)
-    if isinstance(teacher_responses, InRunTeacherResponses):  # samples the prompts it has not cached
-        teacher_responses = GatheredResponses(teacher_responses, teacher_gathered)
-    start_step = trainer_state["step"] if trainer_state is not None else 0
-    trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device),
-                      GatheredBackend(backend, strategy.gathered),
-                      prompt_batches(config, tokenizer, start_step, preflight.prepared, strategy.rank,
-                                     strategy.world_size),
-                      teacher_backend=GatheredBackend(teacher_backend, teacher_gathered),
-                      teacher_responses=teacher_responses, teacher_scorer=teacher_scorer, strategy=strategy)
-    if trainer_state is not None:
-        trainer.load_state_dict(trainer_state)
-        restore_random_states(trainer_state["random"])
+    def set_up(self, checkpoint: tuple[Path, dict] | None) -> None:
+        config, run, console = self.config, self.run, self.console
+        _write_summary(run, self.summary, self.started)  # status running, from the first moment
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
         if distributed.is_writer():
-            truncate_metrics(run.metrics, start_step)
+            with writing(str(run.env)):
+                run.record_environment(describe(self.device))
+        torch.manual_seed(config.train.seed)
+        random.seed(config.train.seed)
+        np.random.seed(config.train.seed % 2**32)
+        for section in (config.teacher, config.student):
+            if section.trust_remote_code:
+                console.print(f"[yellow]trust_remote_code is on:[/] {section.model} runs its own Python code",
+                              highlight=False, soft_wrap=True)
+        self.held_out = HeldOut(config, self.preflight.student_tokenizer, self.preflight.stop_ids)
+        if self.held_out.enabled:
+            self.summary.held_out = self.held_out.protocol()
+        folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
+        start_step = trainer_state["step"] if trainer_state is not None else 0
+        self.wired = wire(config, self.preflight, self.device, folder, start_step)
+        self.trainer, self.strategy = self.wired.trainer, self.wired.strategy
+        self.student = self.trainer.models.student
+        if trainer_state is not None:
+            self.fresh = False
+            self.trainer.load_state_dict(trainer_state)
+            restore_random_states(trainer_state["random"])
+            if distributed.is_writer():
+                truncate_metrics(run.metrics, start_step)
 
-    def measure(model: torch.nn.Module) -> dict[str, float]:
-        # every rank evaluates; a sharded model generates whole
-        with strategy.gathered():
-            return held_out.measure(model)
+    def measure(self, model: torch.nn.Module) -> dict[str, float]:
+        """The held-out metrics of `model`; every rank evaluates, a sharded model generates whole."""
+        with self.strategy.gathered():
+            return self.held_out.measure(model)
 
-    resolved = config.model_dump(mode="json")
+    def evaluate_before(self) -> None:
+        """The teacher's and the student's accuracy before the first step (fresh runs only)."""
+        summary = self.summary
+        if not (self.fresh and self.held_out.enabled):
+            return
+        teacher = self.trainer.models.teacher
+        if self.config.eval.teacher and teacher is None:
+            self.console.print(f"teacher accuracy: not measured, teacher.backend={self.config.teacher.backend} "
+                               "holds the teacher outside torch; set eval.teacher=false to drop this line",
+                               highlight=False)
+        with self.console.status("evaluating before training"):
+            if self.config.eval.teacher and teacher is not None:
+                with self.wired.teacher_gathered():
+                    summary.teacher_accuracy = self.held_out.accuracy(teacher)
+            summary.student_eval_before = self.measure(self.student)
+            summary.student_accuracy_before = summary.student_eval_before["accuracy"]
 
-    def save_checkpoint_now(random: dict | None = None) -> Path:
-        summary.train_seconds = round(time.perf_counter() - started, 2)
-        trainer_state = trainer.state_dict()  # every rank: a sharded state is gathered to rank 0
-        weights = strategy.model_state_dict()
+    def train(self) -> None:
+        """Steps up to train.steps: telemetry, periodic evaluation and checkpoints; a Ctrl-C checkpoints the
+        step it finishes (a second one stops at once); a served teacher's failure checkpoints the last step."""
+        config, trainer, summary = self.config, self.trainer, self.summary
+        progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                            TimeRemainingColumn(), console=self.console)
+        sinks = open_sinks(config, self.run, trainer.step, summary) if distributed.is_writer() else []
+        stop = StopAfterStep(self.console)
+        try:
+            with progress, stop:
+                task = progress.add_task("distill", total=config.train.steps, completed=trainer.step, info="")
+                while trainer.step < config.train.steps:
+                    record = self.step()
+                    for sink in sinks:
+                        sink.log(record)
+                    summary.steps_done = record["step"]
+                    progress.update(task, advance=1, info=f"loss {record['loss']:+.4f} "
+                                    f"trust {record.get('trust_fraction', float('nan')):.3f} "
+                                    f"len {record['response_length']:.1f}")
+                    every = config.train.checkpoint_every
+                    stop.requested = self.strategy.any(stop.requested)  # every rank stops after the same step
+                    if stop.requested or trainer.step == config.train.steps or (every and trainer.step % every == 0):
+                        saved = self.save_checkpoint()
+                    if stop.requested:
+                        summary.status = "interrupted"
+                        self.save_student()
+                        _write_summary(self.run, summary, self.started)
+                        raise Interrupted(f"stopped after step {trainer.step}; checkpoint saved in {saved}; "
+                                          f"continue with: tropd distill --resume {self.run.path}"
+                                          f"{_nproc_flag(self.strategy)}")
+        except KeyboardInterrupt:
+            summary.status = "interrupted"
+            self.save_student(gather=False)
+            _write_summary(self.run, summary, self.started)
+            saved = "metrics" if self.strategy.sharded else "student and metrics"  # a sharded student needs every rank
+            raise Interrupted(f"interrupted during step {trainer.step + 1}; {saved} saved in "
+                              f"{self.run.path}; {self._newest_checkpoint()}") from None
+        finally:
+            close_sinks(sinks)
+            self.wired.backend.close()
+
+    def step(self) -> dict[str, float]:
+        """One training step's record, with the held-out metrics on evaluation steps; one line when the step
+        diverged or the served teacher went away."""
+        config, trainer = self.config, self.trainer
+        step_random = random_states()  # what a failed step's checkpoint resumes with (dropout's stream)
+        try:
+            record = trainer.train_step()
+        except TeacherUnavailable as error:
+            raise self.teacher_gone(error, step_random) from None
+        diverged = non_finite(record, self.student, self.strategy)
+        if diverged:
+            raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "
+                             f"stopped; lower train.lr (now {config.train.lr:g}) and start again")
+        if config.eval.every and record["step"] % config.eval.every == 0 and self.held_out.enabled:
+            record.update({f"eval_{name}": value for name, value in self.measure(self.student).items()})
+            self.summary.eval_accuracy_by_step = {**(self.summary.eval_accuracy_by_step or {}),
+                                                  str(record["step"]): record["eval_accuracy"]}
+        return record
+
+    def save_checkpoint(self, random: dict | None = None) -> Path:
+        """A checkpoint of the last completed step (every rank takes part: a sharded state is gathered to rank 0);
+        `random` replaces the random states it resumes with."""
+        self.summary.train_seconds = round(time.perf_counter() - self.started, 2)
+        trainer_state = self.trainer.state_dict()
+        weights = self.strategy.model_state_dict()
         if not distributed.is_writer():
-            return checkpoint_dir(run.path, trainer.step)
-        return save_checkpoint(run.path, trainer.step, student, tokenizer, trainer_state, summary,
-                               config.train.checkpoint_keep, resolved, weights, random)
+            return self.run.checkpoint(self.trainer.step)
+        return save_checkpoint(self.run.path, self.trainer.step, self.student, self.preflight.student_tokenizer,
+                               trainer_state, self.summary, self.config.train.checkpoint_keep,
+                               self.config.model_dump(mode="json"), weights, random)
 
-    def teacher_gone(error: TeacherUnavailable, step_random: dict) -> TropdError:
+    def teacher_gone(self, error: TeacherUnavailable, step_random: dict) -> TropdError:
         """The line a run stops with when its served teacher goes away during a step: on one process, before
         the step's first update, the last completed step is checkpointed with the random states it ended with,
         so that a resume redoes the failed step exactly."""
-        how = f"tropd distill --resume {run.path}{_nproc_flag(strategy)} --set teacher.url=URL"
-        if trainer.step == 0 or strategy.world_size > 1 or trainer.updates_in_step:
-            newest = list_checkpoints(run.path)
-            where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
-            return TropdError(f"{error}; the run stopped during step {trainer.step + 1} ({where}); go on with: {how}")
-        student.zero_grad(set_to_none=True)
-        saved = save_checkpoint_now(step_random)
+        trainer = self.trainer
+        how = f"tropd distill --resume {self.run.path}{_nproc_flag(self.strategy)} --set teacher.url=URL"
+        if trainer.step == 0 or self.strategy.world_size > 1 or trainer.updates_in_step:
+            return TropdError(f"{error}; the run stopped during step {trainer.step + 1} "
+                              f"({self._newest_checkpoint()}); go on with: {how}")
+        self.student.zero_grad(set_to_none=True)
+        saved = self.save_checkpoint(step_random)
         return TropdError(f"{error}; the run stopped after step {trainer.step} with a checkpoint in {saved}; "
                           f"go on with: {how}")
 
-    if checkpoint is None and held_out.enabled:
-        with console.status("evaluating before training"):
-            if config.eval.teacher:
-                with teacher_gathered():
-                    summary.teacher_accuracy = held_out.accuracy(teacher)
-            summary.student_eval_before = measure(student)
-            summary.student_accuracy_before = summary.student_eval_before["accuracy"]
-    progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                        TimeRemainingColumn(), console=console)
-    sinks = open_sinks(config, run, start_step, summary) if distributed.is_writer() else []
-    stop = StopAfterStep(console)
-    try:
-        with progress, stop:
-            task = progress.add_task("distill", total=config.train.steps, completed=start_step, info="")
-            while trainer.step < config.train.steps:
-                step_random = random_states()  # what a failed step's checkpoint resumes with (dropout's stream)
-                try:
-                    record = trainer.train_step()
-                except TeacherUnavailable as error:
-                    raise teacher_gone(error, step_random) from None
-                diverged = non_finite(record, student, strategy)
-                if diverged:
-                    raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "
-                                     f"stopped; lower train.lr (now {config.train.lr:g}) and start again")
-                if config.eval.every and record["step"] % config.eval.every == 0 and held_out.enabled:
-                    record.update({f"eval_{name}": value for name, value in measure(student).items()})
-                    summary.eval_accuracy_by_step = {**(summary.eval_accuracy_by_step or {}),
-                                                     str(record["step"]): record["eval_accuracy"]}
-                for sink in sinks:
-                    sink.log(record)
-                summary.steps_done = record["step"]
-                progress.update(task, advance=1, info=f"loss {record['loss']:+.4f} "
-                                f"trust {record.get('trust_fraction', float('nan')):.3f} "
-                                f"len {record['response_length']:.1f}")
-                every = config.train.checkpoint_every
-                stop.requested = strategy.any(stop.requested)  # every rank stops after the same step
-                if stop.requested or trainer.step == config.train.steps or (every and trainer.step % every == 0):
-                    saved = save_checkpoint_now()
-                if stop.requested:
-                    summary.status = "interrupted"
-                    _save_student(run, student, tokenizer, summary, final, config, strategy)
-                    _write_summary(run, summary, started)
-                    raise Interrupted(f"stopped after step {trainer.step}; checkpoint saved in {saved}; "
-                                      f"continue with: tropd distill --resume {run.path}{_nproc_flag(strategy)}")
-    except KeyboardInterrupt:
-        summary.status = "interrupted"
-        _save_student(run, student, tokenizer, summary, final, config, strategy, gather=False)
-        _write_summary(run, summary, started)
-        newest = list_checkpoints(run.path)
-        where = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
-        saved = "metrics" if strategy.sharded else "student and metrics"  # a sharded student needs every rank
-        raise Interrupted(f"interrupted during step {trainer.step + 1}; {saved} saved in "
-                          f"{run.path}; {where}") from None
-    finally:
-        close_sinks(sinks)
-        backend.close()
-    with console.status("evaluating after training"):
-        if held_out.enabled:
-            summary.student_eval_after = measure(student)
-            summary.student_accuracy_after = summary.student_eval_after["accuracy"]
-    if config.output.save_model:
-        _save_student(run, student, tokenizer, summary, final, config, strategy)
-    summary.status = "finished"
-    _write_summary(run, summary, started)
-    print_summary(console, final.path, summary)
-    return RunResult(final.path, summary.to_json())
+    def _newest_checkpoint(self) -> str:
+        newest = self.run.list_checkpoints()
+        return f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written yet"
+
+    def save_student(self, gather: bool = True) -> None:
+        _save_student(self.run, self.student, self.preflight.student_tokenizer, self.summary, self.final,
+                      self.config, self.strategy, gather=gather)
+
+    def finish(self) -> RunResult:
+        """Evaluate after training, save the student (output.save_model) and the finished summary."""
+        summary = self.summary
+        with self.console.status("evaluating after training"):
+            if self.held_out.enabled:
+                summary.student_eval_after = self.measure(self.student)
+                summary.student_accuracy_after = summary.student_eval_after["accuracy"]
+        if self.config.output.save_model:
+            self.save_student()
+        summary.status = "finished"
+        _write_summary(self.run, summary, self.started)
+        print_summary(self.console, self.final.path, summary)
+        return RunResult(self.final.path, summary.to_json())
 
 
 def _nproc_flag(strategy: SingleDevice) -> str:

@@ -4,7 +4,10 @@
     RUN/summary.json     how the run stands: `RunSummary`, rewritten at start, at each stop and at the end
     RUN/metrics.jsonl    one line per step
     RUN/env.json         where it ran: one `environment.describe()` per process that trained it (start, resumes)
-    RUN/checkpoints/     step-NNNNNN/ folders (see `checkpoints.py`)
+    RUN/checkpoints/     step-NNNNNN/ folders, each a `CheckpointFolder` (what they hold: `checkpoints.py`):
+        student/             the student at that step (save_pretrained format)
+        trainer_state.pt     optimizer, scheduler, random states
+        state.json           the step, the summary so far, the configuration, every other file's sha256
     RUN/student/         the final student (save_pretrained format)
     RUN/tensorboard/     event files when output.log_to has tensorboard
     RUN/.tropd.json      the marker of a folder tropd owns; .tropd.lock and .tropd.lock.json: its writer
@@ -17,6 +20,7 @@ metrics were logged.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +28,9 @@ from typing import Any, Literal
 from tropd_cli.files import atomic_write_json
 
 Status = Literal["running", "finished", "failed", "interrupted"]
+STUDENT = "student"  # the student's folder, in a run and in each of its checkpoints
+CHECKPOINTS = "checkpoints"
+STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 
 
 @dataclass
@@ -41,6 +48,7 @@ class RunSummary:
     config_sha256: str | None = None  # of the resolved configuration (see `checkpoints.config_sha256`)
     error: str | None = None  # the failure's one line, when status is failed
     teacher_accuracy: float | None = None
+    teacher_loaded_here: bool | None = None  # False when a server scores and samples for the teacher
     student_accuracy_before: float | None = None
     student_accuracy_after: float | None = None
     train_seconds: float = 0.0
@@ -86,11 +94,11 @@ class RunFolder:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
 
     @property
     def student(self) -> Path:
-        return self.path / "student"
+        return self.path / STUDENT
 
     @property
     def tensorboard(self) -> Path:
@@ -101,7 +109,20 @@ class RunFolder:
         return self.path / "env.json"
 
     def checkpoint(self, step: int) -> Path:
+        """The folder of checkpoint `step` (whether or not it was saved)."""
         return self.checkpoints / f"step-{step:06d}"
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """Every saved checkpoint, oldest first, as (step, folder); damaged ones included (a checkpoint folder
+        only ever appears complete, so a missing file means damage, not a save in progress)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for folder in self.checkpoints.iterdir():
+            match = STEP_FOLDER.match(folder.name)
+            if match and folder.is_dir():
+                found.append((int(match.group(1)), folder))
+        return sorted(found)
 
     def is_run(self) -> bool:
         return self.config.is_file()
@@ -125,3 +146,35 @@ class RunFolder:
         except (OSError, ValueError, KeyError, TypeError):
             processes = []
         atomic_write_json(self.env, {"processes": [*processes, environment]})
+
+
+@dataclass(frozen=True)
+class CheckpointFolder:
+    """Paths inside one checkpoint folder, RUN/checkpoints/step-NNNNNN/ (or the temporary folder it is written
+    in before it appears)."""
+
+    path: Path
+
+    @property
+    def student(self) -> Path:
+        return self.path / STUDENT
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def trainer_state(self) -> Path:
+        return self.path / "trainer_state.pt"
+
+    @property
+    def named_step(self) -> int | None:
+        """The step its name gives when it lies where a run keeps checkpoints (RUN/checkpoints/step-NNNNNN),
+        else None."""
+        match = STEP_FOLDER.match(self.path.name)
+        return int(match.group(1)) if match and self.path.parent.name == CHECKPOINTS else None
+
+    @property
+    def run(self) -> RunFolder:
+        """The run folder it would belong to (RUN of RUN/checkpoints/step-NNNNNN)."""
+        return RunFolder(self.path.parent.parent)

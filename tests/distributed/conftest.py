@@ -14,8 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from helpers import quiet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,10 +42,6 @@ def tropd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tropd_cli", *args]
 
 
-def set_args(settings: list[str]) -> list[str]:
-    return [arg for setting in settings for arg in ("--set", setting)]
-
-
 def run_tropd(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """`python -m tropd_cli *args` in a subprocess, its output captured."""
     return subprocess.run(tropd_command(*args), env=rank_env(), cwd=ROOT, capture_output=True, text=True,
@@ -58,19 +53,9 @@ def metrics(run: Path, names: tuple[str, ...] = ("loss", "grad_norm")) -> list[d
     return [{name: json.loads(line)[name] for name in names} for line in lines]
 
 
-def student_weights(run: Path) -> dict[str, torch.Tensor]:
-    folder = run / "student"
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
-    return load_file(folder / name)
-
-
 @pytest.fixture(scope="session")
 def single_process_runs(tmp_path_factory) -> Callable[[tuple[str, ...]], Path]:
     """The one-process run of PARITY + settings, made once per settings."""
-    import io
-
-    from rich.console import Console
-
     from tropd_cli.config import load_config
     from tropd_cli.distill import distill
 
@@ -80,7 +65,7 @@ def single_process_runs(tmp_path_factory) -> Callable[[tuple[str, ...]], Path]:
         if settings not in made:
             out = tmp_path_factory.mktemp("one") / "run"
             distill(load_config("toylab", [*PARITY, *settings]), "toylab", out=str(out),
-                    console=Console(file=io.StringIO()))
+                    console=quiet())
             made[settings] = out
         return made[settings]
 

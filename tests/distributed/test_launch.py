@@ -6,7 +6,6 @@ metrics and weights of the uninterrupted two-rank run; a resume on another numbe
 in one line.
 """
 
-import io
 import json
 import signal
 import subprocess
@@ -16,8 +15,8 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import PARITY, ROOT, metrics, rank_env, run_tropd, set_args, student_weights, tropd_command
-from rich.console import Console
+from conftest import PARITY, ROOT, metrics, rank_env, run_tropd, tropd_command
+from helpers import quiet, set_args, student_weights
 
 from tropd_cli.distill import resume
 from tropd_cli.errors import TropdError
@@ -59,7 +58,7 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_resume_equals_uninterrupted
 
     with pytest.raises(TropdError, match=f"^{out} was trained on 2 processes and this resume runs 1; resume it "
                                          "with --nproc 2$"):
-        resume(out, console=Console(file=io.StringIO()))
+        resume(out, console=quiet())
 
     done = run_tropd("distill", "--resume", str(out), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,7 +7,8 @@ per rank (equal in distribution, not bit for bit); `objective.trust=hard`, guida
 
 import pytest
 import torch
-from conftest import PARITY, metrics, run_tropd, set_args, student_weights
+from conftest import PARITY, metrics, run_tropd
+from helpers import set_args, student_weights
 
 CASES = {
     "ddp-lora": ("train.strategy=ddp", "student.lora.enabled=true", "student.lora.r=4"),

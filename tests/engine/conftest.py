@@ -12,8 +12,8 @@ import torch
 
 from tropd_cli.config import RunConfig, load_config
 from tropd_cli.data.sources import prompt_batches, teacher_response_source
-from tropd_cli.distill import load_models
 from tropd_cli.engine.rollout import HFGenerateBackend
+from tropd_cli.engine.run import load_models, trainer_for
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.models import load_tokenizer, stop_token_ids
 
@@ -41,9 +41,9 @@ def make_trainer(config: RunConfig,
     stop_ids = stop_token_ids(config.student.model, tokenizer)
     backend = HFGenerateBackend(student, tokenizer.pad_token_id, stop_ids, config.rollout.batch_size)
     teacher_backend = HFGenerateBackend(teacher, tokenizer.pad_token_id, stop_ids, config.rollout.batch_size)
-    return Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
-                   prompt_batches(config, tokenizer), teacher_backend=teacher_backend,
-                   teacher_responses=teacher_response_source(config, teacher_backend))
+    return trainer_for(config, Models(teacher, student, tokenizer.pad_token_id, device), backend,
+                       prompt_batches(config, tokenizer), teacher_backend=teacher_backend,
+                       teacher_responses=teacher_response_source(config, teacher_backend))
 
 
 def student_of(trainer: Trainer) -> torch.nn.Module:

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from tropd_cli import cli, distill
+from tropd_cli import cli
+from tropd_cli.engine import run
 
 
 def tiny_run(pair, out, *settings: str) -> list[str]:
@@ -73,7 +74,7 @@ def test_invalid_combinations_fail_before_the_first_step(settings, message, rand
 ])
 def test_teacher_responses_without_a_source_fail_before_the_first_step(settings, message, random_pair_dir,
                                                                       tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(distill, "teacher_response_source", lambda *args: None)
+    monkeypatch.setattr(run, "teacher_response_source", lambda *args: None)
     out = tmp_path / "run"
     assert cli.main(tiny_run(random_pair_dir, out, *settings)) == 2
     err = capsys.readouterr().err

@@ -20,6 +20,7 @@ from tropd_cli.engine import trainer as trainer_module
 from tropd_cli.engine.objectives import get_objective
 from tropd_cli.engine.objectives.base import StepContext, TokenStats
 from tropd_cli.engine.rollout import Rollouts, SamplingParams
+from tropd_cli.engine.run import trainer_for
 from tropd_cli.engine.scoring import build_sequences, score_student, score_teacher
 from tropd_cli.engine.strategy import SingleDevice
 from tropd_cli.errors import TropdError
@@ -129,7 +130,7 @@ def test_no_outlier_gradient_when_the_teacher_likes_every_sampled_token_more_tha
     config = RunConfig.model_validate({"objective": {"name": "opd"}, "rollout": {"n": 2, "prompts_per_step": 1},
                                        "train": {"grad_norm_split": True}})
     models = trainer_module.Models(teacher, student, 0, torch.device("cpu"))
-    record = trainer_module.Trainer(config, models, GreedyBackend(student, prompt, 6), iter([[prompt]])).train_step()
+    record = trainer_for(config, models, GreedyBackend(student, prompt, 6), iter([[prompt]])).train_step()
     assert record["reward_min"] > 0
     assert record["grad_norm"] > 0
     assert record["grad_norm_outlier"] == 0.0 and record["outlier_grad_share"] == 0.0
@@ -192,6 +193,6 @@ def test_the_split_under_auto_strategy_on_several_processes_is_refused_before_th
     models = trainer_module.Models(new_toy_model("teacher", seed=1).eval(), new_toy_model("student", seed=2), 0,
                                    torch.device("cpu"))
     with pytest.raises(TropdError) as error:
-        trainer_module.Trainer(config, models, GreedyBackend(models.student, [2], 1), iter([]), strategy=TwoRanks())
+        trainer_for(config, models, GreedyBackend(models.student, [2], 1), iter([]), strategy=TwoRanks())
     assert str(error.value) == ("train.grad_norm_split needs one process (its outlier gradient is not summed over "
                                 "ranks), but 2 are training; set train.grad_norm_split=false")

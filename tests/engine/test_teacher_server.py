@@ -4,10 +4,10 @@ answers against a tiny fake server on the loopback, and the command `tropd serve
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from helpers import JSONHandler, LoopbackServer
 
 from tropd_cli import cli
 from tropd_cli.engine.scoring import build_sequences
@@ -54,7 +54,7 @@ def test_a_partial_score_is_refused():
         stats_from_prompt_logprobs(BATCH, [thin, scored([7, 10])], top_k=2)
 
 
-class FakeServer:
+class FakeServer(LoopbackServer):
     """A loopback HTTP server answering /v1/models and /v1/completions from `answers` in turn: (status, body),
     a function of the request body that returns one, or CUT (an answer that stops short) or TRICKLE (an answer
     sent a byte at a time). `headers` keeps each POST's headers."""
@@ -64,17 +64,9 @@ class FakeServer:
         self.lock = threading.Lock()
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def _reply(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_json(status, json.dumps(body).encode())
 
             def do_GET(self):
                 self._reply(200, {"data": [{"id": "teacher"}]})
@@ -100,13 +92,7 @@ class FakeServer:
                     return
                 self._reply(*(answer(body) if callable(answer) else answer))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def completions(per_sequence):

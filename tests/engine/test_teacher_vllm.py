@@ -14,10 +14,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from helpers import JSONHandler, LoopbackServer, pair_models, set_args
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (the vLLM lane, `make test-vllm`, has it)")
@@ -26,7 +26,6 @@ from tokenizers import Tokenizer  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM  # noqa: E402
 
 from tropd_cli import cli  # noqa: E402
-from tropd_cli.engine.rollout.vllm import EngineOptions, start_engine  # noqa: E402
 from tropd_cli.engine.scoring import build_sequences  # noqa: E402
 from tropd_cli.engine.teacher import HFTeacherScorer  # noqa: E402
 from tropd_cli.engine.teacher.server import (  # noqa: E402
@@ -37,6 +36,7 @@ from tropd_cli.engine.teacher.server import (  # noqa: E402
     teacher_names,
 )
 from tropd_cli.engine.teacher.vllm import VLLMTeacherScorer  # noqa: E402
+from tropd_cli.engine.vllm_engine import EngineOptions, start_engine  # noqa: E402
 from tropd_cli.errors import TropdError  # noqa: E402
 
 TOP_K = 16
@@ -121,8 +121,8 @@ def test_the_in_process_vllm_teachers_scores_equal_the_hf_scorers(teacher_engine
 
 def test_the_server_check_passes_and_names_the_model(server_url, toy_tokenizer, vllm_pair_dir):
     teacher = str(vllm_pair_dir / "teacher")  # what `tropd serve-teacher` passes as --model
-    assert check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k", teacher_names(teacher, None)) == \
-        f"{teacher} at {server_url}, top-{TOP_K} prompt log-probs"
+    names = teacher_names(teacher, None)
+    assert check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k", names) == teacher
 
 
 def test_a_server_serving_another_model_is_refused_in_one_line(server_url, toy_tokenizer, vllm_pair_dir):
@@ -131,8 +131,8 @@ def test_a_server_serving_another_model_is_refused_in_one_line(server_url, toy_t
     teacher = str(vllm_pair_dir / "teacher")
     assert str(error.value) == (f"teacher server {server_url} serves {teacher}, not the teacher Qwen/Qwen3-32B; if "
                                 f"that is the same model under another name, set teacher.served_model={teacher}")
-    assert check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k", teacher_names("Qwen/Qwen3-32B",
-                                                                                             teacher))
+    assert check_server(ServerClient(server_url), toy_tokenizer, TOP_K, "top_k",
+                        teacher_names("Qwen/Qwen3-32B", teacher)) == teacher
 
 
 def test_k_above_the_servers_max_logprobs_is_one_line(server_url, toy_tokenizer):
@@ -165,19 +165,15 @@ def test_a_server_that_is_down_is_one_line_after_its_retries():
     assert "\n" not in str(error.value) and time.monotonic() - started < 10
 
 
-class Proxy:
+class Proxy(LoopbackServer):
     """A loopback proxy in front of the real server: it can cut one answer short and send one answer without
     its choices (each retried by the client), and it goes away for good after `live` completion requests."""
 
     def __init__(self, target: str, faults: tuple[str, ...] = (), live: int | None = None) -> None:
         self.target, self.faults, self.live, self.completions = target, list(faults), live, 0
-        self.closed = False
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def _forward(self, body: bytes | None) -> None:
                 if self.path == "/v1/completions":
                     owner.completions += 1
@@ -193,22 +189,15 @@ class Proxy:
                         self.wfile.write(b'{"choices": [')
                         return
                     if fault == "malformed":
-                        self._send(200, b'{"object": "text_completion"}')
+                        self.send_json(200, b'{"object": "text_completion"}')
                         return
                 request = urllib.request.Request(owner.target + self.path, data=body, method=self.command,
                                                  headers={"Content-Type": "application/json"})
                 try:
                     with urllib.request.urlopen(request, timeout=60) as answer:
-                        self._send(answer.status, answer.read())
+                        self.send_json(answer.status, answer.read())
                 except urllib.error.HTTPError as error:
-                    self._send(error.code, error.read())
-
-            def _send(self, status: int, data: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                    self.send_json(error.code, error.read())
 
             def do_GET(self):
                 self._forward(None)
@@ -216,15 +205,7 @@ class Proxy:
             def do_POST(self):
                 self._forward(self.rfile.read(int(self.headers["Content-Length"])))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.server.shutdown()
-            self.server.server_close()
+        super().__init__(Handler)
 
 
 def test_a_run_whose_server_dies_resumes_on_another_and_matches_the_uninterrupted_run(server_url, vllm_pair_dir,
@@ -232,14 +213,14 @@ def test_a_run_whose_server_dies_resumes_on_another_and_matches_the_uninterrupte
     """Through a proxy that cuts one answer short and sends one without choices (both retried), four steps with
     the served teacher; then the same run with a proxy that dies inside step 4: one line, a checkpoint of step 3,
     and `--resume --set teacher.url=` pointing at the server itself finishes it with the same metrics."""
-    settings = [f"teacher.model={vllm_pair_dir / 'teacher'}", f"student.model={vllm_pair_dir / 'student'}",
-                "teacher.backend=server", f"objective.top_k={TOP_K}", "train.steps=4", "train.checkpoint_every=2",
-                "train.checkpoint_keep=0", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8",
-                "eval.problems=0", "train.lr=1e-3", "teacher.retries=2", "teacher.timeout_s=20"]
+    settings = [*pair_models(vllm_pair_dir), "teacher.backend=server", f"objective.top_k={TOP_K}", "train.steps=4",
+                "train.checkpoint_every=2", "train.checkpoint_keep=0", "rollout.prompts_per_step=2", "rollout.n=2",
+                "rollout.max_new_tokens=8", "eval.problems=0", "train.lr=1e-3", "teacher.retries=2",
+                "teacher.timeout_s=20"]
 
     def distill(out, url, *extra):
         argv = ["distill", "-p", "toylab", "--out", str(out), "--set", f"teacher.url={url}"]
-        return cli.main(argv + [part for setting in [*settings, *extra] for part in ("--set", setting)])
+        return cli.main(argv + set_args([*settings, *extra]))
 
     def records(out):
         return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s") and k != "tokens_per_s"}

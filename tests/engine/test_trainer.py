@@ -21,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.engine.conftest import TINY, make_trainer, student_of, toy_config
 from tropd_cli import cli, distill
+from tropd_cli.engine import run
 
 # What a record reports that is not a function of the weights and rollouts.
 TIMINGS = ("rollout_s", "score_s", "update_s", "tokens_per_s", "peak_memory_gib")
@@ -239,14 +240,14 @@ def test_a_non_finite_loss_or_gradient_never_updates_the_weights(prepare):
 
 
 def test_distill_stops_with_one_line_on_a_non_finite_loss(tmp_path, monkeypatch, capsys):
-    real_load_models = distill.load_models
+    real_load_models = run.load_models
 
     def poisoned(*args, **kwargs):
         teacher, student = real_load_models(*args, **kwargs)
         poison_teacher(teacher, student)
         return teacher, student
 
-    monkeypatch.setattr(distill, "load_models", poisoned)
+    monkeypatch.setattr(run, "load_models", poisoned)
     settings = [a for s in [*TINY, "output.save_model=false"] for a in ("--set", s)]
     assert cli.main(["distill", "--preset", "toylab", "--out", str(tmp_path / "run"), *settings]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,4 +1,5 @@
-"""Graders: math-verify equivalences (gold first), gsm8k conventions, option letters, the toy grader, threads."""
+"""Graders: math-verify equivalences (gold first), gsm8k conventions, option letters, a prompt generator's own
+grader (the toy lab's, through the generator registry), threads."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from tropd_cli.evaluation.graders import (
     grade_choice,
     grade_gsm8k,
     grade_math,
-    grade_toylab,
+    grade_response,
 )
 from tropd_cli.evaluation.registry import EvalProblem, gsm8k_gold
 
@@ -94,10 +95,13 @@ def test_choice_grader():
     assert not grade_choice("no idea", "B", 4).correct
 
 
-def test_toylab_grader():
-    assert grade_toylab("3+4=7\nanswer:7", "7") == graders.Grade("7", True)
-    assert grade_toylab("3+4=8\nanswer:8", "7") == graders.Grade("8", False)
-    assert grade_toylab("3+4=7", "7") == graders.Grade(None, False)
+def test_a_generator_name_grades_with_the_generators_own_grader():
+    def toy(response: str) -> graders.Grade:
+        return grade_response(EvalProblem(0, "compute 3+4", "compute 3+4", "7", "toylab"), response)
+
+    assert toy("3+4=7\nanswer:7") == graders.Grade("7", True)
+    assert toy("3+4=8\nanswer:8") == graders.Grade("8", False)
+    assert toy("3+4=7") == graders.Grade(None, False)
 
 
 def math_problem(answer: str) -> EvalProblem:

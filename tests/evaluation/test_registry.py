@@ -26,6 +26,24 @@ def test_every_entry_loads_against_the_schema():
     assert get_benchmark("gpqa-diamond").fields.incorrect == [f"Incorrect Answer {i}" for i in (1, 2, 3)]
 
 
+def test_a_benchmark_names_a_known_source_and_grader():
+    from pydantic import ValidationError
+
+    from tropd_cli.evaluation.registry import Benchmark
+
+    toylab = get_benchmark("toylab").model_dump()
+    assert (toylab["source"], toylab["grader"]) == ("toylab", "toylab")  # a prompt generator's, by its name
+    for key in ("source", "grader"):
+        with pytest.raises(ValidationError, match=f"{key} should be .* or a prompt generator, not 'nope'"):
+            Benchmark(**{**toylab, key: "nope"})
+
+
+def test_the_names_only_list_is_the_registrys():
+    from tropd_cli.evaluation import benchmark_names
+
+    assert benchmark_names() == tuple(load_registry())
+
+
 def test_unknown_benchmark_lists_the_known_ones():
     with pytest.raises(TropdError, match="unknown benchmark 'gsm9k'; known benchmarks: gsm8k, math500"):
         get_benchmark("gsm9k")

@@ -1,14 +1,11 @@
 """bench/ablation.py --quick: every method at both mismatch levels, the report, JSON and plots; resuming."""
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import run_bench
 
-ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["opd", "tropd_mask", "tropd_clip", "tropd_fkl", "tropd", "fkl_topk", "eopd", "reopold", "gkd",
            "entropy_opd"]
 LABELS = ["OPD", "TrOPD, mask outliers", "TrOPD, clip outliers", "TrOPD, FKL outliers",
@@ -19,9 +16,7 @@ ROW_KEYS = {"runs", "finished", "accuracy_after_mean", "accuracy_after_std", "ga
 
 
 def ablation(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "bench/ablation.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_bench("ablation.py", *args)
 
 
 @pytest.mark.slow

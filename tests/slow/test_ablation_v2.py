@@ -1,22 +1,17 @@
 """bench/ablation_v2.py --quick: every method on toy lab v2, the verdicts P0-P6, report, JSON and plots; resuming."""
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_bench
 
-ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["opd", "mask", "clip", "fkl", "fkl_guidance", "topk_grad", "topk_advantage", "jsd", "reopold"]
 VERDICTS = {"holds", "reversed", "not resolved"}
 
 
 def ablation(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "bench/ablation_v2.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_bench("ablation_v2.py", *args)
 
 
 @pytest.mark.slow

@@ -1,15 +1,16 @@
 """`tropd prepare`: turn a dataset into a prepared folder that `distill` and `evaluate` read.
 
-Stages, each counted in the manifest: read the records (local files and folders, a hub dataset, or the
-toy-task generator), drop empty prompts, format each with the student's chat template and drop those
-longer than `data.max_prompt_tokens`, drop exact duplicates (same formatted text, first kept), and split.
+Stages, each counted in the manifest: read the records (local files and folders, a hub dataset, or a
+prompt generator such as the toy lab's), drop empty prompts, format each with the student's chat template
+and drop those longer than `data.max_prompt_tokens`, drop exact duplicates (same formatted text, first
+kept), and split.
 Files and hub datasets split with a shuffle seeded by `data.seed` (train.seed when unset): the first
 `round(n * data.eval_fraction)` shuffled prompts go to eval.jsonl in source order, the rest to train.jsonl
-in shuffled order, the order `distill` first reads them. `--data toylab` records the stream of
-`distill`'s built-in generator for the same seed (train.steps x rollout.prompts_per_step training prompts
-by default) in its order, repeats included (the generator draws with replacement), and puts the draws of
-the task's own held-out split in eval.jsonl: `distill` then trains on exactly the prompts, and so gives
-exactly the metrics, of the built-in run.
+in shuffled order, the order `distill` first reads them. A prompt generator's name (`--data toylab`)
+records the stream `distill` draws from it for the same seed (the toy lab's: train.steps x
+rollout.prompts_per_step training prompts by default) in its order, repeats included (the generator draws
+with replacement), and puts the draws of the generator's own held-out split in eval.jsonl: `distill` then
+trains on exactly the prompts, and so gives exactly the metrics, of the built-in run.
 
 Everything is computed in memory before anything is written: a bad record leaves no output. The folder is
 written atomically. Running the same command again into its own folder resumes instead of failing: the
@@ -31,7 +32,9 @@ from rich.table import Table
 
 from tropd_cli import __version__
 from tropd_cli.config import RunConfig
+from tropd_cli.data import is_generator
 from tropd_cli.data.drafts import data_seed, draft_settings, generate_drafts
+from tropd_cli.data.generators import get_generator
 from tropd_cli.data.prepared import EVAL, FORMAT, FORMAT_VERSION, MANIFEST, TRAIN, PreparedFolder
 from tropd_cli.data.records import read_source
 from tropd_cli.data.rows import (
@@ -45,9 +48,6 @@ from tropd_cli.data.rows import (
 from tropd_cli.errors import TropdError
 from tropd_cli.files import OwnedFolder, atomic_write_text, check_output_path, writing
 from tropd_cli.models import load_tokenizer
-
-# The toy lab, offered as a data source (data.prompts / --data toylab):
-from tropd_cli.toylab.tasks import is_held_out, random_problem
 
 SAMPLE_ROWS = 3
 
@@ -132,11 +132,13 @@ def build(config: RunConfig, request: PrepareRequest) -> PreparedData:
     seed = data_seed(config)
     system_prompt = data.system_prompt if request.system_prompt is None else request.system_prompt
     tokenizer = load_tokenizer(config.student.model, config.student.trust_remote_code)
-    if request.data == "toylab":
+    generated = is_generator(request.data)
+    if generated:
         if request.split is not None or request.subset is not None:
-            raise TropdError("--split and --subset choose part of a hub dataset; toylab generates its prompts")
-        rows, source = toylab_rows(config, seed)
-        label = "toylab"
+            raise TropdError(f"--split and --subset choose part of a hub dataset; {request.data} generates its "
+                             "prompts")
+        rows, source = get_generator(request.data).prepare_rows(config, seed)
+        label = request.data
     else:
         source_data = read_source(request.data, request.split, request.subset)
         records = source_data.records
@@ -154,11 +156,11 @@ def build(config: RunConfig, request: PrepareRequest) -> PreparedData:
     format_rows(rows, tokenizer, system_prompt, data.thinking, config.student.model)
     rows = [row for row in rows if len(row.prompt_ids) <= data.max_prompt_tokens]
     counts["within_max_prompt_tokens"] = len(rows)
-    dedupe = data.dedupe if data.dedupe is not None else request.data != "toylab"
+    dedupe = data.dedupe if data.dedupe is not None else not generated
     if dedupe:
         rows = drop_duplicates(rows)
     counts["deduplicated"] = len(rows)
-    if request.data == "toylab":
+    if generated:
         train = [row for row in rows if not row.meta["held_out"]]
         held_out = [row for row in rows if row.meta["held_out"]]
     else:
@@ -193,28 +195,6 @@ def build(config: RunConfig, request: PrepareRequest) -> PreparedData:
         "files": hashes,
     }
     return PreparedData(train, held_out, files, manifest)
-
-
-def toylab_rows(config: RunConfig, seed: int) -> tuple[list[PromptRow], dict[str, Any]]:
-    """The toy generator's draws, in order, until it has produced the training prompts asked for.
-
-    The draw is the one `sources.toylab_prompts` makes for `distill` (same rng, same held-out test), so a
-    folder prepared with seed s starts with the prompts a built-in run with train.seed s trains on.
-    """
-    count = config.data.toylab_prompts or config.train.steps * config.rollout.prompts_per_step
-    rng = random.Random(seed)
-    rows: list[PromptRow] = []
-    training = 0
-    while training < count:
-        problem = random_problem(rng, config.data.toylab)
-        held_out = is_held_out(problem.expression)
-        training += not held_out
-        rows.append(PromptRow(problem.prompt, None, str(problem.answer), "toylab",
-                              {"draw": len(rows) + 1, "held_out": held_out}))
-    parameters = {"generator": "toylab", "seed": seed, "training_prompts": count,
-                  "difficulty": config.data.toylab.model_dump()}
-    fingerprint = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()
-    return rows, {"data": "toylab", "kind": "toylab", **parameters, "fingerprint": fingerprint}
 
 
 def drop_duplicates(rows: list[PromptRow]) -> list[PromptRow]:

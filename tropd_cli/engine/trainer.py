@@ -28,7 +28,6 @@ import torch
 
 from tropd_cli.config import RunConfig
 from tropd_cli.engine import guidance
-from tropd_cli.engine.objectives import get_objective
 from tropd_cli.engine.objectives.base import (
     Metrics,
     ObjectiveOutput,
@@ -55,13 +54,13 @@ from tropd_cli.engine.scoring import (
 )
 from tropd_cli.engine.seeds import Stream, rank_seed, step_seed
 from tropd_cli.engine.strategy import SingleDevice
-from tropd_cli.engine.teacher import TeacherScorer, backend_missing, make_teacher_scorer
+from tropd_cli.engine.teacher import TeacherScorer, backend_missing
 from tropd_cli.errors import TropdError
 
 
 @dataclass
 class Models:
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None  # None when the teacher is served
     student: torch.nn.Module
     pad_token_id: int
     device: torch.device
@@ -143,32 +142,29 @@ def micro_batches(rollouts: Rollouts, prefix_lengths: list[int] | None, size: in
 
 
 class Trainer:
-    """Runs optimizer steps on a student against a frozen teacher.
+    """Runs optimizer steps on a student against a frozen teacher, with parts built elsewhere (`run.py`).
 
-    `backend` samples the student's rollouts; `teacher_backend` samples the teacher (seqkd, gkd's
-    off-policy steps, in-run teacher responses); `teacher_scorer` scores with the teacher (default: the
-    scorer of `teacher.backend`, for hf its forward pass here); `strategy` trains across devices (default:
-    one device).
+    `objective` is the objective's spec; `backend` samples the student's rollouts; `teacher_scorer` scores
+    with the teacher; `strategy` trains across devices; `teacher_backend` samples the teacher (seqkd, gkd's
+    off-policy steps, in-run teacher responses) and `teacher_responses` gives one teacher response per prompt
+    (guidance, sft), for the objectives that need them.
     """
 
     def __init__(self, config: RunConfig, models: Models, backend: RolloutBackend,
-                 prompts: Iterator[list[list[int]]], teacher_backend: RolloutBackend | None = None,
-                 teacher_responses: guidance.TeacherResponses | None = None,
-                 teacher_scorer: TeacherScorer | None = None, strategy: SingleDevice | None = None) -> None:
+                 prompts: Iterator[list[list[int]]], *, objective: ObjectiveSpec, teacher_scorer: TeacherScorer,
+                 strategy: SingleDevice, teacher_backend: RolloutBackend | None = None,
+                 teacher_responses: guidance.TeacherResponses | None = None) -> None:
         self.config = config
-        self.spec = get_objective(config.objective.name)
+        self.spec = objective
         self.models = models
         self.backend = backend
         self.teacher_backend = teacher_backend
         self.teacher_responses = teacher_responses
         self.prompts = prompts
-        self.strategy = strategy or SingleDevice()
+        self.strategy = strategy
+        self.teacher_scorer = teacher_scorer
         dtype = autocast_dtype(config.train.autocast, models.device)
         self.autocast = lambda: autocast(models.device, dtype)
-        chunk = config.train.logit_chunk_size
-        self.teacher_scorer = teacher_scorer or make_teacher_scorer(
-            config.teacher.backend, models.teacher, chunk_positions(chunk, vocab_rows(models.teacher)), dtype,
-            config, models.device)
         check_wiring(config, self.spec, decoder_and_head(models.student)[1].weight.shape[0], self.teacher_scorer,
                      teacher_backend is not None, teacher_responses is not None, self.strategy.world_size)
         if config.train.gradient_checkpointing:
@@ -176,7 +172,7 @@ class Trainer:
                 models.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 models.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student_chunk = chunk_positions(chunk, vocab_rows(models.student))
+        student_chunk = chunk_positions(config.train.logit_chunk_size, vocab_rows(models.student))
         self.scorer = self.strategy.wrap(StudentScorer(models.student, student_chunk))
         self.dropout = has_dropout(models.student)
         self.trainable = [p for p in self.scorer.parameters() if p.requires_grad]

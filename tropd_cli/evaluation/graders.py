@@ -7,7 +7,8 @@
   number in the text. Benchmarks use flexible; strict is offered for comparisons.
 - choice: the option letter, from the last `\\boxed{X}`, else the last "answer is X" / "Answer: X",
   else a response that is only a letter.
-- toylab: the toy tasks' own grader (`toylab.tasks.grade`), imported only when a toy answer is graded.
+- a prompt generator's name (toylab): the generator's own grader (`GeneratorSpec.grade`), its module imported
+  only when one of its answers is graded.
 
 Gold answers arrive already in grader form (`registry.load_problems`; e.g. `registry.gsm8k_gold`), so this
 module reads responses only; it uses the registry's gsm8k number forms, and the registry never imports it.
@@ -26,6 +27,7 @@ from typing import Literal
 
 from math_verify import parse, verify
 
+from tropd_cli.data.generators import get_generator
 from tropd_cli.evaluation.registry import GSM8K_STRICT, EvalProblem, normalise_number
 
 # math-verify warns once that its timeouts are off; grade_all provides them.
@@ -98,13 +100,6 @@ def grade_choice(response: str, gold: str, options: int) -> Grade:
     return Grade(extracted, extracted == gold)
 
 
-def grade_toylab(response: str, gold: str) -> Grade:
-    """The toy tasks' grader: the last `answer:` line must hold the gold integer."""
-    from tropd_cli.toylab.tasks import Verdict, extract_answer, grade  # the toy lab, offered as a benchmark
-
-    return Grade(extract_answer(response), grade(response, int(gold)) is Verdict.CORRECT)
-
-
 def grade_response(problem: EvalProblem, response: str) -> Grade:
     """Grade one response with its problem's grader."""
     if problem.grader == "math":
@@ -114,7 +109,7 @@ def grade_response(problem: EvalProblem, response: str) -> Grade:
     if problem.grader == "choice":
         assert problem.choices is not None, "a choice problem without choices"
         return grade_choice(response, problem.answer, len(problem.choices))
-    return grade_toylab(response, problem.answer)
+    return Grade(*get_generator(problem.grader).grade(response, problem.answer))  # a generator's own
 
 
 def grade_all(items: list[tuple[EvalProblem, str]], timeout_s: float = 10.0, workers: int = 4) -> list[Grade]:

@@ -1,14 +1,15 @@
 """A run's held-out evaluation (`eval.*`): the same problems, graded the same way, before, during
 (`eval.every`) and after training, and again on an export.
 
-`eval.benchmark: toylab` (the default) draws `eval.problems` held-out toy problems and grades them with
-`toy_accuracy`, exactly as the toy lab's manifest and the demo do. Any other benchmark of `tropd evaluate`
+A benchmark drawn by a prompt generator (`eval.benchmark: toylab`, the default) takes `eval.problems` of the
+generator's held-out problems at the run's knobs and is measured by the generator itself (the toy lab's
+`toy_accuracy`, exactly as its manifest and the demo measure). Any other benchmark of `tropd evaluate`
 takes a seeded subset of `eval.problems` of its problems (from `eval.data`, or for `custom` by default the
 prepared folder's `eval.jsonl`; hub benchmarks without `eval.data` need the hub) and grades them with the
 benchmark's grader; `eval.k` samples per problem at `eval.temperature` (greedy at 0), responses of at most
 `rollout.max_new_tokens`. The accuracy is avg@k, the mean correctness over every sample. With `eval.greedy`
-and a sampling temperature, one greedy answer per problem is graded too (`greedy_accuracy`); on the toy lab
-the samples' scratchpads are profiled (`slip_rate`, `format_coverage`: see `toylab.tasks.ScratchpadProfile`).
+and a sampling temperature, one greedy answer per problem is graded too (`greedy_accuracy`); a generator may
+report more of its samples (the toy lab: `slip_rate`, `format_coverage`).
 """
 
 from __future__ import annotations
@@ -20,22 +21,22 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.config import RunConfig
+from tropd_cli.data import is_generator
 from tropd_cli.data.chat import chat_prompt_ids
+from tropd_cli.data.generators import GeneratorSpec, get_generator
 from tropd_cli.engine.generation import generate_texts
 from tropd_cli.engine.rollout import SamplingParams
 from tropd_cli.errors import TropdError
 from tropd_cli.evaluation.graders import grade_all
 from tropd_cli.evaluation.registry import EvalProblem, get_benchmark, load_problems
 
-TOYLAB = "toylab"
-
 
 def eval_data_path(config: RunConfig) -> Path | None:
     """The local file of a run's benchmark: eval.data, else for a local-only benchmark (custom) the prepared
-    folder's eval.jsonl; None for toylab and for hub benchmarks read from the hub."""
+    folder's eval.jsonl; None for generated benchmarks and for hub benchmarks read from the hub."""
     if config.eval.data:
         return Path(config.eval.data)
-    if config.eval.benchmark != TOYLAB and get_benchmark(config.eval.benchmark).source == "local":
+    if get_benchmark(config.eval.benchmark).source == "local":
         return Path(config.data.prompts) / "eval.jsonl"
     return None
 
@@ -51,14 +52,14 @@ class HeldOut:
         self.enabled = config.eval.problems > 0
         self.source = ""
         self.fingerprint: str | None = None
+        source = get_benchmark(config.eval.benchmark).source
+        # a generated benchmark is drawn and measured by its prompt generator
+        self.generator: GeneratorSpec | None = get_generator(source) if is_generator(source) else None
         if not self.enabled:
             self.problems: list = []
-        elif config.eval.benchmark == TOYLAB:
-            from tropd_cli.toylab.tasks import sample_problems
-
-            self.problems = sample_problems(config.eval.seed, config.eval.problems, config.data.toylab,
-                                            held_out=True)
-            self.source = f"toylab held-out split, seed {config.eval.seed}"
+        elif self.generator is not None:
+            self.problems = self.generator.held_out(config.eval.seed, config.eval.problems, config)
+            self.source = f"{source} held-out split, seed {config.eval.seed}"
         else:
             self.problems = self._benchmark_problems()
 
@@ -91,7 +92,7 @@ class HeldOut:
 
     def measure(self, model: torch.nn.Module) -> dict[str, float]:
         """avg@k of `model` on the held-out problems (`accuracy`), with `eval.greedy` also the greedy
-        accuracy, and on the toy lab the samples' slip rate and format coverage."""
+        accuracy, and what a generator reports besides (the toy lab: slip rate and format coverage)."""
         eval_ = self.config.eval
         measured = self._measure(model, eval_.k, eval_.temperature)
         if eval_.greedy and eval_.temperature > 0:
@@ -100,14 +101,8 @@ class HeldOut:
 
     def _measure(self, model: torch.nn.Module, k: int, temperature: float) -> dict[str, float]:
         config = self.config
-        if config.eval.benchmark == TOYLAB:
-            from tropd_cli.toylab.accuracy import toy_accuracy
-
-            report = toy_accuracy(model, self.tokenizer, self.problems, k=k, temperature=temperature,
-                                  max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
-                                  batch_size=config.rollout.batch_size)
-            return {"accuracy": report.accuracy, "slip_rate": report.slip_rate,
-                    "format_coverage": report.format_coverage}
+        if self.generator is not None:
+            return self.generator.measure(model, self.tokenizer, self.problems, config, k, temperature)
         n = 1 if temperature == 0 else k
         thinking = {} if config.data.thinking is None else {"enable_thinking": config.data.thinking}
         prompts = [chat_prompt_ids(self.tokenizer, problem.message, **thinking) for problem in self.problems]

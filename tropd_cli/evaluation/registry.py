@@ -1,7 +1,9 @@
 """The benchmark registry (benchmarks.yaml) and the problems of one benchmark, from the hub or a local file.
 
 A benchmark is data: where its problems live, which record fields hold the question and the gold answer,
-its grader and its instruction. `load_problems` turns records into `EvalProblem`s whose gold answers are
+its grader and its instruction. A benchmark whose source is a prompt generator (`data/generators.py`)
+takes its problems from the generator's held-out split and, with the generator's name as its grader, is
+graded by the generator. `load_problems` turns records into `EvalProblem`s whose gold answers are
 already in the grader's form (the gsm8k number after `####`, the letter of a shuffled option), and
 fingerprints them so that a report says exactly which problems were asked.
 """
@@ -17,15 +19,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tropd_cli.data import is_generator
+from tropd_cli.data.generators import get_generator
 from tropd_cli.errors import TropdError, first_line
+from tropd_cli.evaluation import REGISTRY_PATH
 
-REGISTRY_PATH = Path(__file__).resolve().parent / "benchmarks.yaml"
-GraderName = Literal["math", "gsm8k", "choice", "toylab"]
+SOURCES = ("hub", "local")  # besides prompt generators
+GRADERS = ("math", "gsm8k", "choice")  # besides prompt generators' own
 # A gsm8k final answer (`#### 1,434`): the gold answer's form, and what the strict grader reads in a response.
 GSM8K_STRICT = re.compile(r"####\s*(-?[$]?[0-9][0-9,]*(?:\.[0-9]+)?)")
 
@@ -58,15 +62,29 @@ class Benchmark(BaseModel):
 
     name: str
     description: str
-    source: Literal["hub", "toylab", "local"]
+    source: str  # hub, local or a prompt generator's name
     hub: HubSource | None = None
     fields: Fields
-    grader: GraderName
+    grader: str  # math, gsm8k, choice or a prompt generator's name
     instruction: str
     choice_instruction: str | None = None
     shuffle_choices: bool = False
     max_new_tokens: int = Field(ge=1)
     problems: int | None = Field(None, ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value not in SOURCES and not is_generator(value):
+            raise ValueError(f"source should be {', '.join(SOURCES)} or a prompt generator, not {value!r}")
+        return value
+
+    @field_validator("grader")
+    @classmethod
+    def _known_grader(cls, value: str) -> str:
+        if value not in GRADERS and not is_generator(value):
+            raise ValueError(f"grader should be {', '.join(GRADERS)} or a prompt generator, not {value!r}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -77,7 +95,7 @@ class EvalProblem:
     question: str
     message: str
     answer: str
-    grader: GraderName
+    grader: str  # a Benchmark's grader, or choice for a problem with options
     choices: tuple[str, ...] | None = None
 
 
@@ -128,16 +146,14 @@ def load_problems(benchmark: Benchmark, data: Path | None, seed: int, limit: int
     """The first `limit` problems of a benchmark, from `data` (JSONL) when given, else from its source."""
     if limit is not None and limit < 1:
         raise TropdError(f"--limit must be at least 1, got {limit}")
-    if benchmark.source == "toylab":
-        from tropd_cli.toylab.tasks import Difficulty, sample_problems  # the toy lab, offered as a benchmark
-
+    if is_generator(benchmark.source):
         if data is not None:
-            raise TropdError("the toylab benchmark generates its problems; it takes no --data")
-        # sample_problems draws a seeded sequence, so any count's problems are a prefix of a larger one's.
-        toy = sample_problems(seed, limit or benchmark.problems or 500, Difficulty(), held_out=True)
-        problems = [EvalProblem(i, p.prompt, benchmark.instruction.format(prompt=p.prompt), str(p.answer), "toylab")
-                    for i, p in enumerate(toy)]
-        return _problem_set(benchmark, problems, f"toylab held-out split, seed {seed}")
+            raise TropdError(f"the {benchmark.name} benchmark generates its problems; it takes no --data")
+        # a generator draws a seeded sequence, so any count's problems are a prefix of a larger one's.
+        drawn = get_generator(benchmark.source).held_out(seed, limit or benchmark.problems or 500, None)
+        problems = [EvalProblem(i, p.prompt, benchmark.instruction.format(prompt=p.prompt), str(p.answer),
+                                benchmark.grader) for i, p in enumerate(drawn)]
+        return _problem_set(benchmark, problems, f"{benchmark.source} held-out split, seed {seed}")
     if data is not None:
         records, digest = _read_jsonl(data)
         source = f"file {data} (sha256 {digest[:16]})"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tropd_cli.config import RunConfig
+from tropd_cli.config import EvalConfig, RunConfig
+from tropd_cli.models import TOYLAB_PREFIX
 
 BASE_LABELS = {"full": "the full-precision base + the adapter",
                "quantized": "the 4-bit base + the adapter (the model the run trained)"}
@@ -47,8 +48,9 @@ def _provenance_rows(record: dict) -> list[tuple[str, str]]:
 
 
 def _accuracy_label(record: dict) -> str:
-    benchmark = record.get("eval_benchmark", "toylab")
-    where = "" if benchmark == "toylab" else f"{benchmark}, "
+    default = EvalConfig.model_fields["benchmark"].default  # a run's own benchmark, named by no setting
+    benchmark = record.get("eval_benchmark", default)
+    where = "" if benchmark == default else f"{benchmark}, "
     return f"held-out accuracy ({where}{record['eval_problems']} problems)"
 
 
@@ -57,7 +59,7 @@ def _loader(adapter: bool, base: str) -> list[str]:
         return ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 'folder = "path/to/this/folder"', "tokenizer = AutoTokenizer.from_pretrained(folder)",
                 "model = AutoModelForCausalLM.from_pretrained(folder)"]
-    if base.startswith("toylab:"):
+    if base.startswith(TOYLAB_PREFIX):
         return ["from tropd_cli.models import load_adapter, load_causal_lm, load_tokenizer", "",
                 'folder = "path/to/this/folder"', "tokenizer = load_tokenizer(folder)",
                 f'model = load_adapter(load_causal_lm("{base}", trainable=False), folder)  # tropd\'s toy base']

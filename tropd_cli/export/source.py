@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tropd_cli import __version__
-from tropd_cli.checkpoints import CHECKPOINTS, STEP_FOLDER, list_checkpoints, verify_checkpoint
+from tropd_cli.checkpoints import verify_checkpoint
 from tropd_cli.config import RunConfig, load_config_file
+from tropd_cli.data import is_generator
 from tropd_cli.engine.objectives import get_objective
 from tropd_cli.errors import TropdError
-from tropd_cli.runfolder import RunFolder
+from tropd_cli.runfolder import CheckpointFolder, RunFolder
 
 
 @dataclass
@@ -31,9 +32,14 @@ class ExportSource:
 
     @property
     def is_quantized(self) -> bool:
-        """A QLoRA run: the adapter was trained over a 4-bit copy of the base."""
-        return self.is_adapter and self.config.student.quantization == "4bit"
+        """A QLoRA run (`is_qlora`)."""
+        return is_qlora(self.config)
 
+
+def is_qlora(config: RunConfig) -> bool:
+    """A QLoRA run: its adapter was trained over a 4-bit copy of the base (the schema lets a 4-bit student train
+    only through LoRA)."""
+    return config.student.quantization == "4bit"
 
 
 def find_source(path: Path, step: int | None = None) -> ExportSource:
@@ -42,12 +48,12 @@ def find_source(path: Path, step: int | None = None) -> ExportSource:
         raise TropdError(f"'{path}' does not exist")
     checkpoint_step = None
     state: dict = {}
-    folder_step = STEP_FOLDER.match(path.name)
-    if folder_step and path.parent.name == CHECKPOINTS and (path / "student").is_dir():
-        run = RunFolder(path.parent.parent)
-        student_dir = path / "student"
+    named = CheckpointFolder(path)
+    if named.named_step is not None and named.student.is_dir():
+        run = named.run
+        student_dir = named.student
         state = verify_checkpoint(path)
-        checkpoint_step = state["step"] if isinstance(state.get("step"), int) else int(folder_step.group(1))
+        checkpoint_step = state["step"] if isinstance(state.get("step"), int) else named.named_step
         if step is not None and step != checkpoint_step:
             raise TropdError(f"--step {step} disagrees with checkpoint folder '{path}' (step {checkpoint_step})")
         if not run.is_run():
@@ -58,13 +64,14 @@ def find_source(path: Path, step: int | None = None) -> ExportSource:
             student_dir = run.student
             if not student_dir.is_dir():
                 raise TropdError(f"run folder '{path}' holds no student/ (the run saved no model)"
-                                 f"{_saved_steps_hint(path)}")
+                                 f"{_saved_steps_hint(run)}")
         else:
             checkpoint_step = step
-            student_dir = run.checkpoint(step) / "student"
+            checkpoint = CheckpointFolder(run.checkpoint(step))
+            student_dir = checkpoint.student
             if not student_dir.is_dir():
-                raise TropdError(f"run folder '{path}' has no checkpoint at step {step}{_saved_steps_hint(path)}")
-            state = verify_checkpoint(student_dir.parent)
+                raise TropdError(f"run folder '{path}' has no checkpoint at step {step}{_saved_steps_hint(run)}")
+            state = verify_checkpoint(checkpoint.path)
     else:
         raise TropdError(f"'{path}' is not a tropd run folder (no config.yaml) or checkpoint folder "
                          f"(RUN/checkpoints/step-NNNNNN with student/)")
@@ -73,8 +80,8 @@ def find_source(path: Path, step: int | None = None) -> ExportSource:
     return ExportSource(run.path, student_dir, config, summary, checkpoint_step)
 
 
-def _saved_steps_hint(run_dir: Path) -> str:
-    steps = [step for step, folder in list_checkpoints(run_dir) if (folder / "student").is_dir()]
+def _saved_steps_hint(run: RunFolder) -> str:
+    steps = [step for step, folder in run.list_checkpoints() if CheckpointFolder(folder).student.is_dir()]
     return f"; saved checkpoints: {', '.join(map(str, steps))}" if steps else "; it saved no checkpoints"
 
 
@@ -100,7 +107,7 @@ def run_facts(config: RunConfig, summary: dict, run_dir: Path, checkpoint_step: 
         training = "full fine-tuning"
     else:
         training = f"LoRA r={student.lora.r} alpha={student.lora.alpha} on {student.lora.target_modules}"
-        if student.quantization == "4bit":
+        if is_qlora(config):
             training += " over a 4-bit (nf4) base (QLoRA)"
     evaluation = {key: summary[key] for key in ("teacher_accuracy", "student_accuracy_before") if key in summary}
     if checkpoint_step is None:
@@ -116,7 +123,7 @@ def run_facts(config: RunConfig, summary: dict, run_dir: Path, checkpoint_step: 
         "teacher": config.teacher.model,
         "student_base": student.model,
         "student_training": training,
-        "quantized_base": student.lora.enabled and student.quantization == "4bit",
+        "quantized_base": is_qlora(config),
         "objective": objective.name,
         "objective_options": {name: getattr(objective, name) for name in options},
         "objective_config": objective.model_dump(mode="json"),
@@ -142,7 +149,7 @@ def describe(source: ExportSource, format_: str, dtype: str, base: str) -> dict:
 
 def data_fingerprint(prompts: str) -> str | None:
     """The `fingerprint` of a prepared dataset's manifest.json, when `prompts` names such a folder."""
-    if prompts == "toylab":
+    if is_generator(prompts):
         return None
     value = _read_json(Path(prompts) / "manifest.json").get("fingerprint")
     return str(value) if value is not None else None

@@ -10,7 +10,9 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from tropd_cli.config import RunConfig
+from tropd_cli.data import is_generator
 from tropd_cli.data.chat import chat_prompt_ids
+from tropd_cli.data.generators import get_generator
 from tropd_cli.errors import TropdError
 from tropd_cli.models import DTYPES, resolve_model_path
 
@@ -57,12 +59,11 @@ def tolerance(dtype: str, reference_scale: float) -> float:
 
 
 def verify_texts(config: RunConfig) -> list[str]:
-    """The verification prompts: held-out toy problems on the toy lab, else a few generic questions."""
-    if config.data.prompts == "toylab":
-        from tropd_cli.toylab.tasks import sample_problems
-
-        return [problem.prompt for problem in sample_problems(config.eval.seed, 3, config.data.toylab,
-                                                              held_out=True)]
+    """The verification prompts: three held-out problems of the run's prompt generator (the toy lab's), else a
+    few generic questions."""
+    if is_generator(config.data.prompts):
+        problems = get_generator(config.data.prompts).held_out(config.eval.seed, 3, config)
+        return [problem.prompt for problem in problems]
     return list(VERIFY_PROMPTS)
 
 

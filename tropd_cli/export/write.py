@@ -5,7 +5,8 @@ float32. For a QLoRA run that is not the model the run trained: its adapter lear
 weights. `--base quantized` merges into those weights, dequantized (the very values the 4-bit layers
 compute with) and held in float32, and so reproduces the trained model; the reference it is checked
 against is the 4-bit base with the adapter, as the run computes it. Both bases are measured, so the card
-can put the other one beside this export.
+can put the other one beside this export. Each base is read from disk once: the dequantized model is made
+from the full-precision and 4-bit models already loaded for the comparison.
 """
 
 from __future__ import annotations
@@ -53,29 +54,40 @@ def run_model(source: ExportSource, base: str = "full") -> torch.nn.Module:
     `base`: full (float32 base), quantized (the 4-bit base computing in student.dtype, as the run trained it)
     or dequantized (the 4-bit base's weights in float32, the form a quantized merge starts from).
     """
-    student = source.config.student
     if not source.is_adapter:
         return load_causal_lm(str(source.student_dir), "float32", "cpu", trainable=False,
-                              trust_remote_code=student.trust_remote_code)
+                              trust_remote_code=source.config.student.trust_remote_code)
     if base == "dequantized":
-        model = dequantized_base(student.model, student.dtype, student.trust_remote_code)
+        model = dequantize_into(load_base(source, "full"), load_base(source, "quantized"))
     else:
-        quantized = base == "quantized"
-        model = load_causal_lm(student.model, student.dtype if quantized else "float32", "cpu",
-                               quantization="4bit" if quantized else "none", trainable=False,
-                               trust_remote_code=student.trust_remote_code)
+        model = load_base(source, base)
     return load_adapter(model, source.student_dir).eval()
 
 
+def load_base(source: ExportSource, base: str) -> torch.nn.Module:
+    """The student's base alone: full (float32) or quantized (4 bits, nf4 with double quant, computing in
+    student.dtype, as a QLoRA run loads it)."""
+    student = source.config.student
+    quantized = base == "quantized"
+    return load_causal_lm(student.model, student.dtype if quantized else "float32", "cpu",
+                          quantization="4bit" if quantized else "none", trainable=False,
+                          trust_remote_code=student.trust_remote_code)
+
+
+def dequantized_run_model(source: ExportSource, full_run: torch.nn.Module,
+                          quantized_run: torch.nn.Module) -> torch.nn.Module:
+    """`run_model(source, "dequantized")` made from the run's model over the full base and over the 4-bit base,
+    already loaded, so that no base is read again; both are used up (their adapters removed, the full one's
+    weights overwritten)."""
+    return load_adapter(dequantize_into(full_run.unload(), quantized_run.unload()), source.student_dir).eval()
+
+
 @torch.no_grad()
-def dequantized_base(spec: str, compute_dtype: str, trust_remote_code: bool) -> torch.nn.Module:
-    """The float32 model whose weights are those of `spec` loaded in 4 bits (nf4, double quant) as a QLoRA run
-    loads it: every quantized linear weight dequantized, every other weight as the 4-bit model holds it."""
+def dequantize_into(full: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
+    """`full` (the float32 base) given the weights of `quantized` (the same base in 4 bits): every quantized
+    linear weight dequantized, every other weight as the 4-bit model holds it."""
     import bitsandbytes as bnb
 
-    full = load_causal_lm(spec, "float32", "cpu", trainable=False, trust_remote_code=trust_remote_code)
-    quantized = load_causal_lm(spec, compute_dtype, "cpu", quantization="4bit", trainable=False,
-                               trust_remote_code=trust_remote_code)
     done = set()
     for name, module in quantized.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -85,7 +97,6 @@ def dequantized_base(spec: str, compute_dtype: str, trust_remote_code: bool) -> 
     for name, parameter in full.named_parameters():
         if name not in done:
             parameter.copy_(quantized.get_parameter(name).float())
-    del quantized
     return full
 
 
@@ -122,6 +133,7 @@ def write_and_verify(source: ExportSource, folder: Path, format_: str, dtype: st
     quantized_run = source.is_quantized
     reference_base = base if source.is_adapter else "full"
     model = None  # an adapter written without verification needs no model
+    full_run = None  # --base quantized: the full base + adapter, kept to make the dequantized model from
     if verify_:
         with console.status(f"loading {'the 4-bit' if reference_base == 'quantized' else 'the float32'} run model"):
             model = run_model(source, reference_base)
@@ -146,7 +158,9 @@ def write_and_verify(source: ExportSource, folder: Path, format_: str, dtype: st
                                           (chat_prompt_ids(tokenizer, text) for text in texts), probes))
                 if held_out is not None and held_out.enabled:
                     measured["other_base_accuracy"] = held_out.accuracy(other_model)
-                del other_model
+            if base == "quantized":
+                full_run = other_model
+            del other_model
     merge_diff = None
     if format_ == "adapter":
         del model
@@ -157,7 +171,9 @@ def write_and_verify(source: ExportSource, folder: Path, format_: str, dtype: st
             reused = model is not None and merge_base == reference_base  # its logits are `reference`
             if not reused:
                 with console.status(f"loading the {merge_base} base with the adapter"):
-                    model = run_model(source, merge_base)
+                    model = (dequantized_run_model(source, full_run, model) if full_run is not None
+                             else run_model(source, merge_base))
+                    del full_run
             with console.status(f"merging the adapter into the {merge_base} float32 base"):
                 unmerged = reference if reused else logits(model, probes) if verify_ else []
                 model = model.merge_and_unload()

@@ -82,6 +82,7 @@ class Preflight:
     student_tokenizer: PreTrainedTokenizerBase  # loaded for the checks; the run reuses it
     stop_ids: list[int]  # ids that end a rollout: tokenizer EOS and generation-config EOS ids
     prepared: PreparedFolder | None = None  # data.prompts, opened and checked; the run reuses it
+    served_model: str | None = None  # the id a teacher server serves the teacher under; the run's scorer asks for it
 
     @property
     def first_error(self) -> str | None:
@@ -101,7 +102,9 @@ def run_preflight(config: RunConfig, nproc: int | None = None) -> Preflight:
     checks = tokenizer_checks(teacher_tokenizer, student_tokenizer, configs, config.teacher.allow_template_mismatch)
     prompts, prepared = prompts_check(config, student_tokenizer)
     checks += [thinking_check(config, teacher_tokenizer, student_tokenizer), prompts, objective_check(config, configs),
-               weights_check(config), sampling_check(config), backends_check(config, teacher_tokenizer)]
+               weights_check(config), sampling_check(config)]
+    backends, served_model = backends_check(config, teacher_tokenizer)
+    checks.append(backends)
     stop_ids = stop_token_ids(config.student.model, student_tokenizer)
     checks.append(Check("stop tokens", ", ".join(f"{student_tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
                                                  for i in stop_ids) or "none"))
@@ -111,7 +114,7 @@ def run_preflight(config: RunConfig, nproc: int | None = None) -> Preflight:
     estimate = estimate_memory(config, device, teacher, student, longest_prompt_of(config, student_tokenizer, prepared),
                                free_memory(device), prepared=prepared, nproc=nproc or distributed.world_size())
     checks.append(memory_check(estimate))
-    return Preflight(checks, estimate, student_tokenizer, stop_ids, prepared)
+    return Preflight(checks, estimate, student_tokenizer, stop_ids, prepared, served_model)
 
 
 def checks_table(config: RunConfig, result: Preflight) -> Table:

@@ -12,20 +12,22 @@ AdamW states; under fsdp2 it holds 1/N of the student's weights, gradients and A
 student gathered while it generates (rollouts run on whole weights). The teacher is whole on every rank,
 or with teacher.shard 1/N of it, plus the whole teacher gathered when it generates.
 
-Its toy prompt probe (`longest_prompt`) samples the toy tasks, the built-in prompt source, for the longest
-prompt of a run that has no prepared folder.
+Its prompt probe (`longest_prompt`) samples a prompt generator (data.prompts when it names one, else the
+default prompt source, the toy lab's) for the longest prompt of a run that has no prepared folder.
 """
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from tropd_cli.config import RunConfig
+from tropd_cli.config import DataConfig, RunConfig
+from tropd_cli.data import is_generator
+from tropd_cli.data.chat import chat_prompt_ids
+from tropd_cli.data.generators import get_generator
 from tropd_cli.data.prepared import PreparedFolder
 from tropd_cli.data.sources import needs_teacher_responses
 from tropd_cli.engine.objectives import get_objective
@@ -34,10 +36,6 @@ from tropd_cli.engine.scoring import chunk_positions, vocab_rows
 from tropd_cli.errors import TropdError
 from tropd_cli.models import DTYPES
 from tropd_cli.preflight.pairs import Check
-
-# The toy lab, offered as the built-in prompt source (the toy prompt probe):
-from tropd_cli.toylab.accuracy import prompt_token_ids
-from tropd_cli.toylab.tasks import random_problem
 
 WARN_FRACTION = 0.8  # of free memory: the estimate is rough, so warn before it is reached
 # bitsandbytes bytes per quantized weight: nf4 with double quant (4-bit values, 8-bit absmax per block of 64,
@@ -127,11 +125,12 @@ def activation_bytes(model: torch.nn.Module, dtype: str, tokens: int, checkpoint
 
 
 def longest_prompt(config: RunConfig, tokenizer: PreTrainedTokenizerBase, samples: int = 64) -> int:
-    """Tokens in the longest of a seeded sample of the run's prompts (the toy tasks); without a chat template
+    """Tokens in the longest of a seeded sample of a prompt generator's prompts, chat-formatted: data.prompts'
+    generator, or for a folder the default prompt source's (the schema's data.prompts); without a chat template
     (a failed check, reported separately) the bare prompt text, as the chat encoder falls back to."""
-    rng = random.Random(config.train.seed)
-    problems = [random_problem(rng, config.data.toylab) for _ in range(samples)]
-    return max(len(prompt_token_ids(tokenizer, problem)) for problem in problems)
+    name = config.data.prompts if is_generator(config.data.prompts) else DataConfig.model_fields["prompts"].default
+    prompts = get_generator(name).probe_prompts(config, samples)
+    return max(len(chat_prompt_ids(tokenizer, prompt)) for prompt in prompts)
 
 
 def teacher_samples(config: RunConfig, prepared: PreparedFolder | None = None) -> bool:
@@ -142,14 +141,14 @@ def teacher_samples(config: RunConfig, prepared: PreparedFolder | None = None) -
         return True
     if not needs_teacher_responses(config):
         return False
-    if config.data.prompts == "toylab":
+    if is_generator(config.data.prompts):
         return True
     return prepared is not None and prepared.drafts is None
 
 
 def longest_prompt_of(config: RunConfig, tokenizer: PreTrainedTokenizerBase, prepared: PreparedFolder | None
                       ) -> int:
-    """Tokens in the longest training prompt: the `prepared` folder's, else a sample of the toy tasks'."""
+    """Tokens in the longest training prompt: the `prepared` folder's, else a prompt generator's sample."""
     if prepared is not None:
         try:
             return max(map(len, prepared.train_prompt_ids()))
@@ -190,18 +189,19 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     length = prompt_tokens + rollout.max_new_tokens
     mixed = autocast_dtype(train.autocast, device)
     compute = {dtype: name for name, dtype in DTYPES.items()}.get(mixed)  # autocast: 16-bit KV and activations
+    served = t.backend == "server"  # the server holds the teacher's weights and KV cache, and samples
     kv = kv_cache_bytes(student, compute or s.dtype, sequences, length)
-    if teacher_samples(config, prepared):
+    if teacher_samples(config, prepared) and not served:
         kv = max(kv, kv_cache_bytes(teacher, compute or t.dtype, sequences, length))
     micro = min(train.micro_batch_size, sequences)
-    vocab = max(vocab_rows(model) for model in (teacher, student))
+    vocab = max(vocab_rows(model) for model in ((student,) if served else (teacher, student)))
     chunk = min(chunk_positions(train.logit_chunk_size, vocab), micro * rollout.max_new_tokens)
     sharded = f", 1/{shards} per rank" if shards > 1 else ""
     teacher_shards = nproc if t.shard and nproc > 1 else 1
-    teacher_weights = weight_bytes(teacher, t.dtype, t.quantization)
+    teacher_weights = 0 if served else weight_bytes(teacher, t.dtype, t.quantization)
     gathered_teacher = teacher_shards > 1 and teacher_samples(config, prepared)
     rows = [
-        (f"teacher weights ({t.dtype}, {t.quantization}"
+        ("teacher weights: none here (served)" if served else f"teacher weights ({t.dtype}, {t.quantization}"
          f"{f', 1/{teacher_shards} per rank' if teacher_shards > 1 else ''})", teacher_weights // teacher_shards),
         *([("teacher weights gathered whole while generating", teacher_weights)] if gathered_teacher else []),
         (f"student weights ({s.dtype}, {s.quantization}{', LoRA' if s.lora.enabled else ''}{sharded})",

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from tropd_cli.config import RunConfig
+from tropd_cli.data import is_generator
 from tropd_cli.data.prepared import PreparedFolder
 from tropd_cli.data.rows import template_reads_thinking
 from tropd_cli.engine.objectives import get_objective
@@ -140,7 +141,7 @@ def thinking_check(config: RunConfig, teacher: PreTrainedTokenizerBase, student:
 def prompts_check(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Check, PreparedFolder | None]:
     """The prompt source: the toy tasks, or a prepared folder made with the student's tokenizer (returned
     when usable, so that the other checks read it once)."""
-    if config.data.prompts == "toylab":
+    if is_generator(config.data.prompts):
         return Check("prompts", "toy tasks (built-in generator)"), None
     try:
         folder = PreparedFolder.open(config.data.prompts)
@@ -186,25 +187,27 @@ def sampling_check(config: RunConfig) -> Check:
         "temperature-1 log-probs (as in the paper); set rollout.temperature=1 and rollout.top_p=1 to match them"))
 
 
-def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase) -> Check:
+def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase) -> tuple[Check, str | None]:
     """The rollout and teacher backends can serve this run: vLLM is installed where one is asked for, the
     teacher backend returns what the objective needs (a served teacher gives log-probs and top-k only), and a
-    teacher server answers, serves the teacher's vocabulary and gives the objective's top-k log-probs."""
+    teacher server answers, serves the teacher's vocabulary and gives the objective's top-k log-probs; also the
+    id the server serves the teacher under (None without a server), which the run's scorer asks for."""
     from importlib.util import find_spec
 
-    from tropd_cli.engine.rollout.vllm import vllm_missing
     from tropd_cli.engine.teacher import BACKEND_CAPABILITIES, backend_missing
+    from tropd_cli.engine.vllm_engine import vllm_missing
 
     spec = get_objective(config.objective.name)
+    model = None
     rollout, teacher = config.rollout.backend, config.teacher.backend
     detail = f"rollouts {rollout}, teacher {teacher}"
     missing = backend_missing(spec.teacher_needs(), BACKEND_CAPABILITIES[teacher])
     if missing:
-        return Check("backends", detail, error=f"objective.name={spec.name} needs the teacher's "
-                     f"{', '.join(missing)}, which teacher.backend={teacher} cannot return; use teacher.backend=hf")
+        return Check("backends", detail, error=f"objective.name={spec.name} needs the teacher's {', '.join(missing)}, "
+                     f"which teacher.backend={teacher} cannot return; use teacher.backend=hf"), None
     for setting in (f"rollout.backend={rollout}", f"teacher.backend={teacher}"):
         if setting.endswith("=vllm") and find_spec("vllm") is None:
-            return Check("backends", detail, error=vllm_missing(setting))
+            return Check("backends", detail, error=vllm_missing(setting)), model
     if teacher == "server":
         from tropd_cli.engine.teacher.server import ServerClient, api_key_from, check_server, teacher_names
 
@@ -213,12 +216,12 @@ def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase
                                   deadline_s=min(config.teacher.deadline_s, 30.0),
                                   api_key=api_key_from(config.teacher.api_key_env))
             names = teacher_names(config.teacher.model, config.teacher.served_model)
-            served = check_server(client, teacher_tokenizer, spec.top_k(config.objective), spec.top_k_option, names)
-            detail += f" ({served})"
+            model = check_server(client, teacher_tokenizer, spec.top_k(config.objective), spec.top_k_option, names)
+            detail += f" ({model} at {client.url}, top-{spec.top_k(config.objective)} prompt log-probs)"
         except TropdError as error:
-            return Check("backends", detail, error=str(error))
+            return Check("backends", detail, error=str(error)), model
     if rollout == "vllm" and config.student.quantization != "none":
         return Check("backends", detail, warning="vLLM 0.32 has no bitsandbytes loader: its engine samples from "
                      "the unquantized base under the student's adapter; watch sampler_logprob_gap, and consider "
-                     "rollout.importance_correction=tis")
-    return Check("backends", detail)
+                     "rollout.importance_correction=tis"), model
+    return Check("backends", detail), model

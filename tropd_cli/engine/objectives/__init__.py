@@ -1,8 +1,9 @@
 """The objective registry: one module per objective in this package, each with its loss and a `SPEC`.
 
 An objective's module name is its `objective.name`; `base.py` holds what they share. Listing the names
-imports nothing (so the configuration validates `objective.name` without loading torch); `get_objective`
-imports the one module asked for. Adding an objective is one new module here, its tests and its README row.
+imports nothing (so the configuration validates `objective.name` without loading torch), nor does `GUIDED`,
+the one trait the configuration's rules read; `get_objective` imports the one module asked for. Adding an
+objective is one new module here, its tests and its README row (and its name in `GUIDED` if it takes guidance).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from tropd_cli.engine.objectives.base import ObjectiveSpec
 
 SHARED_MODULES = frozenset({"base"})
+# The objectives whose SPEC accepts objective.guidance, by name (tests/test_config.py holds it to the specs).
+GUIDED = frozenset({"tropd"})
 
 
 @cache

@@ -28,43 +28,36 @@ from tropd_cli.engine.teacher.base import (
 from tropd_cli.engine.teacher.hf import HFTeacherScorer
 
 if TYPE_CHECKING:
-    from tropd_cli.config import RunConfig
+    from tropd_cli.config import TeacherConfig
+    from tropd_cli.engine.vllm_engine import EngineOptions
 
 __all__ = ["BACKEND_CAPABILITIES", "CAPABILITIES", "SERVED", "HFTeacherScorer", "TeacherScorer",
            "backend_missing", "make_teacher_scorer", "stats_from_prompt_logprobs"]
 
 
 def make_teacher_scorer(kind: str, model: torch.nn.Module | None, chunk_size: int,
-                        autocast_dtype: torch.dtype | None = None, config: RunConfig | None = None,
-                        device: torch.device | None = None) -> TeacherScorer:
+                        autocast_dtype: torch.dtype | None = None, device: torch.device | None = None, *,
+                        teacher: TeacherConfig | None = None, engine: EngineOptions | None = None,
+                        served_model: str | None = None) -> TeacherScorer:
     """The teacher scorer `kind` (`teacher.backend`): hf scores with the loaded `model` in chunks of
-    `chunk_size` positions; vllm starts an engine on `config.teacher.model`; server talks to `config.teacher.url`.
+    `chunk_size` positions; vllm starts an engine with `engine` options on `teacher.model`; server talks to
+    `teacher.url`, serving `served_model` (the id preflight found; None: asked of the server).
     """
     if kind == "hf":
         return HFTeacherScorer(model, chunk_size, autocast_dtype, device)
-    if kind in ("vllm", "server") and config is None:
-        raise ValueError(f"the {kind} teacher scorer needs the run's configuration")
+    if kind in ("vllm", "server") and teacher is None:
+        raise ValueError(f"the {kind} teacher scorer needs the teacher's settings")
     if kind == "vllm":
-        from tropd_cli.engine.objectives import get_objective
-        from tropd_cli.engine.rollout.vllm import EngineOptions
         from tropd_cli.engine.teacher.vllm import VLLMTeacherScorer
         from tropd_cli.models import resolve_model_path
 
-        teacher, rollout = config.teacher, config.rollout
-        top_k = get_objective(config.objective.name).top_k(config.objective)
-        options = EngineOptions(dtype=teacher.dtype, seed=config.train.seed, sleep=False,
-                                gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-                                max_model_len=rollout.vllm_max_model_len, enforce_eager=rollout.vllm_enforce_eager,
-                                kv_cache_gib=rollout.vllm_kv_cache_gib, max_logprobs=top_k,
-                                trust_remote_code=teacher.trust_remote_code)
-        return VLLMTeacherScorer(resolve_model_path(teacher.model), options)
+        return VLLMTeacherScorer(resolve_model_path(teacher.model), engine)
     if kind == "server":
-        from tropd_cli.engine.teacher.server import ServerTeacherScorer, api_key_from, teacher_names
+        from tropd_cli.engine.teacher.server import ServerTeacherScorer, api_key_from
 
-        teacher = config.teacher
         return ServerTeacherScorer(teacher.url, teacher.timeout_s, teacher.retries, deadline_s=teacher.deadline_s,
                                    api_key=api_key_from(teacher.api_key_env), max_concurrency=teacher.max_concurrency,
-                                   expected=teacher_names(teacher.model, teacher.served_model))
+                                   model=served_model)
     raise ValueError(f"unknown teacher backend {kind!r}")
 
 

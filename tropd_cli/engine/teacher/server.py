@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import re
 import shlex
 import time
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tropd_cli.engine.rollout.base import Rollouts, SamplingParams, cut_at_eos
 from tropd_cli.engine.scoring import SequenceBatch, TeacherStats
 from tropd_cli.engine.teacher.base import SERVED, sequences_of, stats_from_prompt_logprobs
 from tropd_cli.errors import TeacherUnavailable, TropdError, first_line
@@ -158,8 +160,8 @@ def served_model(client: ServerClient, expected: tuple[str, ...] = ()) -> str:
 def check_server(client: ServerClient, tokenizer: PreTrainedTokenizerBase, top_k: int, top_k_option: str,
                  expected: tuple[str, ...] = ()) -> str:
     """That the server answers, serves the teacher (under one of the `expected` names, when given) with
-    `tokenizer`'s vocabulary and gives `top_k` prompt log-probs; returns what it serves (one line) or raises
-    TropdError with the one-line reason."""
+    `tokenizer`'s vocabulary and gives `top_k` prompt log-probs; returns the id it serves the teacher under, or
+    raises TropdError with the one-line reason."""
     model = served_model(client, expected)
     size = len(tokenizer)
     probes = sorted(set(range(0, size, max(1, size // VOCABULARY_PROBES))) | {size - 1})
@@ -181,21 +183,21 @@ def check_server(client: ServerClient, tokenizer: PreTrainedTokenizerBase, top_k
                              f"({found.group(1)}); restart it with --max-logprobs {top_k} (`tropd serve-teacher` "
                              f"prints the command) or lower objective.{top_k_option}") from None
         raise
-    return f"{model} at {client.url}, top-{top_k} prompt log-probs"
+    return model
 
 
 class ServerTeacherScorer:
     """The teacher's log-probs and top-k from a vLLM server at `url`, in up to `max_concurrency` requests at
-    once."""
+    once, asking for `model` (the id preflight checked; None: the one the server names first)."""
 
     provides = SERVED
     head = None
 
     def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0,
                  deadline_s: float | None = None, api_key: str | None = None, max_concurrency: int = 1,
-                 expected: tuple[str, ...] = ()) -> None:
+                 model: str | None = None) -> None:
         self.client = ServerClient(url, timeout_s, retries, backoff_s, deadline_s, api_key)
-        self.model = served_model(self.client, expected)
+        self.model = model or served_model(self.client)
         self.max_concurrency = max_concurrency
 
     def score(self, batch: SequenceBatch, top_k: int, keep_hidden: bool = False) -> TeacherStats:
@@ -231,6 +233,59 @@ class ServerTeacherScorer:
         except (KeyError, TypeError):
             raise TeacherUnavailable(f"teacher server {self.client.url} returned choices without their index") \
                 from None
+
+
+class ServerSampler:
+    """The teacher's samples from the server (`RolloutBackend`): seqkd's responses, gkd's off-policy steps and
+    in-run teacher responses, when the teacher is served and not loaded here. One `/v1/completions` request per
+    prompt (token ids in, `return_token_ids` out), each with its own seed drawn from the step's, so that the same
+    seed gives the same responses; up to `max_concurrency` requests at once. Responses are cut after their first
+    stop id (kept), as every backend cuts them."""
+
+    def __init__(self, client: ServerClient, model: str, eos_token_ids: list[int], max_concurrency: int = 1) -> None:
+        self.client, self.model, self.max_concurrency = client, model, max(1, max_concurrency)
+        self.eos_token_ids = list(eos_token_ids)
+
+    def sync(self, model: object) -> None:
+        """Nothing: the teacher does not train."""
+
+    def close(self) -> None:
+        """Nothing is kept outside the process."""
+
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams, generator_seed: int) -> Rollouts:
+        """`n` responses per prompt, prompt-major (temperature 0: one greedy response repeated n times)."""
+        greedy = params.temperature == 0
+        seeds = random.Random(generator_seed)
+        bodies = [{"model": self.model, "prompt": list(ids), "n": 1 if greedy else n,
+                   "temperature": params.temperature, "top_p": 1.0 if greedy else params.top_p,
+                   "max_tokens": params.max_new_tokens, "stop_token_ids": self.eos_token_ids,
+                   "seed": seeds.getrandbits(63), "return_token_ids": True, "skip_special_tokens": False}
+                  for ids in prompt_ids]
+        with ThreadPoolExecutor(min(self.max_concurrency, len(bodies)) or 1) as pool:
+            answers = list(pool.map(self._complete, bodies))
+        rollouts = Rollouts(prompt_ids=list(prompt_ids), prompt_index=[], response_ids=[], finished=[])
+        for index, choices in enumerate(answers):
+            for choice in choices * (n if greedy else 1):
+                response, done = cut_at_eos(list(choice["token_ids"]), self.eos_token_ids)
+                rollouts.prompt_index.append(index)
+                rollouts.response_ids.append(response)
+                rollouts.finished.append(done)
+        return rollouts
+
+    def _complete(self, body: dict) -> list[dict]:
+        """One prompt's choices in index order, each with its token ids."""
+        try:
+            choices = self.client.request("/v1/completions", body, expect="choices")["choices"]
+        except ServerRefused as error:
+            raise TeacherUnavailable(f"teacher server {self.client.url} refused a sampling request: {error}") from None
+        try:
+            ordered = sorted(choices, key=lambda choice: choice["index"])
+            if len(ordered) != body["n"] or not all(isinstance(choice["token_ids"], list) for choice in ordered):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise TeacherUnavailable(f"teacher server {self.client.url} returned samples without their index or "
+                                     "token ids (a vLLM server older than 0.10 does not return them)") from None
+        return ordered
 
 
 def teacher_names(model: str, served_model: str | None) -> tuple[str, ...]:
@@ -279,7 +334,7 @@ def start_server(command: list[str]) -> int:
     from importlib.util import find_spec
 
     if find_spec("vllm") is None:
-        from tropd_cli.engine.rollout.vllm import vllm_missing
+        from tropd_cli.engine.vllm_engine import vllm_missing
 
         raise TropdError(vllm_missing("tropd serve-teacher --start"))
     try:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tropd_cli.engine.rollout.vllm import EngineOptions, start_engine
 from tropd_cli.engine.scoring import SequenceBatch, TeacherStats
 from tropd_cli.engine.teacher.base import SERVED, sequences_of, stats_from_prompt_logprobs
+from tropd_cli.engine.vllm_engine import EngineOptions, start_engine
 
 
 class VLLMTeacherScorer:

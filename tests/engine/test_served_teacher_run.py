@@ -1,0 +1,174 @@
+"""A run whose teacher is served and never loads here, on the CPU: a loopback server that answers as vLLM's
+OpenAI server does (`/v1/models`, `/detokenize`, `/v1/completions` with `prompt_logprobs` for scores and
+`return_token_ids` for samples), backed by the toy teacher; the server sampler's requests and answers; the memory
+estimate without teacher weights."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from helpers import JSONHandler, LoopbackServer, pair_models, quiet
+from transformers import AutoModelForCausalLM
+
+from tropd_cli.config import load_config
+from tropd_cli.distill import distill
+from tropd_cli.engine import run
+from tropd_cli.engine.rollout import SamplingParams
+from tropd_cli.engine.teacher.server import ServerClient, ServerSampler
+from tropd_cli.errors import TeacherUnavailable
+from tropd_cli.models import load_tokenizer
+from tropd_cli.preflight import run_preflight
+
+EOS = 3
+TIMINGS = ("rollout_s", "score_s", "update_s", "tokens_per_s")
+
+
+class ServedTeacher(LoopbackServer):
+    """The model in `folder` served under `name`: prompt log-probs computed in float32 (the top `prompt_logprobs`
+    and the token itself, with vLLM's 1-based ranks), and samples drawn by `generate` with the request's seed.
+    `requests` keeps every completion request's body."""
+
+    def __init__(self, folder, name="teacher"):
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.tokenizer = load_tokenizer(str(folder))
+        self.requests, self.lock = [], threading.Lock()
+        owner = self
+
+        class Handler(JSONHandler):
+            def do_GET(self):
+                self.send_json(200, json.dumps({"data": [{"id": name}]}).encode())
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/detokenize":
+                    answer = {"prompt": owner.tokenizer.decode(body["tokens"])}
+                else:
+                    with owner.lock:
+                        owner.requests.append(body)
+                        answer = owner.complete(body)
+                self.send_json(200, json.dumps(answer).encode())
+
+        super().__init__(Handler)
+
+    @torch.no_grad()
+    def complete(self, body):
+        prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+        if body.get("prompt_logprobs") is not None:
+            return {"choices": [{"index": i, "prompt_logprobs": self.scores(ids, body["prompt_logprobs"])}
+                                for i, ids in enumerate(prompts)]}
+        torch.manual_seed(body["seed"] % 2**32)
+        ids = torch.tensor([prompts[0]])
+        out = self.model.generate(ids, do_sample=body["temperature"] > 0, temperature=body["temperature"] or None,
+                                  top_p=body["top_p"], max_new_tokens=body["max_tokens"],
+                                  num_return_sequences=body["n"], eos_token_id=body["stop_token_ids"], pad_token_id=0)
+        return {"choices": [{"index": i, "token_ids": row[ids.shape[1]:].tolist()} for i, row in enumerate(out)]}
+
+    def scores(self, ids, k):
+        logprobs = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        positions = [None]
+        for j in range(1, len(ids)):
+            row = logprobs[j - 1]
+            ranks = {int(t): r + 1 for r, t in enumerate(torch.argsort(row, descending=True, stable=True)[:k])}
+            ranks.setdefault(ids[j], int((row > row[ids[j]]).sum()) + 1)
+            positions.append({str(t): {"logprob": float(row[t]), "rank": r} for t, r in ranks.items()})
+        return positions
+
+
+@pytest.fixture(scope="module")
+def served(random_pair_dir):
+    server = ServedTeacher(random_pair_dir / "teacher", name=str(random_pair_dir / "teacher"))
+    yield server
+    server.close()
+
+
+def settings(pair, *extra):
+    return [*pair_models(pair), "train.steps=3", "rollout.prompts_per_step=2", "rollout.n=2",
+            "rollout.max_new_tokens=8", "eval.problems=0", "train.lr=1e-3", "train.threads=1",
+            "train.checkpoint_every=0", "output.save_model=false", *extra]
+
+
+def records(folder):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_served_teacher_trains_as_the_teacher_loaded_here_and_never_loads_here(served, random_pair_dir, tmp_path,
+                                                                                  monkeypatch):
+    local = distill(load_config("toylab", settings(random_pair_dir, "objective.name=opd")), "toylab",
+                    out=str(tmp_path / "local"), console=quiet())
+    loads = []
+    real_load = run.load_causal_lm
+    monkeypatch.setattr(run, "load_causal_lm", lambda spec, *a, **k: loads.append(spec) or real_load(spec, *a, **k))
+    remote = distill(load_config("toylab", settings(random_pair_dir, "objective.name=opd", "teacher.backend=server",
+                                                    f"teacher.url={served.url}")),
+                     "toylab", out=str(tmp_path / "served"), console=quiet())
+    assert loads == [str(random_pair_dir / "student")]  # the student only
+    assert remote.summary["teacher_loaded_here"] is False and local.summary["teacher_loaded_here"] is True
+    here, there = records(local.run_dir), records(remote.run_dir)
+    assert len(here) == len(there) == 3
+    for a, b in zip(here, there):
+        assert a.pop("teacher_entropy") > 0  # a server gives no full-vocabulary entropy; the rest is the same
+        assert a.keys() == b.keys(), a.keys() ^ b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_teacher_samples_come_from_the_server(served, random_pair_dir, tmp_path):
+    served.requests.clear()
+    result = distill(load_config("toylab", settings(random_pair_dir, "objective.name=seqkd", "teacher.backend=server",
+                                                    f"teacher.url={served.url}", "train.steps=2")),
+                     "toylab", out=str(tmp_path / "seqkd"), console=quiet())
+    assert result.summary["status"] == "finished"
+    samples = [body for body in served.requests if body.get("return_token_ids")]
+    assert len(samples) == 2 * 2  # two prompts a step, one request each
+    assert all(body["n"] == 2 and body["max_tokens"] == 8 and body["temperature"] == 1.0 for body in samples)
+    assert len({body["seed"] for body in samples}) == 4
+
+
+def test_the_server_sampler_cuts_at_stop_ids_repeats_greedy_and_seeds_each_prompt(served):
+    client = ServerClient(served.url, retries=0)
+    sampler = ServerSampler(client, "teacher", [EOS], max_concurrency=2)
+    served.requests.clear()
+    prompts = [[1, 5, 6], [1, 7]]
+    first = sampler.generate(prompts, 3, SamplingParams(6, temperature=1.0), generator_seed=11)
+    again = sampler.generate(prompts, 3, SamplingParams(6, temperature=1.0), generator_seed=11)
+    assert first.response_ids == again.response_ids and first.prompt_index == [0, 0, 0, 1, 1, 1]
+    for response, done in zip(first.response_ids, first.finished):
+        assert (EOS in response) == done and (not done or response.index(EOS) == len(response) - 1)
+        assert len(response) <= 6
+    bodies = served.requests[:2]
+    assert {body["seed"] for body in bodies} != {bodies[0]["seed"]} and all(b["stop_token_ids"] == [EOS]
+                                                                             for b in bodies)
+    greedy = sampler.generate(prompts, 2, SamplingParams(6, temperature=0.0), generator_seed=0)
+    assert greedy.response_ids[0] == greedy.response_ids[1] and served.requests[-1]["n"] == 1
+
+
+def test_samples_without_token_ids_stop_the_step_in_one_line():
+    class Old(JSONHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_json(200, json.dumps({"choices": [{"index": 0, "text": "4"}]}).encode())
+
+    server = LoopbackServer(Old)
+    try:
+        with pytest.raises(TeacherUnavailable) as error:
+            ServerSampler(ServerClient(server.url, retries=0), "teacher", [EOS]).generate(
+                [[1, 5]], 1, SamplingParams(4), 0)
+    finally:
+        server.close()
+    assert str(error.value) == (f"teacher server {server.url} returned samples without their index or token ids (a "
+                                "vLLM server older than 0.10 does not return them)")
+
+
+def test_the_memory_estimate_counts_no_teacher_weights_when_it_is_served(served, random_pair_dir):
+    here = run_preflight(load_config("toylab", settings(random_pair_dir)))
+    there = run_preflight(load_config("toylab", settings(random_pair_dir, "teacher.backend=server",
+                                                         f"teacher.url={served.url}")))
+    rows_here, rows_there = dict(here.memory.rows), dict(there.memory.rows)
+    assert rows_there.pop("teacher weights: none here (served)") == 0
+    assert next(size for name, size in rows_here.items() if name.startswith("teacher weights (")) > 0
+    assert there.memory.total < here.memory.total
+    assert there.served_model == str(random_pair_dir / "teacher") and here.served_model is None
