@@ -68,7 +68,7 @@ demo: install
 test: test-main test-vllm
 
 test-main: install
-	$(VENV)/bin/ruff check tropd_cli tests bench
+	$(VENV)/bin/ruff check tropd_cli tests bench tools
 	$(PY) -m pytest -q -m "not vllm"
 
 # One engine start-up per test module (module-scoped fixtures); vLLM's CPU worker binds its own threads.
@@ -82,7 +82,7 @@ test-slow: install
 	$(PY) -m pytest -q -m "slow and not vllm"
 
 lint: install
-	$(VENV)/bin/ruff check tropd_cli tests bench
+	$(VENV)/bin/ruff check tropd_cli tests bench tools
 
 toylab: install
 	$(VENV)/bin/tropd toylab build

@@ -85,5 +85,7 @@ def test_an_in_process_vllm_teacher_is_held_once_and_its_engine_samples(vllm_pai
     assert cli.main(["distill", "-p", "toylab", *args, "--out", str(out)]) == 0
     assert loads == [str(vllm_pair_dir / "student")]
     assert samples == [2, 2]  # each step's teacher samples, n=2, from the teacher's engine
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("sampler_logprob_gap" not in record for record in records)  # the teacher's are not the student's
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["teacher_loaded_here"] is True

@@ -45,7 +45,8 @@ def imports(name: str, path: Path, tree: ast.AST, known: set[str]) -> set[str]:
 
 
 def room(module: str) -> str:
-    return ".".join(module.split(".")[:3]) if module.startswith("tropd_cli.engine.") else ".".join(module.split(".")[:2])
+    depth = 3 if module.startswith("tropd_cli.engine.") else 2
+    return ".".join(module.split(".")[:depth])
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:

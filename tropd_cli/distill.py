@@ -168,6 +168,7 @@ def resume(run_dir: Path, overrides: list[str] | None = None, console: Console |
         summary = RunSummary.from_json(state["summary"])
         summary.steps, summary.status, summary.error = config.train.steps, "running", None
         summary.config_sha256 = config_sha256(resolved)
+        summary.teacher_loaded_here = teacher_loaded_here(config)  # teacher.url may now name a server
         summary.resumed_from = [*summary.resumed_from, step]
         write_config(run, config, summary.preset)
         newer = [later for later, _ in run.list_checkpoints() if later > step]

@@ -140,6 +140,7 @@ def test_the_server_sampler_cuts_at_stop_ids_repeats_greedy_and_seeds_each_promp
         assert (EOS in response) == done and (not done or response.index(EOS) == len(response) - 1)
         assert len(response) <= 6
     bodies = served.requests[:2]
+    assert all(body["top_k"] == 0 and body["min_p"] == 0 and body["repetition_penalty"] == 1 for body in bodies)
     assert {body["seed"] for body in bodies} != {bodies[0]["seed"]} and all(b["stop_token_ids"] == [EOS]
                                                                              for b in bodies)
     greedy = sampler.generate(prompts, 2, SamplingParams(6, temperature=0.0), generator_seed=0)
@@ -172,3 +173,16 @@ def test_the_memory_estimate_counts_no_teacher_weights_when_it_is_served(served,
     assert next(size for name, size in rows_here.items() if name.startswith("teacher weights (")) > 0
     assert there.memory.total < here.memory.total
     assert there.served_model == str(random_pair_dir / "teacher") and here.served_model is None
+
+
+def test_a_served_teachers_weights_are_not_checked_here(tmp_path):
+    """Pickle-only weights are refused for a teacher loaded here, not for one a server holds."""
+    from tropd_cli.preflight.pairs import weights_check
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    here = load_config("toylab", [f"teacher.model={folder}"])
+    there = load_config("toylab", [f"teacher.model={folder}", "teacher.backend=server", "teacher.url=http://x:1"])
+    assert weights_check(here).error.startswith(f"teacher model '{folder}' has pickle weights only")
+    assert weights_check(there).error is None

@@ -1,12 +1,12 @@
 """The run wired in one room: from the configuration's values, once, everything a Trainer needs.
 
-`wire` loads the pair (the student from a checkpoint when resuming; the teacher as a torch module only with
-teacher.backend=hf: a served teacher's weights never load here, an in-process vLLM teacher is held once, by its
-engine), looks the objective up, and builds the strategy, the student's rollout backend, the teacher's scorer and
-sampler (the server or the vLLM engine that scores also samples), the teacher-response source and the prompt
-stream, in that order (the order fixes what the random streams see, so it is part of the pinned
-numbers). The Trainer receives them ready and builds none itself; `distill.py` owns the folder, the loop's
-telemetry, checkpoints and evaluation around it. Each factory here reads the few settings it needs.
+`wire` looks the objective up and builds, in this order, the strategy, the pair (the student from a checkpoint
+when resuming; the teacher as a torch module only with teacher.backend=hf: a served teacher's weights never load
+here, an in-process vLLM teacher is held once, by its engine), the student's rollout backend, the teacher's
+scorer and sampler (the server or the vLLM engine that scores also samples), the teacher-response source and the
+prompt stream. The order fixes what the random streams see, so it is part of the pinned numbers. The Trainer
+receives them ready and builds none itself; `distill.py` owns the folder, the loop's telemetry, checkpoints and
+evaluation around it. Each factory here reads the few settings it needs.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ carry. Knows nothing about files, the command line, the backends' internals or t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -213,7 +214,7 @@ class Trainer:
         if spec.sequences == "teacher_responses":
             return guidance.reference_rollouts(prompt_ids, self.teacher_responses(prompt_ids)), False, None
         if spec.sequences == "teacher_samples":
-            return self.teacher_backend.generate(prompt_ids, config.rollout.n, params, seed), False, None
+            return self._teacher_samples(prompt_ids, params, seed), False, None
         if config.objective.guidance:
             rollouts, prefix_lengths = guidance.guided_rollouts(
                 self.backend, prompt_ids, self.teacher_responses(prompt_ids), self.step, config.train.steps,
@@ -223,8 +224,15 @@ class Trainer:
         if spec.on_policy_fraction is not None:
             coin = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, Stream.GKD_COIN))
             on_policy = float(torch.rand((), generator=coin)) < spec.on_policy_fraction(config.objective)
-        backend = self.backend if on_policy else self.teacher_backend
-        return backend.generate(prompt_ids, config.rollout.n, params, seed), on_policy, None
+        if not on_policy:
+            return self._teacher_samples(prompt_ids, params, seed), False, None
+        return self.backend.generate(prompt_ids, config.rollout.n, params, seed), True, None
+
+    def _teacher_samples(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> Rollouts:
+        """The teacher's samples, without a sampler's log-probs: those compare the student's sampler with the
+        student (a vLLM engine that samples the teacher reports the teacher's)."""
+        rollouts = self.teacher_backend.generate(prompt_ids, self.config.rollout.n, params, seed)
+        return dataclasses.replace(rollouts, logprobs=None)
 
     def train_step(self) -> dict[str, float]:
         """One rollout batch and `updates_per_batch` optimizer steps; returns the step's telemetry."""

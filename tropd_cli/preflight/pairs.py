@@ -166,8 +166,10 @@ def objective_check(config: RunConfig, configs: tuple[PretrainedConfig, Pretrain
 
 def weights_check(config: RunConfig) -> Check:
     """Both models must have safetensors weights: tropd never unpickles weights (a pickle-only folder is
-    refused here, with how to convert it, as distill's loader would refuse it)."""
-    for role, section in (("teacher", config.teacher), ("student", config.student)):
+    refused here, with how to convert it, as distill's loader would refuse it). A served teacher's weights are the
+    server's concern."""
+    sections = (("teacher", config.teacher), ("student", config.student))
+    for role, section in sections[config.teacher.backend == "server":]:
         try:
             check_safetensors(section.model)
         except TropdError as error:

@@ -235,6 +235,12 @@ class ServerTeacherScorer:
                 from None
 
 
+# What a server would otherwise take from the model's generation_config.json (vLLM's `--generation-config auto`,
+# its default; Qwen's sets top_k=20): the teacher samples from its whole distribution, as the HF sampler does.
+PLAIN_SAMPLING = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                  "frequency_penalty": 0.0}
+
+
 class ServerSampler:
     """The teacher's samples from the server (`RolloutBackend`): seqkd's responses, gkd's off-policy steps and
     in-run teacher responses, when the teacher is served and not loaded here. One `/v1/completions` request per
@@ -259,7 +265,8 @@ class ServerSampler:
         bodies = [{"model": self.model, "prompt": list(ids), "n": 1 if greedy else n,
                    "temperature": params.temperature, "top_p": 1.0 if greedy else params.top_p,
                    "max_tokens": params.max_new_tokens, "stop_token_ids": self.eos_token_ids,
-                   "seed": seeds.getrandbits(63), "return_token_ids": True, "skip_special_tokens": False}
+                   "seed": seeds.getrandbits(63), "return_token_ids": True, "skip_special_tokens": False,
+                   **PLAIN_SAMPLING}
                   for ids in prompt_ids]
         with ThreadPoolExecutor(min(self.max_concurrency, len(bodies)) or 1) as pool:
             answers = list(pool.map(self._complete, bodies))
