@@ -115,6 +115,23 @@ def test_the_served_teachers_scores_equal_the_hf_scorers(server_url, batch, refe
     assert_scores_equal(scorer.score(batch, TOP_K), reference)
 
 
+def test_the_servers_samples_are_token_ids_greedy_as_hf_and_seeded(server_url, vllm_pair_dir):
+    """The server sampler on vLLM's real server: `return_token_ids` gives the samples' ids; greedy ones equal HF
+    generate's on the same weights; a seed gives the same samples again."""
+    from tropd_cli.engine.rollout import HFGenerateBackend, SamplingParams
+    from tropd_cli.engine.teacher.server import ServerSampler
+
+    teacher = Qwen3ForCausalLM.from_pretrained(vllm_pair_dir / "teacher", dtype=torch.float32).eval()
+    prompts, eos = [[5, 17, 230], [9, 41], [77, 12, 300, 8]], [3]
+    sampler = ServerSampler(ServerClient(server_url), str(vllm_pair_dir / "teacher"), eos, max_concurrency=2)
+    greedy = sampler.generate(prompts, 2, SamplingParams(8, temperature=0.0), 0)
+    expected = HFGenerateBackend(teacher, 0, eos).generate(prompts, 2, SamplingParams(8, temperature=0.0), 0)
+    assert greedy.response_ids == expected.response_ids and greedy.prompt_index == [0, 0, 1, 1, 2, 2]
+    sampled = sampler.generate(prompts, 3, SamplingParams(8), 7)
+    assert sampled.response_ids == sampler.generate(prompts, 3, SamplingParams(8), 7).response_ids
+    assert len(sampled.response_ids) == 9 and all(1 <= len(r) <= 8 for r in sampled.response_ids)
+
+
 def test_the_in_process_vllm_teachers_scores_equal_the_hf_scorers(teacher_engine, batch, reference):
     assert_scores_equal(VLLMTeacherScorer("unused", llm=teacher_engine).score(batch, TOP_K), reference)
 
@@ -243,3 +260,4 @@ def test_a_run_whose_server_dies_resumes_on_another_and_matches_the_uninterrupte
                           f" go on with: tropd distill --resume {out} --set teacher.url=URL")
     assert cli.main(["distill", "--resume", str(out), "--set", f"teacher.url={server_url}"]) == 0
     assert records(out) == records(tmp_path / "reference")
+    assert json.loads((out / "summary.json").read_text())["teacher_loaded_here"] is False
