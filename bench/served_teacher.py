@@ -58,7 +58,7 @@ def free_port() -> int:
 def start_server(url: str, log: Path) -> tuple[subprocess.Popen, float]:
     """`tropd serve-teacher --start` for the preset's teacher at `url`, and the seconds until it answered."""
     command = [sys.executable, "-m", "tropd_cli", "serve-teacher", "--preset", PRESET, "--start",
-               "--set", f"teacher.url={url}", "--set", "rollout.vllm_max_model_len=512"]
+               "--set", f"teacher.url={url}", "--set", "rollout.vllm_max_model_len=256"]
     began = time.perf_counter()
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     while True:
@@ -75,7 +75,7 @@ def distill_run(side: str, url: str, args: argparse.Namespace, folder: Path) -> 
     """One run in its own process; its records' medians and its peak resident memory."""
     settings = [f"train.steps={args.steps}", "eval.problems=0", "eval.every=0", "output.save_model=false",
                 "train.checkpoint_every=0", f"train.threads={args.threads}", f"teacher.backend={side}",
-                "rollout.vllm_enforce_eager=true", "rollout.vllm_kv_cache_gib=0.5", "rollout.vllm_max_model_len=512"]
+                "rollout.vllm_enforce_eager=true", "rollout.vllm_kv_cache_gib=0.5", "rollout.vllm_max_model_len=256"]
     if side == "server":
         settings.append(f"teacher.url={url}")
     command = [sys.executable, "-m", "tropd_cli", "distill", "--preset", PRESET, "--out", str(folder),

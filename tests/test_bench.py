@@ -122,3 +122,19 @@ def test_pinned_drift_compares_every_pinned_value():
     assert [(r["metric"], r["step"]) for r in rows] == [("loss", 1), ("loss", 2), ("grad_norm", 1), ("grad_norm", 2)]
     assert [round(r["relative"], 6) for r in rows] == [0.0, 0.001, 0.0001, 0.0]
     assert pinned_drift.differences({}, reference) == []
+
+
+def test_served_teacher_arguments_and_its_table():
+    import served_teacher
+
+    args = served_teacher.parse_args(["--steps", "4", "--repeats", "1"])
+    assert (args.steps, args.repeats, args.threads) == (4, 1, 1)
+    assert served_teacher.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    side = {"step_s": {"median": 0.5, "min": 0.4, "max": 0.6}, "score_s": {"median": 0.25},
+            "outside_steps_s": {"median": 9.0}, "peak_rss_gib": {"median": 0.75}}
+    report = {"environment": {"cpu": "CPU", "cpu_count": 2}, "steps": 4, "repeats": 1, "server_startup_s": 60.0,
+              "server_rss_gib": 3.5, "command": "python bench/served_teacher.py",
+              "sides": {name: side for name in served_teacher.SIDES}}
+    table = served_teacher.markdown(report)
+    assert "| server | 0.500 (0.400-0.600) | 0.250 | 9.0 | 0.75 |" in table
+    assert "started in 60.0 s and held 3.50 GiB" in table
