@@ -186,3 +186,22 @@ def test_a_served_teachers_weights_are_not_checked_here(tmp_path):
     there = load_config("toylab", [f"teacher.model={folder}", "teacher.backend=server", "teacher.url=http://x:1"])
     assert weights_check(here).error.startswith(f"teacher model '{folder}' has pickle weights only")
     assert weights_check(there).error is None
+
+
+def test_guidance_with_a_served_teacher_samples_its_responses_there_and_resumes_exactly(served, random_pair_dir,
+                                                                                          tmp_path):
+    """Guidance's teacher responses, sampled by the server in the run and cached, survive a resume: a run of four
+    steps resumed from its step-2 checkpoint redoes steps 3 and 4 with the same metrics."""
+    import shutil
+
+    from tropd_cli.distill import resume
+
+    guided = ["objective.name=tropd", "objective.guidance=true", "teacher.backend=server", f"teacher.url={served.url}",
+              "train.steps=4", "train.checkpoint_every=2", "train.checkpoint_keep=0"]
+    served.requests.clear()
+    whole = distill(load_config("toylab", settings(random_pair_dir, *guided)), "toylab", out=str(tmp_path / "whole"),
+                    console=quiet())
+    assert any(body.get("return_token_ids") for body in served.requests)  # responses sampled on the server
+    shutil.copytree(tmp_path / "whole", tmp_path / "again")
+    resumed = resume(tmp_path / "again", console=quiet(), from_step=2)
+    assert records(resumed.run_dir) == records(whole.run_dir)
