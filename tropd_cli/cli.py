@@ -355,7 +355,7 @@ def serve_teacher(
 
     command = teacher_server_command(load_config(preset, set_))
     if start:
-        raise typer.Exit(start_server(command))
+        start_server(command)  # does not return: this process becomes the server
     typer.echo(format_command(command))
 
 

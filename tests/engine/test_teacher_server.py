@@ -232,3 +232,34 @@ def test_the_teacher_must_be_what_the_server_serves(fake):
     assert teacher_names("toylab:teacher", None) == ("toylab:teacher", resolve_model_path("toylab:teacher"))
     assert teacher_names("Qwen/Qwen3-32B", None) == ("Qwen/Qwen3-32B",)
     assert teacher_names("Qwen/Qwen3-32B", "big") == ("big",)
+
+
+def test_serve_teacher_start_becomes_the_server_so_that_stopping_it_leaves_none_running(tmp_path):
+    """`tropd serve-teacher --start` replaces itself by the server (a stand-in `vllm` package here): the pid a
+    supervisor holds is the server's, and SIGTERM to it ends the server, with no orphan left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    from helpers import ROOT
+
+    server = tmp_path / "vllm" / "entrypoints" / "openai"
+    server.mkdir(parents=True)
+    for folder in (tmp_path / "vllm", tmp_path / "vllm" / "entrypoints", server):
+        (folder / "__init__.py").write_text("")
+    marker = tmp_path / "pid"
+    (server / "api_server.py").write_text(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+                                          "time.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "tropd_cli", "serve-teacher", "-p", "toylab", "--start"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not marker.exists() or not marker.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.1)
+    assert int(marker.read_text()) == process.pid
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == -signal.SIGTERM
+    assert not psutil.pid_exists(process.pid)

@@ -334,9 +334,10 @@ def teacher_server_command(config: RunConfig, python: str = "python") -> list[st
     return command + (["--trust-remote-code"] if config.teacher.trust_remote_code else [])
 
 
-def start_server(command: list[str]) -> int:
-    """Run the server in the foreground with this Python (where vLLM must be installed); its exit code."""
-    import subprocess
+def start_server(command: list[str]) -> None:
+    """Become the server: this process is replaced by `command` run with this Python (where vLLM must be
+    installed), so that a signal to it (Ctrl-C, a supervisor's SIGTERM) reaches the server and none is left
+    running behind a stopped tropd."""
     import sys
     from importlib.util import find_spec
 
@@ -344,7 +345,6 @@ def start_server(command: list[str]) -> int:
         from tropd_cli.engine.vllm_engine import vllm_missing
 
         raise TropdError(vllm_missing("tropd serve-teacher --start"))
-    try:
-        return subprocess.call([sys.executable, *command[1:]])
-    except KeyboardInterrupt:
-        return 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *command[1:]])
