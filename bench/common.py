@@ -5,7 +5,8 @@ Both take --quick, --work-dir and --out, exit 130 when stopped and 2 on a one-li
 distillation through `tropd_cli.distill.distill` and reuse a run already done with the same chosen settings
 (preset keys and overrides), so that an interrupted comparison resumes where it stopped; both keep a ledger
 of each run's wall time and one of their invocations in the work folder, and report means with sample
-standard deviations, as percentages, with PNG plots written atomically. Not a script: imported by them.
+standard deviations, as percentages, with PNG plots written atomically. Not a script: imported by them, and
+by the other benchmarks for `publish` (a report's JSON and markdown, written atomically).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rich.console import Console
 from tropd_cli.config import RunConfig, apply_override, dotted, preset_path
 from tropd_cli.distill import distill
 from tropd_cli.errors import Interrupted, TropdError
-from tropd_cli.files import atomic_write_json
+from tropd_cli.files import atomic_write_json, atomic_write_text
 from tropd_cli.runfolder import RunFolder
 
 RESULTS = Path(__file__).resolve().parent / "results"  # where a full comparison's report goes by default
@@ -190,3 +191,12 @@ def save_png(figure, path: Path) -> None:
     figure.savefig(temporary, format="png")
     pyplot().close(figure)
     os.replace(temporary, path)
+
+
+def publish(out: Path, stem: str, report: dict, text: str) -> None:
+    """A benchmark's report as OUT/STEM.json and its markdown as OUT/STEM.md (both atomic), and the markdown
+    printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"{stem}.json", report)
+    atomic_write_text(out / f"{stem}.md", text)
+    print(text)

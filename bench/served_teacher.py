@@ -123,9 +123,9 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     import psutil
+    from common import publish
 
     from tropd_cli.environment import describe
-    from tropd_cli.files import atomic_write_json, atomic_write_text
 
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tropd-bench-served-"))
@@ -147,11 +147,7 @@ def main(argv: list[str] | None = None) -> None:
               "sides": {side: {key: spread([r[side][key] for r in rounds])
                                for key in ("step_s", "score_s", "outside_steps_s", "peak_rss_gib", "wall_s")}
                         for side in SIDES}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "served_teacher.json", report)
-    text = markdown(report)
-    atomic_write_text(args.out / "served_teacher.md", text)
-    print(text)
+    publish(args.out, "served_teacher", report, markdown(report))
 
 
 if __name__ == "__main__":

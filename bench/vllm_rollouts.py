@@ -248,8 +248,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from common import publish
+
     from tropd_cli.environment import describe
-    from tropd_cli.files import atomic_write_json, atomic_write_text
 
     args = parse_args(argv)
     if args.threads:
@@ -265,11 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"command": " ".join([sys.executable, *sys.argv]), "environment": describe(command=sys.argv),
               "args": {key: value if isinstance(value, (int, list)) else str(value)
                        for key, value in vars(args).items()}, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "vllm_rollouts.json", report)
-    text = markdown(report)
-    atomic_write_text(args.out / "vllm_rollouts.md", text)
-    print(text)
+    publish(args.out, "vllm_rollouts", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -138,3 +138,14 @@ def test_served_teacher_arguments_and_its_table():
     table = served_teacher.markdown(report)
     assert "| server | 0.500 (0.400-0.600) | 0.250 | 9.0 | 0.75 |" in table
     assert "started in 60.0 s and held 3.50 GiB" in table
+
+
+def test_publish_writes_a_reports_json_and_markdown_and_prints_it(tmp_path, capsys):
+    import json
+
+    from common import publish
+
+    publish(tmp_path / "out", "name", {"command": "c", "value": 1.5}, "# table")
+    assert json.loads((tmp_path / "out" / "name.json").read_text()) == {"command": "c", "value": 1.5}
+    assert (tmp_path / "out" / "name.md").read_text() == "# table"
+    assert capsys.readouterr().out == "# table\n"

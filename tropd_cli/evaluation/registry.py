@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tropd_cli.data import is_generator
 from tropd_cli.data.generators import get_generator
@@ -72,18 +72,12 @@ class Benchmark(BaseModel):
     max_new_tokens: int = Field(ge=1)
     problems: int | None = Field(None, ge=1)
 
-    @field_validator("source")
+    @field_validator("source", "grader")
     @classmethod
-    def _known_source(cls, value: str) -> str:
-        if value not in SOURCES and not is_generator(value):
-            raise ValueError(f"source should be {', '.join(SOURCES)} or a prompt generator, not {value!r}")
-        return value
-
-    @field_validator("grader")
-    @classmethod
-    def _known_grader(cls, value: str) -> str:
-        if value not in GRADERS and not is_generator(value):
-            raise ValueError(f"grader should be {', '.join(GRADERS)} or a prompt generator, not {value!r}")
+    def _known(cls, value: str, info: ValidationInfo) -> str:
+        names = SOURCES if info.field_name == "source" else GRADERS
+        if value not in names and not is_generator(value):
+            raise ValueError(f"{info.field_name} should be {', '.join(names)} or a prompt generator, not {value!r}")
         return value
 
 
