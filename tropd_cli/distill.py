@@ -334,14 +334,12 @@ class DistillLoop:
         if not (self.fresh and self.held_out.enabled):
             return
         teacher = self.trainer.models.teacher
-        if self.config.eval.teacher and teacher is None:
-            self.console.print(f"teacher accuracy: not measured, teacher.backend={self.config.teacher.backend} "
-                               "holds the teacher outside torch; set eval.teacher=false to drop this line",
-                               highlight=False)
         with self.console.status("evaluating before training"):
             if self.config.eval.teacher and teacher is not None:
                 with self.wired.teacher_gathered():
                     summary.teacher_accuracy = self.held_out.accuracy(teacher)
+            elif self.config.eval.teacher:  # sampled where the teacher is: its vLLM engine or its server
+                summary.teacher_accuracy = self.held_out.accuracy(self.wired.teacher_sampler)
             summary.student_eval_before = self.measure(self.student)
             summary.student_accuracy_before = summary.student_eval_before["accuracy"]
 

@@ -205,3 +205,24 @@ def test_guidance_with_a_served_teacher_samples_its_responses_there_and_resumes_
     shutil.copytree(tmp_path / "whole", tmp_path / "again")
     resumed = resume(tmp_path / "again", console=quiet(), from_step=2)
     assert records(resumed.run_dir) == records(whole.run_dir)
+
+
+def test_a_served_teachers_held_out_accuracy_is_measured_on_the_servers_samples(tmp_path):
+    """The toy student served as the teacher: its greedy held-out accuracy measured on the server's samples equals
+    the accuracy measured with it loaded here, and one greedy request per problem reached the server."""
+    from tropd_cli.models import TOYLAB_ASSETS
+
+    server = ServedTeacher(TOYLAB_ASSETS / "student", name="toylab:student")
+    try:
+        common = ["teacher.model=toylab:student", "train.steps=1", "rollout.prompts_per_step=2", "rollout.n=2",
+                  "rollout.max_new_tokens=48", "eval.problems=16", "eval.temperature=0", "eval.every=0",
+                  "train.threads=1", "train.checkpoint_every=0", "output.save_model=false"]
+        here = distill(load_config("toylab", common), "toylab", out=str(tmp_path / "here"), console=quiet())
+        there = distill(load_config("toylab", [*common, "teacher.backend=server", f"teacher.url={server.url}"]),
+                        "toylab", out=str(tmp_path / "there"), console=quiet())
+    finally:
+        server.close()
+    assert 0 < here.summary["teacher_accuracy"] < 1
+    assert there.summary["teacher_accuracy"] == here.summary["teacher_accuracy"]
+    greedy = [body for body in server.requests if body.get("return_token_ids")]
+    assert len(greedy) == 16 and all(body["temperature"] == 0 and body["n"] == 1 for body in greedy)

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tropd_cli.data import GENERATORS
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
     from tropd_cli.config import RunConfig
     from tropd_cli.data.rows import PromptRow
+    from tropd_cli.engine.generation import Generator
 
 
 class GeneratedProblem(Protocol):
@@ -55,8 +55,9 @@ class GeneratorSpec:
     held_out: Callable[[int, int, RunConfig | None], list[GeneratedProblem]]
     # the benchmark's grader: (response, gold answer) -> (the answer read, correct)
     grade: Callable[[str, str], tuple[str | None, bool]]
-    # a run's held-out evaluation: (model, tokenizer, problems, config, k, temperature) -> accuracy and more
-    measure: Callable[[torch.nn.Module, PreTrainedTokenizerBase, list[Any], RunConfig, int, float], dict[str, float]]
+    # a run's held-out evaluation: (model or sampler, tokenizer, problems, config, k, temperature) -> accuracy and
+    # more
+    measure: Callable[[Generator, PreTrainedTokenizerBase, list[Any], RunConfig, int, float], dict[str, float]]
     # preflight's memory probe: (config, count) -> a seeded sample of prompt texts like training's
     probe_prompts: Callable[[RunConfig, int], list[str]]
 

@@ -55,6 +55,7 @@ class WiredRun:
     strategy: SingleDevice
     backend: RolloutBackend  # the student's sampler, closed when the run ends
     teacher_gathered: Callable[[], contextlib.AbstractContextManager]  # the teacher whole (to generate)
+    teacher_sampler: RolloutBackend  # the teacher's samples: its module here, its vLLM engine or its server
 
 
 def wire(config: RunConfig, preflight: Preflight, device: torch.device, checkpoint: Path | None = None,
@@ -91,7 +92,7 @@ def wire(config: RunConfig, preflight: Preflight, device: torch.device, checkpoi
                       objective=spec, teacher_scorer=scorer, strategy=strategy,
                       teacher_backend=GatheredBackend(teacher_backend, teacher_gathered),
                       teacher_responses=teacher_responses)
-    return WiredRun(trainer, strategy, backend, teacher_gathered)
+    return WiredRun(trainer, strategy, backend, teacher_gathered, trainer.teacher_backend)
 
 
 def student_lora(lora: LoraConfig) -> LoraSpec | None:

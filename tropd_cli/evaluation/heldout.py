@@ -17,14 +17,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.config import RunConfig
 from tropd_cli.data import is_generator
 from tropd_cli.data.chat import chat_prompt_ids
 from tropd_cli.data.generators import GeneratorSpec, get_generator
-from tropd_cli.engine.generation import generate_texts
+from tropd_cli.engine.generation import Generator, generate_texts
 from tropd_cli.engine.rollout import SamplingParams
 from tropd_cli.errors import TropdError
 from tropd_cli.evaluation.graders import grade_all
@@ -86,11 +85,11 @@ class HeldOut:
                 **({"greedy": True} if eval_.greedy and eval_.temperature > 0 else {}),
                 **({"fingerprint": self.fingerprint} if self.fingerprint else {})}
 
-    def accuracy(self, model: torch.nn.Module) -> float:
-        """avg@k of `model` on the held-out problems."""
+    def accuracy(self, model: Generator) -> float:
+        """avg@k of `model` (a torch module, or a sampler: a served or vLLM teacher) on the held-out problems."""
         return self._measure(model, self.config.eval.k, self.config.eval.temperature)["accuracy"]
 
-    def measure(self, model: torch.nn.Module) -> dict[str, float]:
+    def measure(self, model: Generator) -> dict[str, float]:
         """avg@k of `model` on the held-out problems (`accuracy`), with `eval.greedy` also the greedy
         accuracy, and what a generator reports besides (the toy lab: slip rate and format coverage)."""
         eval_ = self.config.eval
@@ -99,7 +98,7 @@ class HeldOut:
             measured["greedy_accuracy"] = self._measure(model, 1, 0.0)["accuracy"]
         return measured
 
-    def _measure(self, model: torch.nn.Module, k: int, temperature: float) -> dict[str, float]:
+    def _measure(self, model: Generator, k: int, temperature: float) -> dict[str, float]:
         config = self.config
         if self.generator is not None:
             return self.generator.measure(model, self.tokenizer, self.problems, config, k, temperature)

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.data.chat import chat_prompt_ids
-from tropd_cli.engine.generation import generate_texts
+from tropd_cli.engine.generation import Generator, generate_texts
 from tropd_cli.engine.rollout import SamplingParams
 from tropd_cli.toylab.tasks import Problem, ScratchpadProfile, Verdict, grade
 
@@ -39,10 +38,11 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> li
     return chat_prompt_ids(tokenizer, problem.prompt)
 
 
-def toy_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],
+def toy_accuracy(model: Generator, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],
                  k: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
                  seed: int = 0, batch_size: int = 256) -> AccuracyReport:
-    """Grade `k` samples per problem (temperature 0: one greedy sample counted k times)."""
+    """Grade `k` samples per problem (temperature 0: one greedy sample counted k times) of `model` (a torch module
+    or a sampler)."""
     n = 1 if temperature == 0 else k
     rollouts, texts = generate_texts(model, tokenizer, [prompt_token_ids(tokenizer, p) for p in problems], n,
                                      SamplingParams(max_new_tokens, temperature, top_p), seed, batch_size)

@@ -15,12 +15,12 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.config import RunConfig
 from tropd_cli.data.generators import GeneratorSpec
 from tropd_cli.data.rows import PromptRow
+from tropd_cli.engine.generation import Generator
 from tropd_cli.toylab.accuracy import prompt_token_ids, toy_accuracy
 from tropd_cli.toylab.tasks import (
     Difficulty,
@@ -86,9 +86,10 @@ def grade_answer(response: str, gold: str) -> tuple[str | None, bool]:
     return extract_answer(response), grade(response, int(gold)) is Verdict.CORRECT
 
 
-def measure(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],
+def measure(model: Generator, tokenizer: PreTrainedTokenizerBase, problems: list[Problem],
             config: RunConfig, k: int, temperature: float) -> dict[str, float]:
-    """avg@k on `problems` as the toy lab measures it, with the samples' slip rate and format coverage."""
+    """avg@k of `model` (a torch module or a sampler) on `problems` as the toy lab measures it, with the samples'
+    slip rate and format coverage."""
     report = toy_accuracy(model, tokenizer, problems, k=k, temperature=temperature,
                           max_new_tokens=config.rollout.max_new_tokens, seed=config.eval.seed,
                           batch_size=config.rollout.batch_size)

@@ -1,0 +1,48 @@
+"""Greedy parity of vLLM's engine with HF generate on the shipped v2 toy models (head_dim 64), the vLLM lane only:
+the same responses token for token and the same held-out accuracy, graded as the toy lab grades; and a frozen
+teacher's engine measuring a run's held-out accuracy through `HeldOut`, as a `teacher.backend: vllm` run does."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (the vLLM lane, `make test-vllm`, has it)")
+
+from tropd_cli.config import load_config  # noqa: E402
+from tropd_cli.engine.generation import generate_texts  # noqa: E402
+from tropd_cli.engine.rollout import SamplingParams  # noqa: E402
+from tropd_cli.engine.rollout.vllm import VLLMRolloutBackend  # noqa: E402
+from tropd_cli.engine.vllm_engine import EngineOptions  # noqa: E402
+from tropd_cli.evaluation.heldout import HeldOut  # noqa: E402
+from tropd_cli.models import TOYLAB_ASSETS, load_causal_lm, load_tokenizer  # noqa: E402
+from tropd_cli.toylab.accuracy import prompt_token_ids, toy_accuracy  # noqa: E402
+from tropd_cli.toylab.build import EVAL_V2  # noqa: E402
+from tropd_cli.toylab.tasks import V2_DIFFICULTY, sample_problems  # noqa: E402
+
+PROBLEMS = 60
+OPTIONS = EngineOptions(dtype="float32", enforce_eager=True, kv_cache_gib=0.25, max_model_len=256)
+
+
+@pytest.mark.parametrize("name", ["v2-teacher", "v2-student-e0.03"])
+def test_greedy_answers_and_held_out_accuracy_through_vllm_equal_hf_on_the_v2_models(name):
+    folder = TOYLAB_ASSETS / name
+    tokenizer = load_tokenizer(str(folder))
+    problems = sample_problems(EVAL_V2["seed"], PROBLEMS, V2_DIFFICULTY, held_out=True)
+    model = load_causal_lm(f"toylab:{name}", "float32", torch.device("cpu"), trainable=False)
+    engine = VLLMRolloutBackend(str(folder), None, [tokenizer.eos_token_id], OPTIONS)
+    try:
+        prompts = [prompt_token_ids(tokenizer, problem) for problem in problems]
+        greedy = SamplingParams(EVAL_V2["max_new_tokens"], temperature=0.0)
+        there, _ = generate_texts(engine, tokenizer, prompts, 1, greedy, 0)
+        here, _ = generate_texts(model, tokenizer, prompts, 1, greedy, 0)
+        assert there.response_ids == here.response_ids and there.finished == here.finished
+        by_engine = toy_accuracy(engine, tokenizer, problems, max_new_tokens=EVAL_V2["max_new_tokens"])
+        by_hf = toy_accuracy(model, tokenizer, problems, max_new_tokens=EVAL_V2["max_new_tokens"])
+        assert by_engine.correct_per_problem == by_hf.correct_per_problem and 0 < by_hf.accuracy
+        if name == "v2-teacher":  # a run's held-out evaluation with the teacher's engine as its sampler
+            config = load_config("toylab-v2", ["eval.problems=24", "eval.temperature=0"])
+            held_out = HeldOut(config, tokenizer, [tokenizer.eos_token_id])
+            assert held_out.accuracy(engine) == held_out.accuracy(model)
+    finally:
+        engine.close()
+        del engine
