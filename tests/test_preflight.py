@@ -265,3 +265,28 @@ def test_doctor_nproc_estimates_memory_per_rank_for_the_strategy(capsys):
                                           nproc=2).rows)
     assert rows["teacher weights (float32, none, 1/2 per rank)"] == rows_one["teacher weights (float32, none)"] // 2
     assert "teacher weights gathered whole while generating" not in rows  # tropd: the teacher never generates
+
+
+def test_a_vllm_engine_counts_its_weights_and_cache_once_or_its_share_of_the_device():
+    """teacher.backend=vllm: the engine's copy is the teacher's only one, with its KV cache (rollout.vllm_kv_cache_gib)
+    or, when vLLM sizes the cache, the device share it claims; rollout.backend=vllm: the student's engine replaces the
+    HF rollout KV cache."""
+    teacher, student = (new_toy_model(size, seed=0) for size in ("teacher", "student"))
+    cpu = torch.device("cpu")
+
+    def rows(*settings):
+        config = load_config("toylab", ["eval.problems=0", *settings])
+        return dict(preflight.estimate_memory(config, cpu, teacher, student, 20, free=2**40, device_total=2**34).rows)
+
+    hf = rows()
+    teacher_weights = hf["teacher weights (float32, none)"]
+    sized = rows("teacher.backend=vllm", "rollout.vllm_kv_cache_gib=0.5")
+    assert "teacher weights (float32, none)" not in sized
+    assert sized["teacher vLLM engine (weights + 0.5 GiB KV cache)"] == teacher_weights + 2**29
+    shared = rows("teacher.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.25")
+    assert shared["teacher vLLM engine (0.25 of the device, rollout.vllm_gpu_memory_utilization)"] == 2**32
+    rollouts = rows("rollout.backend=vllm", "rollout.vllm_kv_cache_gib=1")
+    assert not any(label.startswith("rollout KV cache") for label in rollouts)
+    student_weights = next(size for label, size in hf.items() if label.startswith("student weights"))
+    assert rollouts["student's vLLM engine (weights + 1 GiB KV cache)"] == student_weights + 2**30
+    assert sum(rollouts.values()) > sum(hf.values())

@@ -166,12 +166,36 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def total_memory(device: torch.device) -> int:
+    """Bytes a CUDA device has in all, or this machine's memory: what vLLM's memory share is a fraction of."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def engine_row(whose: str, weights: int, config: RunConfig, device_total: int) -> tuple[str, int]:
+    """A vLLM engine's memory: its weights and a KV cache of rollout.vllm_kv_cache_gib, or, when vLLM sizes the
+    cache, the share rollout.vllm_gpu_memory_utilization of the device that vLLM claims for weights and cache."""
+    rollout = config.rollout
+    if rollout.vllm_kv_cache_gib is not None:
+        return (f"{whose} vLLM engine (weights + {rollout.vllm_kv_cache_gib:g} GiB KV cache)",
+                weights + int(rollout.vllm_kv_cache_gib * 2**30))
+    share = rollout.vllm_gpu_memory_utilization
+    return (f"{whose} vLLM engine ({share:g} of the device, rollout.vllm_gpu_memory_utilization)",
+            max(weights, int(share * device_total)))
+
+
 def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.Module, student: torch.nn.Module,
                     prompt_tokens: int, free: int | None = None, prepared: PreparedFolder | None = None,
-                    nproc: int = 1) -> MemoryEstimate:
+                    nproc: int = 1, device_total: int | None = None) -> MemoryEstimate:
     """A rough peak-memory estimate of `tropd distill` from meta-device models and the config's sizes, per
-    rank on `nproc` processes; `free` defaults to the device's free memory now; `prepared` is the run's
-    prepared folder, if any."""
+    rank on `nproc` processes; `free` defaults to the device's free memory now and `device_total` to its whole
+    memory (what a vLLM engine's share is of); `prepared` is the run's prepared folder, if any.
+
+    A vLLM engine (`teacher.backend: vllm`, `rollout.backend: vllm`) counts as held through the run: the
+    teacher's never sleeps, and the student's sleeps only between rollouts (the peak is while it samples)."""
     from tropd_cli.engine.strategy import resolve_strategy
 
     t, s, rollout, train = config.teacher, config.student, config.rollout, config.train
@@ -190,8 +214,9 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     mixed = autocast_dtype(train.autocast, device)
     compute = {dtype: name for name, dtype in DTYPES.items()}.get(mixed)  # autocast: 16-bit KV and activations
     served = t.backend == "server"  # the server holds the teacher's weights and KV cache, and samples
-    kv = kv_cache_bytes(student, compute or s.dtype, sequences, length)
-    if teacher_samples(config, prepared) and not served:
+    teacher_engine, student_engine = t.backend == "vllm", rollout.backend == "vllm"  # engines hold their own caches
+    kv = 0 if student_engine else kv_cache_bytes(student, compute or s.dtype, sequences, length)
+    if teacher_samples(config, prepared) and t.backend == "hf":
         kv = max(kv, kv_cache_bytes(teacher, compute or t.dtype, sequences, length))
     micro = min(train.micro_batch_size, sequences)
     vocab = max(vocab_rows(model) for model in ((student,) if served else (teacher, student)))
@@ -200,15 +225,27 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     teacher_shards = nproc if t.shard and nproc > 1 else 1
     teacher_weights = 0 if served else weight_bytes(teacher, t.dtype, t.quantization)
     gathered_teacher = teacher_shards > 1 and teacher_samples(config, prepared)
+    device_total = total_memory(device) if device_total is None and (teacher_engine or student_engine) \
+        else device_total
+    if served:
+        teacher_row = ("teacher weights: none here (served)", 0)
+    elif teacher_engine:  # the engine's copy is the only one
+        teacher_row = engine_row("teacher", teacher_weights, config, device_total)
+    else:
+        teacher_row = (f"teacher weights ({t.dtype}, {t.quantization}"
+                       f"{f', 1/{teacher_shards} per rank' if teacher_shards > 1 else ''})",
+                       teacher_weights // teacher_shards)
+    engine_dtype = compute or s.dtype  # the student's engine samples in the dtype the trainer computes in
     rows = [
-        ("teacher weights: none here (served)" if served else f"teacher weights ({t.dtype}, {t.quantization}"
-         f"{f', 1/{teacher_shards} per rank' if teacher_shards > 1 else ''})", teacher_weights // teacher_shards),
+        teacher_row,
         *([("teacher weights gathered whole while generating", teacher_weights)] if gathered_teacher else []),
         (f"student weights ({s.dtype}, {s.quantization}{', LoRA' if s.lora.enabled else ''}{sharded})",
          student_weights // shards),
         *([("student weights gathered whole while generating", student_weights)] if shards > 1 else []),
         (f"gradients + AdamW states ({trainable:,} trainable{sharded})", 3 * trainable_bytes // shards),
-        (f"rollout KV cache ({sequences} x {length} tokens)", kv),
+        *([engine_row("student's", weight_bytes(student, engine_dtype, "none"), config, device_total)]
+          if student_engine else []),
+        *([(f"rollout KV cache ({sequences} x {length} tokens)", kv)] if kv else []),
         (f"scoring logits ({chunk} positions x {vocab} vocab, float32)", CHUNK_TENSORS * chunk * vocab * FP32_BYTES),
         (f"student activations ({micro} x {length} tokens{', checkpointed' if train.gradient_checkpointing else ''}"
          ", rough)", activation_bytes(student, compute or s.dtype,
