@@ -417,12 +417,13 @@ class DistillLoop:
                                self.config.model_dump(mode="json"), weights, random)
 
     def teacher_gone(self, error: TeacherUnavailable, step_random: dict) -> TropdError:
-        """The line a run stops with when its served teacher goes away during a step: on one process, before
-        the step's first update, the last completed step is checkpointed with the random states it ended with,
-        so that a resume redoes the failed step exactly."""
+        """The line a run stops with when its served teacher goes away during a step: before the step's first
+        update, the last completed step is checkpointed with the random states it ended with,
+        so that a resume redoes the failed step exactly. Every rank comes here together (the trainer agrees on a
+        teacher's failure before any collective) and takes part in the checkpoint."""
         trainer = self.trainer
         how = f"tropd distill --resume {self.run.path}{_nproc_flag(self.strategy)} --set teacher.url=URL"
-        if trainer.step == 0 or self.strategy.world_size > 1 or trainer.updates_in_step:
+        if trainer.step == 0 or trainer.updates_in_step:
             return TropdError(f"{error}; the run stopped during step {trainer.step + 1} "
                               f"({self._newest_checkpoint()}); go on with: {how}")
         self.student.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ in one line.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -64,6 +65,68 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_resume_equals_uninterrupted
     assert done.returncode == 0, done.stderr[-3000:]
     names = ("loss", "grad_norm", "kl_k1", "response_length")
     assert len(metrics(out)) == 10 and metrics(out, names) == metrics(reference, names)
+    before, after = student_weights(reference), student_weights(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+# Imported by the ranks of the test below (on their PYTHONPATH): rank 1's served teacher fails for good at its fourth
+# scoring call, the one of step 4, while rank 0's answers.
+TEACHER_GONE_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    from tropd_cli.engine.teacher import server
+    from tropd_cli.errors import TeacherUnavailable
+
+    real_score, calls = server.ServerTeacherScorer.score, []
+
+    def score(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 4:
+            raise TeacherUnavailable("teacher server http://127.0.0.1:9 did not answer /v1/completions after 4 tries "
+                                     "(Connection refused)")
+        return real_score(self, *args, **kwargs)
+
+    server.ServerTeacherScorer.score = score
+"""
+
+
+def test_a_served_teacher_gone_on_one_rank_stops_both_after_the_last_step_and_resume_matches(tmp_path):
+    """The served teacher fails on rank 1 only, inside step 4, while rank 0's step-4 scores arrive: both ranks
+    stop before any update of step 4 (neither waits in the gradient all-reduce), one line names the failure, the
+    checkpoint of step 3 is written with both ranks' parts, and `--resume --nproc 2` finishes the run with the
+    uninterrupted run's metrics and weights."""
+    from helpers import ServedTeacher
+
+    from tropd_cli.models import TOYLAB_ASSETS
+    from tropd_cli.runfolder import RunFolder
+
+    server = ServedTeacher(TOYLAB_ASSETS / "teacher", name="toylab:teacher")
+    try:
+        settings = [*PARITY, "train.steps=6", "train.checkpoint_every=0", "train.strategy=fsdp2",
+                    "teacher.backend=server", f"teacher.url={server.url}"]
+        reference, out = tmp_path / "uninterrupted", tmp_path / "run"
+        done = run_tropd("distill", "-p", "toylab", *set_args(settings), "--out", str(reference), "--nproc", "2")
+        assert done.returncode == 0, done.stderr[-3000:]
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(TEACHER_GONE_ON_RANK_1)
+        env = rank_env()
+        env["PYTHONPATH"] = f"{tmp_path / 'site'}{os.pathsep}{env['PYTHONPATH']}"
+        failed = subprocess.run(tropd_command("distill", "-p", "toylab", *set_args(settings), "--out", str(out),
+                                              "--nproc", "2"),
+                                env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert failed.returncode == 2, failed.stderr[-3000:]
+        checkpoint = out / "checkpoints" / "step-000003"
+        assert failed.stderr.strip() == (
+            "error: teacher server http://127.0.0.1:9 did not answer /v1/completions after 4 tries (Connection "
+            f"refused); the run stopped after step 3 with a checkpoint in {checkpoint}; go on with: tropd distill "
+            f"--resume {out} --nproc 2 --set teacher.url=URL")
+        assert [step for step, _ in RunFolder(out).list_checkpoints()] == [3] and len(metrics(out)) == 3
+        done = run_tropd("distill", "--resume", str(out), "--nproc", "2", "--set", f"teacher.url={server.url}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        server.close()
+    names = ("loss", "grad_norm", "kl_k1", "response_length")
+    assert metrics(out, names) == metrics(reference, names)
     before, after = student_weights(reference), student_weights(out)
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
 

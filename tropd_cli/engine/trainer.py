@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ from tropd_cli.engine.scoring import (
 from tropd_cli.engine.seeds import Stream, rank_seed, step_seed
 from tropd_cli.engine.strategy import SingleDevice
 from tropd_cli.engine.teacher import TeacherScorer, backend_missing
-from tropd_cli.errors import TropdError
+from tropd_cli.errors import TeacherUnavailable, TropdError
 
 
 @dataclass
@@ -212,12 +213,14 @@ class Trainer:
         params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
         seed = rank_seed(step_seed(config.train.seed, self.step, Stream.ROLLOUT), self.strategy.rank)
         if spec.sequences == "teacher_responses":
-            return guidance.reference_rollouts(prompt_ids, self.teacher_responses(prompt_ids)), False, None
+            responses = self._from_teacher(lambda: self.teacher_responses(prompt_ids))
+            return guidance.reference_rollouts(prompt_ids, responses), False, None
         if spec.sequences == "teacher_samples":
-            return self._teacher_samples(prompt_ids, params, seed), False, None
+            return self._from_teacher(lambda: self._teacher_samples(prompt_ids, params, seed)), False, None
         if config.objective.guidance:
+            responses = self._from_teacher(lambda: self.teacher_responses(prompt_ids))
             rollouts, prefix_lengths = guidance.guided_rollouts(
-                self.backend, prompt_ids, self.teacher_responses(prompt_ids), self.step, config.train.steps,
+                self.backend, prompt_ids, responses, self.step, config.train.steps,
                 config.rollout.n, params, seed)
             return rollouts, True, prefix_lengths
         on_policy = True
@@ -225,7 +228,7 @@ class Trainer:
             coin = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, Stream.GKD_COIN))
             on_policy = float(torch.rand((), generator=coin)) < spec.on_policy_fraction(config.objective)
         if not on_policy:
-            return self._teacher_samples(prompt_ids, params, seed), False, None
+            return self._from_teacher(lambda: self._teacher_samples(prompt_ids, params, seed)), False, None
         return self.backend.generate(prompt_ids, config.rollout.n, params, seed), True, None
 
     def _teacher_samples(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> Rollouts:
@@ -340,9 +343,24 @@ class Trainer:
 
     def _score_teacher(self, item: MicroBatch) -> TeacherStats:
         if item.teacher is None:
-            item.teacher = self.teacher_scorer.score(item.sequences, self.spec.top_k(self.config.objective),
-                                                     keep_hidden=self.spec.divergence is not None)
+            item.teacher = self._from_teacher(lambda: self.teacher_scorer.score(
+                item.sequences, self.spec.top_k(self.config.objective), keep_hidden=self.spec.divergence is not None))
         return item.teacher
+
+    def _from_teacher(self, call: Callable[[], Any]) -> Any:
+        """`call` to a served teacher, agreed on by every rank: when it fails on any rank, every rank raises
+        TeacherUnavailable here, before the step's next collective, so that they stop (and checkpoint) together;
+        each raises the first failing rank's line. On one process, or with a teacher loaded here, just `call`."""
+        if self.strategy.world_size == 1 or self.config.teacher.backend != "server":
+            return call()
+        try:
+            result, failure = call(), None
+        except TeacherUnavailable as error:
+            result, failure = None, error
+        if self.strategy.any(failure is not None):
+            lines = self.strategy.gather_objects(None if failure is None else str(failure))
+            raise failure or TeacherUnavailable(next(line for line in lines if line))
+        return result
 
     @torch.no_grad()
     def _score_sampling_policy(self, micro: list[MicroBatch]) -> None:
