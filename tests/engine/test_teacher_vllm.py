@@ -261,3 +261,44 @@ def test_a_run_whose_server_dies_resumes_on_another_and_matches_the_uninterrupte
     assert cli.main(["distill", "--resume", str(out), "--set", f"teacher.url={server_url}"]) == 0
     assert records(out) == records(tmp_path / "reference")
     assert json.loads((out / "summary.json").read_text())["teacher_loaded_here"] is False
+
+
+def test_a_run_served_by_the_real_server_trains_as_the_teacher_loaded_here_and_samples_there(server_url,
+                                                                                             vllm_pair_dir, tmp_path,
+                                                                                             monkeypatch):
+    """OPD with the teacher served by vLLM's server: no teacher module loads here, and every step's metrics equal
+    the run with the teacher loaded here to the scores' tolerance (teacher_entropy aside, which a server cannot
+    give); seqkd's samples and guidance's responses are drawn by the server."""
+    from tropd_cli.engine import run
+    from tropd_cli.engine.teacher.server import ServerSampler
+
+    loads, sampled = [], []
+    real_load, real_generate = run.load_causal_lm, ServerSampler.generate
+    monkeypatch.setattr(run, "load_causal_lm", lambda spec, *a, **k: loads.append(spec) or real_load(spec, *a, **k))
+    monkeypatch.setattr(ServerSampler, "generate", lambda self, *a, **k: sampled.append(a[1]) or real_generate(
+        self, *a, **k))
+    base = [*pair_models(vllm_pair_dir), f"objective.top_k={TOP_K}", "train.steps=3", "rollout.prompts_per_step=2",
+            "rollout.n=2", "rollout.max_new_tokens=8", "eval.problems=0", "train.lr=1e-3", "train.checkpoint_every=0",
+            "output.save_model=false"]
+    served = ["teacher.backend=server", f"teacher.url={server_url}"]
+
+    def distill(name, *extra):
+        out = tmp_path / name
+        assert cli.main(["distill", "-p", "toylab", "--out", str(out), *set_args([*base, *extra])]) == 0
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
+
+    here, _ = distill("here", "objective.name=opd")
+    loads.clear()
+    there, out = distill("there", "objective.name=opd", *served)
+    assert loads == [str(vllm_pair_dir / "student")]
+    assert json.loads((out / "summary.json").read_text())["teacher_loaded_here"] is False
+    for a, b in zip(here, there, strict=True):
+        assert a.pop("teacher_entropy") > 0
+        for key in a.keys() - {"rollout_s", "score_s", "update_s", "tokens_per_s"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), key
+    assert sampled == []
+    distill("seqkd", "objective.name=seqkd", "train.steps=2", *served)
+    assert sampled == [2, 2]  # each step's teacher samples, n=2, drawn by the server
+    sampled.clear()
+    distill("guided", "objective.guidance=true", "train.steps=2", *served)
+    assert sampled == [1, 1]  # each step's prompts get one teacher response each, drawn by the server
