@@ -75,7 +75,7 @@ def measure(run_dir: Path, steps: int, settings: list[str], nproc: int) -> dict:
     if process.returncode:
         raise SystemExit(f"run failed: {process.stderr.read()[-2000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    seconds = [r["rollout_s"] + r["score_s"] + r["update_s"] for r in records[1:]]
+    seconds = [r["rollout_s"] + r["score_s"] + r["update_s"] + r.get("sync_s", 0.0) for r in records[1:]]
     return {"nproc": nproc, "step_s": statistics.median(seconds),
             "rollout_s": statistics.median(r["rollout_s"] for r in records[1:]),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[1:]),

@@ -92,7 +92,7 @@ def distill_run(side: str, url: str, args: argparse.Namespace, folder: Path) -> 
         raise SystemExit(f"{side} run: {summary['status']} after {len(records)} of {args.steps} steps")
     if summary.get("teacher_loaded_here") is not (side != "server"):
         raise SystemExit(f"{side} run records teacher_loaded_here={summary.get('teacher_loaded_here')}")
-    steps = [r["rollout_s"] + r["score_s"] + r["update_s"] for r in records]
+    steps = [r["rollout_s"] + r["score_s"] + r["update_s"] + r.get("sync_s", 0.0) for r in records]
     return {"objective": summary["objective"], "wall_s": wall, "step_s": statistics.median(steps[1:]),
             "score_s": statistics.median(r["score_s"] for r in records[1:]),
             "outside_steps_s": wall - sum(steps), "peak_rss_gib": usage.ru_maxrss / 2**20}

@@ -187,7 +187,7 @@ def distill_run(backend: str, args: argparse.Namespace, folder: Path) -> dict:
     subprocess.run(command, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - began
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["rollout_s"] + r["score_s"] + r["update_s"] for r in records]
+    steps = [r["rollout_s"] + r["score_s"] + r["update_s"] + r.get("sync_s", 0.0) for r in records]
     return {"wall_s": wall, "step_s": statistics.median(steps[1:]),
             "rollout_s": statistics.median(r["rollout_s"] for r in records[1:]),
             "response_tokens": statistics.median(r["response_length"] for r in records[1:]),

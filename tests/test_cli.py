@@ -38,7 +38,7 @@ def test_distill_writes_a_run_folder(random_pair_dir, tmp_path, capsys):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     for key in ("loss", "trust_fraction", "reward_trusted", "kl_k1", "grad_norm", "response_length",
-                "truncation_rate", "rollout_s", "score_s", "update_s"):
+                "truncation_rate", "rollout_s", "score_s", "update_s", "sync_s"):
         assert key in lines[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps_done"] == 2

@@ -20,7 +20,7 @@ from tropd_cli.errors import TeacherUnavailable
 from tropd_cli.models import stop_token_ids
 from tropd_cli.runfolder import RunFolder
 
-TIMINGS = ("rollout_s", "score_s", "update_s", "tokens_per_s")
+TIMINGS = ("rollout_s", "score_s", "update_s", "sync_s", "tokens_per_s")
 
 
 def tiny(pair: Path, steps: int = 4, *extra: str) -> list[str]:

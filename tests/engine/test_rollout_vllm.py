@@ -145,3 +145,41 @@ def test_without_load_inplace_a_known_adapter_id_silently_keeps_its_old_weights(
     backend.sync(model)
     assert backend.generate(PROMPTS, 1, GREEDY, 0).response_ids == new
     backend.close()
+
+
+def test_a_lora_sync_loads_the_adapter_once_whatever_the_engine_steps_after_it(engine, vllm_pair_dir, student,
+                                                                              monkeypatch):
+    """An adapter is read from disk once per sync, not on each of the engine's decoding steps that follow."""
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    loads = []
+    real_load = WorkerLoRAManager._load_adapter
+    monkeypatch.setattr(WorkerLoRAManager, "_load_adapter", lambda self, request: loads.append(request.lora_int_id)
+                        or real_load(self, request))
+    VLLMRolloutBackend(str(vllm_pair_dir / "student"), student, [EOS], llm=engine)
+    model = lora_student(vllm_pair_dir)
+    backend = VLLMRolloutBackend(str(vllm_pair_dir / "student"), model, [EOS], adapter=True, llm=engine)
+    for _ in range(3):
+        rollouts = backend.generate(PROMPTS, 2, SamplingParams(max_new_tokens=24, temperature=1.0), 0)
+    assert max(len(response) for response in rollouts.response_ids) > 8  # many engine steps after the sync
+    assert loads == [ADAPTER_ID]
+    backend.sync(model)
+    backend.generate(PROMPTS, 2, GREEDY, 0)
+    assert loads == [ADAPTER_ID, ADAPTER_ID]
+    backend.close()
+
+
+def test_a_full_sync_that_leaves_an_engine_weight_unwritten_fails_in_one_line_naming_it(engine, vllm_pair_dir,
+                                                                                       student, monkeypatch):
+    from tropd_cli.errors import TropdError
+
+    backend = VLLMRolloutBackend(str(vllm_pair_dir / "student"), student, [EOS], llm=engine)  # every weight
+    whole = student.state_dict()
+    monkeypatch.setattr(student, "state_dict", lambda: {name: tensor for name, tensor in whole.items()
+                                                        if name != "model.layers.1.mlp.down_proj.weight"})
+    with pytest.raises(TropdError) as error:
+        backend.sync(student)
+    assert str(error.value) == (
+        "the vLLM engine's weights model.layers.1.mlp.down_proj.weight got no value from the student's "
+        f"{len(whole) - 1} tensors in the sync, and would sample stale weights; the student's parameter names do "
+        "not match the engine's model")

@@ -19,7 +19,7 @@ from tropd_cli.errors import TeacherUnavailable
 from tropd_cli.preflight import run_preflight
 
 EOS = 3
-TIMINGS = ("rollout_s", "score_s", "update_s", "tokens_per_s")
+TIMINGS = ("rollout_s", "score_s", "update_s", "sync_s", "tokens_per_s")
 
 
 @pytest.fixture(scope="module")

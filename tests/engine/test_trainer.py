@@ -24,7 +24,7 @@ from tropd_cli import cli, distill
 from tropd_cli.engine import run
 
 # What a record reports that is not a function of the weights and rollouts.
-TIMINGS = ("rollout_s", "score_s", "update_s", "tokens_per_s", "peak_memory_gib")
+TIMINGS = ("rollout_s", "score_s", "update_s", "sync_s", "tokens_per_s", "peak_memory_gib")
 
 
 def first_step(*settings: str, prepare=None) -> tuple[dict, dict[str, torch.Tensor]]:

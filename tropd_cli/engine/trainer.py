@@ -254,7 +254,7 @@ class Trainer:
         threshold = self._entropy_threshold(micro, fraction) if fraction is not None else None
         metrics: Metrics = {}
         minimums: dict[str, float] = {}
-        losses, grad_norms, lr, score_s = [], [], self.scheduler.get_last_lr()[0], 0.0
+        losses, grad_norms, lr, score_s, sync_s = [], [], self.scheduler.get_last_lr()[0], 0.0, 0.0
         split_norms: list[tuple[float, float]] = []
         for _ in range(config.train.updates_per_batch):
             outlier_grads = [None] * len(self.trainable) if config.train.grad_norm_split else None
@@ -265,10 +265,12 @@ class Trainer:
                 split_norms.append(self._split_grad_norms(outlier_grads))
             grad_norms.append(strategy.clip_and_step(self.trainable, self.optimizer, config.train.max_grad_norm))
             self.updates_in_step += 1
-            self.backend.sync(models.student)
+            synced = time.perf_counter()
+            self.backend.sync(models.student)  # a sampler with its own weights takes the new ones
+            sync_s += time.perf_counter() - synced
             losses.append(loss_value)
         self.scheduler.step()
-        update_s = time.perf_counter() - started - score_s
+        update_s = time.perf_counter() - started - score_s - sync_s
 
         names = strategy.union_keys(list(metrics))
         sums = strategy.all_reduce_sum([value for name in names for value in metrics.get(name, (0.0, 0.0))])
@@ -294,7 +296,8 @@ class Trainer:
             "rollout_s": rollout_s,
             "score_s": score_s,
             "update_s": update_s,
-            "tokens_per_s": batch["response_tokens"] / max(rollout_s + score_s + update_s, 1e-9),
+            "sync_s": sync_s,
+            "tokens_per_s": batch["response_tokens"] / max(rollout_s + score_s + update_s + sync_s, 1e-9),
         }
         if models.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(models.device) / 2**30

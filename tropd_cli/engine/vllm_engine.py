@@ -60,6 +60,34 @@ def import_vllm(setting: str) -> Any:
     return vllm
 
 
+class _UnloadedWeights(logging.Filter):
+    """Takes vLLM's in-place reload warning that names the engine's weights a reload left unwritten, keeping the
+    names instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Following weights were not loaded") and record.args:
+            self.names |= set(record.args[0] if isinstance(record.args, tuple) else record.args)
+            return False
+        return True
+
+
+@contextmanager
+def unwritten_weights() -> Iterator[set[str]]:
+    """The names of the engine's weights that the reload inside the block did not write (vLLM only logs them);
+    empty when every weight was written."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.inplace")
+    taken = _UnloadedWeights()
+    logger.addFilter(taken)
+    try:
+        yield taken.names
+    finally:
+        logger.removeFilter(taken)
+
+
 @contextmanager
 def stderr_without(prefixes: tuple[str, ...]) -> Iterator[None]:
     """Hold what is written to file descriptor 2 (by Python or by native code) and write it back at the end,

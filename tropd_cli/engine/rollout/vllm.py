@@ -6,11 +6,12 @@ through vLLM's supported paths only:
 - a full student: `collective_rpc("reload_weights", weights_iterator=...)` with the training model's
   state dict (calling the model's `load_weights` after start-up is not supported and fails), then a
   prefix-cache reset, since cached KV blocks belong to the old weights;
-- a LoRA or QLoRA student: the adapter is saved to a folder the backend owns and loaded with
-  `LoRARequest(..., load_inplace=True)`. Without `load_inplace` an adapter id vLLM has seen keeps its old
-  weights, silently (tests pin it). vLLM 0.32 has no bitsandbytes loader, so a QLoRA student's engine runs
-  the base model unquantized in `dtype` under the same adapter: `sampler_logprob_gap` shows the difference
-  and `rollout.importance_correction: tis` corrects for it.
+- a LoRA or QLoRA student: the adapter is saved to a folder the backend owns and loaded once, with
+  `add_lora(LoRARequest(..., load_inplace=True))`; the rollouts' requests then name it without `load_inplace`
+  (with it, the engine reads the folder again at every decoding step). Without `load_inplace` an adapter id
+  vLLM has seen keeps its old weights, silently (tests pin it). vLLM 0.32 has no bitsandbytes loader, so a
+  QLoRA student's engine runs the base model unquantized in `dtype` under the same adapter:
+  `sampler_logprob_gap` shows the difference and `rollout.importance_correction: tis` corrects for it.
 
 On CUDA with `sleep`, the engine sleeps between rollouts: its KV cache is dropped and its weights are offloaded
 (LoRA: the base stays needed, level 1) or dropped (full: `sync` rewrites them anyway, level 2); `sync` and
@@ -34,7 +35,8 @@ from typing import Any
 import torch
 
 from tropd_cli.engine.rollout.base import Rollouts, SamplingParams, cut_at_eos
-from tropd_cli.engine.vllm_engine import EngineOptions, start_engine
+from tropd_cli.engine.vllm_engine import EngineOptions, start_engine, unwritten_weights
+from tropd_cli.errors import TropdError
 
 ADAPTER_NAME, ADAPTER_ID = "tropd-student", 1
 
@@ -84,10 +86,21 @@ class VLLMRolloutBackend:
         self._wake(["weights"])
         if self.adapter_dir is not None:
             model.save_pretrained(str(self.adapter_dir))
-            self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, str(self.adapter_dir), load_inplace=True)
+            # Loaded once here, in place of the old one; the requests then name the loaded adapter. (A request
+            # with load_inplace would have the engine read the folder again on every decoding step.)
+            self.llm.llm_engine.add_lora(LoRARequest(ADAPTER_NAME, ADAPTER_ID, str(self.adapter_dir),
+                                                     load_inplace=True))
+            self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, str(self.adapter_dir))
         else:
             weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            with unwritten_weights() as missing:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if missing:
+                names = sorted(missing)
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                raise TropdError(f"the vLLM engine's weights {', '.join(names[:3])}{more} got no value from the "
+                                 f"student's {len(weights)} tensors in the sync, and would sample stale weights; the "
+                                 "student's parameter names do not match the engine's model")
         if "kv_cache" not in self.asleep:
             self.llm.reset_prefix_cache()
 
