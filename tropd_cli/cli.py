@@ -205,7 +205,10 @@ def evaluate(
     batch_size: Annotated[int | None, typer.Option(help="Sequences per generate call " + default_of("batch_size"))]
     = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda " + default_of("device"))] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 " + default_of("dtype"))] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (bfloat16 on a GPU that has it, else float32), float32, "
+                                              "bfloat16 or float16 " + default_of("dtype"))] = None,
+    backend: Annotated[str | None, typer.Option(help="hf (transformers' generate) or vllm (a vLLM engine; "
+                                                "pip install 'tropd[vllm]') " + default_of("backend"))] = None,
     markdown: Annotated[bool | None, typer.Option("--markdown", help="Also write report.md.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an --out that tropd wrote.")]
     = None,
@@ -218,13 +221,15 @@ def evaluate(
     Examples:
       tropd evaluate -m toylab:teacher -m toylab:student -b toylab --out runs/eval
       tropd evaluate -m runs/demo -b math500 --data math500.jsonl --limit 50 --out runs/eval-math
-      tropd evaluate -m Qwen/Qwen3-1.7B -b aime24 -k 8 --temperature 0.6 --top-p 0.95 --out reports/q
+      tropd evaluate -m Qwen/Qwen3-1.7B -b aime24 -k 8 --temperature 0.6 --top-p 0.95 --backend vllm --out reports/q
+
+    An interrupted evaluation continues where it stopped when run again with the same settings.
     """
     from tropd_cli.evaluation.runner import evaluate as run_evaluate
 
     given = dict(data=data, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                  limit=limit, thinking=thinking, greedy=greedy, batch_size=batch_size, device=device, dtype=dtype,
-                 markdown=markdown, overwrite=overwrite)
+                 backend=backend, markdown=markdown, overwrite=overwrite)
     settings = EvalSettings(models=model, benchmarks=benchmark, out=out,
                             **{key: value for key, value in given.items() if value is not None})
     run_evaluate(settings, console=console, trust_remote_code=trust_remote_code)

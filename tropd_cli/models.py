@@ -109,6 +109,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def auto_dtype(device: torch.device) -> str:
+    """The dtype `auto` means on `device`: bfloat16 on a GPU that computes in it, float32 elsewhere."""
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a model spec, padding on the left (generation) with a pad token set."""
     path = resolve_model_path(spec)

@@ -44,5 +44,42 @@ def test_greedy_answers_and_held_out_accuracy_through_vllm_equal_hf_on_the_v2_mo
             held_out = HeldOut(config, tokenizer, [tokenizer.eos_token_id])
             assert held_out.accuracy(engine) == held_out.accuracy(model)
     finally:
-        engine.close()
-        del engine
+        engine.shut_down()
+
+
+def test_evaluate_with_the_vllm_backend_equals_hf_on_a_v2_model_and_its_lora_adapter(tmp_path):
+    """`tropd evaluate --backend vllm` gives the HF backend's greedy answers and metrics, for a model folder and for a
+    LoRA adapter over it (served by the engine as an adapter, merged by HF)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from tropd_cli import cli
+
+    adapter = tmp_path / "adapter"
+    base = load_causal_lm("toylab:v2-student-e0.03", "float32", torch.device("cpu"), trainable=False)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "toylab:v2-student-e0.03"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    reports = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / backend
+        assert cli.main(["evaluate", "-m", "toylab:v2-student-e0.03", "-m", str(adapter), "-b", "toylab",
+                         "--limit", "40", "--max-new-tokens", "64", "--backend", backend, "--out", str(out)]) == 0
+        report = json.loads((out / "report.json").read_text())
+        results = report["benchmarks"]["toylab"]["results"]
+        for metrics in results.values():
+            metrics.pop("seconds")
+        samples = [json.loads(line)["response"] for line in (out / "samples.jsonl").read_text().splitlines()]
+        reports[backend] = (results, samples, report["protocol"]["backend"])
+    assert reports["vllm"][2] == "vllm" and reports["hf"][2] == "hf"
+    assert reports["vllm"][:2] == reports["hf"][:2]
+    results = reports["hf"][0]
+    assert results["toylab:v2-student-e0.03"]["greedy"] != results[str(adapter)]["greedy"] or \
+        reports["hf"][1][:40] != reports["hf"][1][40:]  # the adapter changes the answers

@@ -96,6 +96,8 @@ def test_run_folder_and_adapter_folder_are_models(random_pair_dir, tmp_path):
     (["-b", "toylab", "-k", "4"], "error: greedy decoding (--temperature 0) gives one response per problem"),
     (["-b", "toylab", "-b", "gsm8k", "--data", "x.jsonl"], "error: --data is a copy of one benchmark"),
     (["-b", "gsm8k"], "error: cannot load hub openai/gsm8k (main) split test:"),
+    (["-b", "toylab", "--backend", "tgi"], "error: --backend must be hf or vllm, got 'tgi'"),
+    (["-b", "toylab", "--dtype", "fp8"], "error: --dtype must be auto, float32, bfloat16 or float16, got 'fp8'"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
     assert cli.main(["evaluate", "-m", "toylab:student", *argv, "--out", str(tmp_path / "out")]) == 2
@@ -149,3 +151,68 @@ def test_responses_end_at_the_generation_config_eos_ids(tmp_path):
     sample = read_samples(out)[0]
     assert sample["finished"] is True
     assert sample["response"] == tokenizer.decode(response[:response.index(end_of_turn) + 1], skip_special_tokens=True)
+
+
+def test_an_interrupted_evaluation_continues_where_it_stopped_and_equals_an_uninterrupted_one(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """Ctrl-C after the teacher's three chunks: nothing in --out, the chunks in the journal; the same command again
+    generates only the student's chunks (the teacher does not even load), and its report and samples equal an
+    uninterrupted evaluation's; the journal is gone after."""
+    from tropd_cli.evaluation import runner
+
+    def argv(out):
+        return ["evaluate", "-m", "toylab:teacher", "-m", "toylab:student", "-b", "toylab", "--limit", "24",
+                "--batch-size", "8", "--out", str(out)]
+
+    assert cli.main(argv(tmp_path / "whole")) == 0
+    out, calls, loads = tmp_path / "cut", [], []
+    real_generate, real_load = runner.generate_texts, runner.load_causal_lm
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_texts", generate)
+    monkeypatch.setattr(runner, "load_causal_lm", lambda spec, *a, **k: loads.append(spec) or real_load(spec, *a, **k))
+    capsys.readouterr()
+    assert cli.main(argv(out)) == 130
+    journal = tmp_path / ".cut.partial"
+    assert capsys.readouterr().err.strip() == (f"stopped: interrupted; the responses generated so far are kept in "
+                                              f"{journal}; run the same command again to continue")
+    assert not out.exists() and len((journal / "samples.jsonl").read_text().splitlines()) == 3
+    calls.clear(), loads.clear()
+    assert cli.main(argv(out)) == 0
+    assert "continuing an interrupted evaluation: 3 chunks of responses already generated" in capsys.readouterr().out
+    assert len(calls) == 3 and loads == ["toylab:student"]
+    whole, cut = (json.loads((folder / "report.json").read_text()) for folder in (tmp_path / "whole", out))
+    for report in (whole, cut):
+        for metrics in report["benchmarks"]["toylab"]["results"].values():
+            assert metrics.pop("seconds") >= 0
+    assert cut["benchmarks"] == whole["benchmarks"] and read_samples(out) == read_samples(tmp_path / "whole")
+    assert cut["protocol"]["dtype"] == "float32" and cut["protocol"]["backend"] == "hf"  # --dtype auto on a CPU
+    assert not journal.exists()
+
+
+def test_a_journal_made_with_other_settings_is_replaced_with_one_line(tmp_path, capsys):
+    argv = ["evaluate", "-m", "toylab:student", "-b", "toylab", "--limit", "8", "--out", str(tmp_path / "o")]
+    journal = tmp_path / ".o.partial"
+    journal.mkdir()
+    (journal / "progress.json").write_text(json.dumps({"seed": 1}))
+    (journal / "samples.jsonl").write_text(json.dumps({"model": "toylab:student", "benchmark": "toylab",
+                                                       "pass": "greedy", "chunk": 0, "texts": ["answer: 0"] * 8,
+                                                       "finished": [True] * 8, "tokens": 16}) + "\n")
+    assert cli.main(argv) == 0
+    assert f"an interrupted evaluation with other settings was in {journal}; starting over" in capsys.readouterr().out
+    assert not any(sample["response"] == "answer: 0" for sample in read_samples(tmp_path / "o"))
+    assert not journal.exists()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_backend_vllm_without_vllm_is_one_line(tmp_path, capsys):
+    assert cli.main(["evaluate", "-m", "toylab:student", "-b", "toylab", "--backend", "vllm",
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --backend vllm needs vLLM, which is not installed here: pip install")
+    assert "\n" not in err

@@ -46,6 +46,7 @@ class EvalReport:
             "limit": settings.limit,
             "thinking": settings.thinking,
             "dtype": settings.dtype,
+            "backend": settings.backend,
             "batch_size": settings.batch_size,
             "grading_timeout_s": settings.grading_timeout_s,
             "tropd_version": __version__,

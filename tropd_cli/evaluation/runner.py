@@ -1,16 +1,21 @@
 """`tropd evaluate`: every model on every benchmark, same problems and seeds, then the report.
 
 Problems are loaded once per benchmark, before any model, so every model answers the same questions.
-Each model is loaded once, generates through the engine's batched backend (KV cache) in chunks of
-`batch_size // n` problems, chunk c seeded with `seed + c`, and is freed before the next model. With
-temperature 0 and n = 1 the chunks are exactly the batches `toy_accuracy` uses, so the toy-lab numbers
-match the manifest's.
+Each model is loaded once (`--backend hf`: as a torch module generating through the engine's batched backend;
+`--backend vllm`: in a vLLM engine), generates in chunks of `batch_size // n` problems, chunk c seeded with
+`seed + c`, and is freed before the next model. With temperature 0 and n = 1 the chunks are exactly the batches
+`toy_accuracy` uses, so the toy-lab numbers match the manifest's. Every finished chunk goes to the evaluation's
+journal (evaluation/journal.py): run again after an interruption, the evaluation generates only the chunks it
+lacks, and a model whose chunks are all there is not loaded.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -28,16 +33,25 @@ from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.data.chat import chat_prompt_ids
-from tropd_cli.engine.generation import generate_texts
+from tropd_cli.engine.generation import Generator, generate_texts
 from tropd_cli.engine.rollout import SamplingParams
+from tropd_cli.errors import Interrupted
 from tropd_cli.evaluation.graders import grade_all
-from tropd_cli.evaluation.loading import resolve_model_source
+from tropd_cli.evaluation.journal import Chunk, Journal, journal_folder
+from tropd_cli.evaluation.loading import ModelSource, resolve_model_source
 from tropd_cli.evaluation.metrics import summarise
 from tropd_cli.evaluation.registry import EvalProblem, ProblemSet, get_benchmark, load_problems
 from tropd_cli.evaluation.report import EvalReport, print_table, write_report
 from tropd_cli.evaluation.settings import EvalSettings
 from tropd_cli.files import OwnedFolder, writing
-from tropd_cli.models import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
+from tropd_cli.models import (
+    auto_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    resolve_model_path,
+    stop_token_ids,
+)
 
 
 class ProblemRateColumn(ProgressColumn):
@@ -76,37 +90,95 @@ def evaluate(settings: EvalSettings, console: Console | None = None, trust_remot
     console = console or Console()
     with OwnedFolder(settings.out, "evaluate") as output:
         output.claim(bool(settings.overwrite))
-        report = _evaluate(settings, console, trust_remote_code)
+        try:
+            report, journal = _evaluate(settings, console, trust_remote_code)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; the responses generated so far are kept in "
+                              f"{journal_folder(settings.out)}; run the same command again to continue") from None
         with writing(f"the report to {settings.out}"):
             output.replace(lambda folder: write_report(report, replace(settings, out=folder)))
+        journal.remove()
     print_table(console, report)
     console.print(f"report: {settings.out / 'report.json'}  samples: {settings.out / 'samples.jsonl'}")
     return report
 
 
-def _evaluate(settings: EvalSettings, console: Console, trust_remote_code: bool) -> EvalReport:
+def _evaluate(settings: EvalSettings, console: Console, trust_remote_code: bool) -> tuple[EvalReport, Journal]:
     benchmarks = [get_benchmark(name) for name in settings.benchmarks]
     problem_sets = [load_problems(b, settings.data, settings.seed, settings.limit) for b in benchmarks]
     sources = [resolve_model_source(spec) for spec in settings.models]
     tokenizers = [load_tokenizer(source.tokenizer, trust_remote_code)  # every tokenizer error before any work
                   for source in sources]
     device = pick_device(settings.device)
+    if settings.backend == "vllm":
+        from tropd_cli.engine.vllm_engine import import_vllm
+
+        import_vllm("--backend vllm")  # a missing vLLM is one line before any model loads
+    if settings.dtype == "auto":
+        settings = replace(settings, dtype=auto_dtype(device))
     report = EvalReport.start(settings, sources, problem_sets)
+    journal = Journal(settings.out, journal_protocol(report), console)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         ProblemRateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                         console=console)
     with progress:
         for label, source, tokenizer in zip(settings.labels, sources, tokenizers):
-            model = load_causal_lm(source.model, settings.dtype, device, trainable=False, merge_adapter=source.adapter,
-                                   trust_remote_code=trust_remote_code)
-            stop_ids = stop_token_ids(source.model, tokenizer)
+            model = LoadedOnUse(source, settings, device, stop_token_ids(source.model, tokenizer), trust_remote_code)
             for problem_set in problem_sets:
-                run = run_benchmark(model, tokenizer, problem_set, settings, progress, label, stop_ids)
+                run = run_benchmark(model, tokenizer, problem_set, settings, progress, label, journal)
                 report.add(problem_set.benchmark.name, label, run.metrics, run.samples)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return report
+            model.free()
+    return report, journal
+
+
+def journal_protocol(report: EvalReport) -> dict:
+    """What a journal's chunks depend on: the report's protocol (less when and by which version it was made),
+    the models and the benchmarks' problems."""
+    protocol = {key: value for key, value in report.protocol.items() if key not in ("created", "tropd_version")}
+    return json.loads(json.dumps({**protocol, "models": report.models, "benchmarks": {
+        name: {key: entry[key] for key in ("source", "fingerprint", "problems", "max_new_tokens")}
+        for name, entry in report.benchmarks.items()}}))
+
+
+class LoadedOnUse:
+    """One model of the evaluation, loaded when it first generates (a model whose every chunk is in the journal
+    never loads): a torch module (`--backend hf`) or a vLLM engine (`--backend vllm`)."""
+
+    def __init__(self, source: ModelSource, settings: EvalSettings, device: torch.device, stop_ids: list[int],
+                 trust_remote_code: bool) -> None:
+        self.source, self.settings, self.device = source, settings, device
+        self.stop_ids, self.trust_remote_code = stop_ids, trust_remote_code
+        self.loaded: Generator | None = None
+
+    @property
+    def generator(self) -> Generator:
+        if self.loaded is None:
+            self.loaded = self._load()
+        return self.loaded
+
+    def _load(self) -> Generator:
+        source, settings = self.source, self.settings
+        if settings.backend == "hf":
+            return load_causal_lm(source.model, settings.dtype, self.device, trainable=False,
+                                  merge_adapter=source.adapter, trust_remote_code=self.trust_remote_code)
+        from tropd_cli.engine.rollout.vllm import VLLMRolloutBackend
+        from tropd_cli.engine.vllm_engine import EngineOptions
+
+        rank = json.loads((Path(source.adapter) / "adapter_config.json").read_text())["r"] if source.adapter else None
+        options = EngineOptions(dtype=settings.dtype, seed=settings.seed, sleep=False, lora_rank=rank,
+                                gpu_memory_utilization=0.85 if self.device.type == "cuda" else 0.3,
+                                trust_remote_code=self.trust_remote_code)
+        return VLLMRolloutBackend(resolve_model_path(source.model), None, self.stop_ids, options,
+                                  adapter_path=source.adapter, setting="--backend vllm")
+
+    def free(self) -> None:
+        """Let go of the model before the next one loads."""
+        if self.loaded is not None and not isinstance(self.loaded, torch.nn.Module):
+            self.loaded.shut_down()
+        self.loaded = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def decoding_passes(settings: EvalSettings, max_new_tokens: int) -> list[Pass]:
@@ -124,10 +196,11 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: EvalProblem, thinkin
     return chat_prompt_ids(tokenizer, problem.message, **kwargs)
 
 
-def run_benchmark(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problem_set: ProblemSet,
-                  settings: EvalSettings, progress: Progress, label: str, stop_ids: list[int]) -> BenchmarkRun:
-    """Generate, grade and summarise one model's answers to one benchmark's problems; a response ends at
-    any of `stop_ids` (the tokenizer's EOS and the model's generation-config EOS ids, as in `distill`)."""
+def run_benchmark(model: LoadedOnUse, tokenizer: PreTrainedTokenizerBase, problem_set: ProblemSet,
+                  settings: EvalSettings, progress: Progress, label: str, journal: Journal) -> BenchmarkRun:
+    """Generate (or take from the journal), grade and summarise one model's answers to one benchmark's problems; a
+    response ends at any of the model's stop ids (the tokenizer's EOS and the model's generation-config EOS ids,
+    as in `distill`)."""
     problems = problem_set.problems
     benchmark = problem_set.benchmark
     max_new_tokens = settings.max_new_tokens or benchmark.max_new_tokens
@@ -141,13 +214,18 @@ def run_benchmark(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pr
         texts: list[str] = []
         finished: list[bool] = []
         for index, start in enumerate(range(0, len(problems), chunk)):
-            rollouts, chunk_texts = generate_texts(model, tokenizer, prompts[start:start + chunk], decoding.n,
-                                                   decoding.params, settings.seed + index, settings.batch_size,
-                                                   stop_ids)
-            texts += chunk_texts
-            finished += rollouts.finished
-            response_tokens += sum(len(ids) for ids in rollouts.response_ids)
-            progress.advance(task, len(rollouts.prompt_ids))
+            key = (label, benchmark.name, decoding.name, index)
+            done = journal.get(key)
+            if done is None:
+                rollouts, chunk_texts = generate_texts(model.generator, tokenizer, prompts[start:start + chunk],
+                                                       decoding.n, decoding.params, settings.seed + index,
+                                                       settings.batch_size, model.stop_ids)
+                done = Chunk(chunk_texts, rollouts.finished, sum(len(ids) for ids in rollouts.response_ids))
+                journal.add(key, done)
+            texts += done.texts
+            finished += done.finished
+            response_tokens += done.tokens
+            progress.advance(task, len(prompts[start:start + chunk]))
         # Responses are prompt-major: problem i owns texts[i * n:(i + 1) * n].
         owners = [problems[i // decoding.n] for i in range(len(texts))]
         grades = grade_all(list(zip(owners, texts)), settings.grading_timeout_s)

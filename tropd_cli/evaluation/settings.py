@@ -42,8 +42,10 @@ class EvalSettings:
     """Sequences per generate call."""
     device: str = "auto"
     """auto, cpu or cuda."""
-    dtype: str = "float32"
-    """float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or float16."""
+    backend: str = "hf"
+    """What generates: hf (transformers' generate) or vllm (a vLLM engine per model, in this process)."""
     markdown: bool = False
     """Also write report.md with the side-by-side table."""
     overwrite: bool = False
@@ -73,8 +75,10 @@ class EvalSettings:
             raise TropdError(f"--limit must be at least 1, got {self.limit}")
         if self.batch_size < 1:
             raise TropdError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise TropdError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise TropdError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.backend not in ("hf", "vllm"):
+            raise TropdError(f"--backend must be hf or vllm, got {self.backend!r}")
         if self.data is not None and len(self.benchmarks) != 1:
             raise TropdError("--data is a copy of one benchmark: pass exactly one --benchmark with it")
         if not self.labels:

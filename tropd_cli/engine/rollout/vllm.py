@@ -26,6 +26,7 @@ of every sampled token (raw, before temperature and top-p, as the trainer scores
 
 from __future__ import annotations
 
+import gc
 import random
 import shutil
 import tempfile
@@ -47,16 +48,23 @@ class VLLMRolloutBackend:
     `adapter` says the student trains LoRA adapters (a peft model whose `save_pretrained` writes only the
     adapter). `llm` reuses a started engine (tests share one per module; the teacher's scorer lends its engine
     to sample the teacher). The engine is synced to `model` at once, so that a resumed or re-typed student is
-    what samples from the first step; `model` None samples the engine's own frozen weights (the teacher).
+    what samples from the first step; `model` None samples the engine's own frozen weights (the teacher, or a
+    model being evaluated, under its saved LoRA adapter when `adapter_path` names one). `setting` is the option
+    a missing vLLM is named by.
     """
 
     def __init__(self, model_path: str, model: torch.nn.Module | None, eos_token_ids: list[int],
-                 options: EngineOptions | None = None, adapter: bool = False, llm: Any = None) -> None:
+                 options: EngineOptions | None = None, adapter: bool = False, llm: Any = None,
+                 adapter_path: str | None = None, setting: str = "rollout.backend=vllm") -> None:
         options = options or EngineOptions()
         self.eos_token_ids = list(eos_token_ids)
-        self.llm = llm if llm is not None else start_engine(model_path, options, "rollout.backend=vllm")
+        self.llm = llm if llm is not None else start_engine(model_path, options, setting)
         self.adapter_dir = Path(tempfile.mkdtemp(prefix="tropd-adapter-")) if adapter else None
         self.lora_request: Any = None
+        if adapter_path is not None:  # a frozen model's saved adapter, loaded by the first request that names it
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, adapter_path)
         self.sleeps = options.sleep and torch.cuda.is_available()
         self.asleep: set[str] = set()  # the engine's released tags: weights, kv_cache
         if model is not None:
@@ -66,6 +74,19 @@ class VLLMRolloutBackend:
         """Remove the adapter folder (the engine goes with the process)."""
         if self.adapter_dir is not None:
             shutil.rmtree(self.adapter_dir, ignore_errors=True)
+
+    def shut_down(self) -> None:
+        """Stop the engine and free its weights and KV cache now, for a process that starts another engine after
+        this one (evaluate, model after model)."""
+        self.close()
+        llm, self.llm = self.llm, None
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del llm, core
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _wake(self, tags: list[str]) -> None:
         wanted = [tag for tag in tags if tag in self.asleep]
