@@ -18,12 +18,19 @@ STEPS = 3
 
 
 @pytest.mark.parametrize("mode", ["full, vllm teacher, tis", "lora, hf teacher"])
-def test_a_short_distill_with_vllm_rollouts_runs_end_to_end(mode, vllm_pair_dir, tmp_path):
+def test_a_short_distill_with_vllm_rollouts_runs_end_to_end(mode, vllm_pair_dir, tmp_path, monkeypatch):
+    """Also: the held-out evaluations before and after training sample the student through its engine."""
+    from tropd_cli.engine.rollout.vllm import VLLMRolloutBackend
+
+    calls = []
+    real_generate = VLLMRolloutBackend.generate
+    monkeypatch.setattr(VLLMRolloutBackend, "generate",
+                        lambda self, *a, **k: calls.append((self, len(a[0]))) or real_generate(self, *a, **k))
     settings = {
         "teacher.model": vllm_pair_dir / "teacher", "student.model": vllm_pair_dir / "student",
         "rollout.backend": "vllm", "rollout.n": 2, "rollout.prompts_per_step": 4, "rollout.max_new_tokens": 16,
         "rollout.vllm_enforce_eager": "true", "rollout.vllm_kv_cache_gib": 0.25, "rollout.vllm_max_model_len": 256,
-        "train.steps": STEPS, "train.warmup_steps": 0, "train.lr": 1e-3, "eval.problems": 4,
+        "train.steps": STEPS, "train.warmup_steps": 0, "train.lr": 1e-3, "eval.problems": 3,
         "train.checkpoint_every": 0,
     }
     if mode.startswith("full"):
@@ -43,6 +50,8 @@ def test_a_short_distill_with_vllm_rollouts_runs_end_to_end(mode, vllm_pair_dir,
             assert "teacher_entropy" not in record  # a served teacher has none
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished"
+    student = calls[-1][0]  # the last call: the evaluation after training
+    assert [size for backend, size in calls if backend is student] == [3] + [4] * STEPS + [3]
     assert 0 <= summary["teacher_accuracy"] <= 1  # measured by the teacher's engine when it holds the teacher
 
 

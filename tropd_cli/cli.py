@@ -71,6 +71,9 @@ def prepare(
                                           "nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out that holds something "
                                             "else.")] = False,
+    backend: Annotated[str | None, typer.Option(help="What samples the teacher drafts: hf (the teacher loaded "
+                                                "here), vllm (a vLLM engine) or server (teacher.url) (default: "
+                                                "teacher.backend).")] = None,
     set_: SetOption = None,
 ) -> None:
     """Prepare prompts for `distill` and `evaluate`: normalise, chat template, length filter, dedupe, split.
@@ -85,7 +88,7 @@ def prepare(
     from tropd_cli.data.prepare import prepare as run_prepare
 
     request = PrepareRequest(data, out, split, subset, prompt_field, answer_field, messages_field, system_prompt,
-                             teacher_drafts, dry_run, overwrite)
+                             teacher_drafts, dry_run, overwrite, backend)
     run_prepare(load_config(preset, set_), request, preset=preset, console=console)
 
 

@@ -323,10 +323,12 @@ class DistillLoop:
             if distributed.is_writer():
                 truncate_metrics(run.metrics, start_step)
 
-    def measure(self, model: torch.nn.Module) -> dict[str, float]:
-        """The held-out metrics of `model`; every rank evaluates, a sharded model generates whole."""
+    def measure(self) -> dict[str, float]:
+        """The student's held-out metrics, sampled by the run's rollout backend (a vLLM engine holds the weights of
+        the last update); every rank evaluates, a sharded model generates whole."""
+        sampler = self.wired.backend if self.config.rollout.backend == "vllm" else self.student
         with self.strategy.gathered():
-            return self.held_out.measure(model)
+            return self.held_out.measure(sampler)
 
     def evaluate_before(self) -> None:
         """The teacher's and the student's accuracy before the first step (fresh runs only)."""
@@ -340,7 +342,7 @@ class DistillLoop:
                     summary.teacher_accuracy = self.held_out.accuracy(teacher)
             elif self.config.eval.teacher:  # sampled where the teacher is: its vLLM engine or its server
                 summary.teacher_accuracy = self.held_out.accuracy(self.wired.teacher_sampler)
-            summary.student_eval_before = self.measure(self.student)
+            summary.student_eval_before = self.measure()
             summary.student_accuracy_before = summary.student_eval_before["accuracy"]
 
     def train(self) -> None:
@@ -399,7 +401,7 @@ class DistillLoop:
             raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "
                              f"stopped; lower train.lr (now {config.train.lr:g}) and start again")
         if config.eval.every and record["step"] % config.eval.every == 0 and self.held_out.enabled:
-            record.update({f"eval_{name}": value for name, value in self.measure(self.student).items()})
+            record.update({f"eval_{name}": value for name, value in self.measure().items()})
             self.summary.eval_accuracy_by_step = {**(self.summary.eval_accuracy_by_step or {}),
                                                   str(record["step"]): record["eval_accuracy"]}
         return record
@@ -444,7 +446,7 @@ class DistillLoop:
         summary = self.summary
         with self.console.status("evaluating after training"):
             if self.held_out.enabled:
-                summary.student_eval_after = self.measure(self.student)
+                summary.student_eval_after = self.measure()
                 summary.student_accuracy_after = summary.student_eval_after["accuracy"]
         if self.config.output.save_model:
             self.save_student()

@@ -225,3 +225,40 @@ def test_drafts_of_another_teacher_are_refused(drafted, random_pair_dir):
     # Objectives that need no teacher response keep the in-run source, which is never asked.
     plain = load_config("toylab", [*DRAFTS, f"data.prompts={drafted}"])
     assert isinstance(sources.teacher_response_source(plain, teacher_backend=None), InRunTeacherResponses)
+
+
+def test_drafts_from_a_served_teacher_equal_the_teacher_loaded_here_and_never_load_it(tmp_path, monkeypatch):
+    """`prepare --teacher-drafts --backend server`: the drafts come from the server (near-greedy sampling makes
+    them comparable) and equal the drafts of the teacher loaded here; the teacher never loads here."""
+    from helpers import ServedTeacher
+
+    from tropd_cli.data import drafts
+    from tropd_cli.models import TOYLAB_ASSETS
+
+    near_greedy = [*DRAFTS, "rollout.temperature=1e-6"]
+    assert prepare(tmp_path / "here", *near_greedy, drafts=True) == 0
+    loads, real_load = [], drafts.load_causal_lm
+    monkeypatch.setattr(drafts, "load_causal_lm", lambda spec, *a, **k: loads.append(spec) or real_load(spec, *a, **k))
+    server = ServedTeacher(TOYLAB_ASSETS / "teacher", name="toylab:teacher")
+    try:
+        argv = ["prepare", "--preset", "toylab", "--data", "toylab", "--out", str(tmp_path / "there"),
+                "--teacher-drafts", "--backend", "server", "--set", f"teacher.url={server.url}"]
+        assert cli.main(argv + [arg for setting in near_greedy for arg in ("--set", setting)]) == 0
+    finally:
+        server.close()
+    assert loads == [] and len([body for body in server.requests if body.get("return_token_ids")]) == 4
+    here, there = (json.loads((tmp_path / name / "manifest.json").read_text())["drafts"] for name in ("here", "there"))
+    assert there.pop("backend") == "server" and here.pop("backend") == "hf"
+    assert there == here  # the same responses: the fingerprint covers every shard's bytes
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--backend", "tgi", "--teacher-drafts"], "error: --backend must be hf, vllm or server, got 'tgi'"),
+    (["--backend", "vllm"], "error: --backend chooses what samples the teacher drafts; add --teacher-drafts"),
+    (["--backend", "server", "--teacher-drafts"], "error: --backend server asks the teacher's server for the drafts: "
+                                                  "set teacher.url (--set teacher.url=http://HOST:PORT)"),
+])
+def test_a_bad_draft_backend_is_one_line(argv, message, tmp_path, capsys):
+    assert cli.main(["prepare", "--preset", "toylab", "--data", "toylab", "--out", str(tmp_path / "o"), *argv]) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "o").exists()

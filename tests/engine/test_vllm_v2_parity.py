@@ -83,3 +83,27 @@ def test_evaluate_with_the_vllm_backend_equals_hf_on_a_v2_model_and_its_lora_ada
     results = reports["hf"][0]
     assert results["toylab:v2-student-e0.03"]["greedy"] != results[str(adapter)]["greedy"] or \
         reports["hf"][1][:40] != reports["hf"][1][40:]  # the adapter changes the answers
+
+
+def test_teacher_drafts_from_a_vllm_engine_equal_hf_drafts_near_greedy(tmp_path, monkeypatch):
+    """`prepare --teacher-drafts --backend vllm` on the v2 pair: the engine's drafts equal HF generate's at a
+    near-greedy temperature, and no torch copy of the teacher loads."""
+    import json
+
+    from tropd_cli import cli
+    from tropd_cli.data import drafts
+
+    settings = ["teacher.model=toylab:v2-teacher", "student.model=toylab:v2-student-e0.03", "train.steps=2",
+                "rollout.prompts_per_step=3", "rollout.max_new_tokens=64", "rollout.temperature=1e-6",
+                "data.draft_shard_size=2", "rollout.vllm_kv_cache_gib=0.25", "rollout.vllm_enforce_eager=true"]
+    loads, real_load = [], drafts.load_causal_lm
+    monkeypatch.setattr(drafts, "load_causal_lm", lambda spec, *a, **k: loads.append(spec) or real_load(spec, *a, **k))
+    found = {}
+    for backend in ("hf", "vllm"):
+        argv = ["prepare", "--preset", "toylab-v2", "--data", "toylab", "--out", str(tmp_path / backend),
+                "--teacher-drafts", "--backend", backend]
+        assert cli.main(argv + [arg for setting in settings for arg in ("--set", setting)]) == 0
+        found[backend] = json.loads((tmp_path / backend / "manifest.json").read_text())["drafts"]
+    assert loads == ["toylab:v2-teacher"]  # for the hf drafts only
+    assert found["vllm"].pop("backend") == "vllm" and found["hf"].pop("backend") == "hf"
+    assert found["vllm"] == found["hf"] and found["hf"]["prompts"] == 6

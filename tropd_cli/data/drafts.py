@@ -2,7 +2,8 @@
 --teacher-drafts` and read by `distill`'s guidance and `sft` instead of sampling them in the run.
 
 Drafts are sampled with the preset's rollout settings (temperature, top_p, max_new_tokens; DESIGN.md §1
-item 4 wants y ~ pi_T) through HF generate on the teacher loaded here, in shards of
+item 4 wants y ~ pi_T) by the teacher's sampler (`--backend`, default teacher.backend: HF generate on the teacher
+loaded here, a vLLM engine, or the teacher's server), in shards of
 `data.draft_shard_size` prompts in train.jsonl's order. Shard k is sampled with a seed made from the data
 seed and k, and written atomically when it is complete, so an interrupted prepare resumes at the missing
 shards and the result is the same as an uninterrupted one.
@@ -32,7 +33,7 @@ from rich.text import Text
 from tropd_cli.config import RunConfig
 from tropd_cli.data.prepared import DRAFTS, PreparedFolder
 from tropd_cli.engine.guidance import TeacherResponse
-from tropd_cli.engine.rollout import SamplingParams, make_rollout_backend
+from tropd_cli.engine.rollout import SamplingParams
 from tropd_cli.engine.seeds import Stream, step_seed
 from tropd_cli.errors import Interrupted, TropdError
 from tropd_cli.files import atomic_write_text
@@ -85,15 +86,17 @@ def shard_chunks(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, A
     return [rows[start:start + size] for start in range(0, len(rows), size)]
 
 
-def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console) -> dict[str, Any]:
-    """Generate every missing shard of `folder`'s drafts; return the drafts' manifest entry, complete."""
+def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console, backend: str | None = None
+                    ) -> dict[str, Any]:
+    """Generate every missing shard of `folder`'s drafts with the teacher's `backend` (hf, vllm or server; default
+    teacher.backend); return the drafts' manifest entry, complete."""
     rows = folder.rows("train")
     settings = draft_settings(config, len(rows))
     size = settings["shard_size"]
     chunks = shard_chunks(rows, size)
     missing = [k for k, chunk in enumerate(chunks) if shard_rows(folder, k, [row["id"] for row in chunk]) is None]
     if missing:
-        _generate(config, folder, chunks, missing, console)
+        _generate(config, folder, chunks, missing, console, backend or config.teacher.backend)
     else:
         console.print(f"all {len(rows)} teacher drafts are already in {folder.path / DRAFTS}", highlight=False,
                       soft_wrap=True)
@@ -105,23 +108,29 @@ def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console)
         for line in shard_rows(folder, k, [row["id"] for row in chunks[k]], raw) or []:
             tokens += len(line["response_ids"])
             finished += line["finished"]
+    made_by = (backend or config.teacher.backend) if missing else (folder.drafts or {}).get("backend")
     return {**settings, "complete": True, "response_tokens": tokens, "finished": finished,
-            "fingerprint": digest.hexdigest()}
+            "fingerprint": digest.hexdigest(), **({"backend": made_by} if made_by else {})}
 
 
 def _generate(config: RunConfig, folder: PreparedFolder, chunks: list[list[dict[str, Any]]], missing: list[int],
-              console: Console) -> None:
+              console: Console, backend_kind: str) -> None:
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    from tropd_cli.engine.teacher.sampling import teacher_sampler
+
     tokenizer = load_tokenizer(config.student.model, config.student.trust_remote_code)
     device = pick_device(config.train.device)
-    with console.status(f"loading teacher {config.teacher.model}"):
-        teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
-                                 quantization=config.teacher.quantization, trainable=False,
-                                 trust_remote_code=config.teacher.trust_remote_code)
-    backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id,
-                                   stop_token_ids(config.student.model, tokenizer), config.rollout.batch_size)
+    teacher = None
+    if backend_kind == "hf":
+        with console.status(f"loading teacher {config.teacher.model}"):
+            teacher = load_causal_lm(config.teacher.model, config.teacher.dtype, device,
+                                     quantization=config.teacher.quantization, trainable=False,
+                                     trust_remote_code=config.teacher.trust_remote_code)
+    with console.status(f"starting the teacher's {backend_kind} sampler"):
+        backend = teacher_sampler(config, backend_kind, stop_token_ids(config.student.model, tokenizer),
+                                  tokenizer.pad_token_id, device, teacher=teacher)
     params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
     seed = data_seed(config)
     total = sum(len(chunk) for chunk in chunks)

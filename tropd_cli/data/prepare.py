@@ -67,6 +67,7 @@ class PrepareRequest:
     teacher_drafts: bool = False
     dry_run: bool = False
     overwrite: bool = False
+    backend: str | None = None  # what samples the drafts: hf, vllm or server (default teacher.backend)
 
 
 @dataclass
@@ -83,6 +84,13 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
             console: Console | None = None) -> PreparedData:
     """Prepare `request.data` for `config`'s student; write the folder (and drafts) unless a dry run."""
     console = console or Console()
+    if request.backend is not None and request.backend not in ("hf", "vllm", "server"):
+        raise TropdError(f"--backend must be hf, vllm or server, got {request.backend!r}")
+    if request.backend is not None and not request.teacher_drafts:
+        raise TropdError("--backend chooses what samples the teacher drafts; add --teacher-drafts")
+    if request.teacher_drafts and (request.backend or config.teacher.backend) == "server" and not config.teacher.url:
+        raise TropdError("--backend server asks the teacher's server for the drafts: set teacher.url "
+                         "(--set teacher.url=http://HOST:PORT)")
     if request.out is None and not request.dry_run:
         raise TropdError("pass --out DIR for the prepared folder (or --dry-run to only look)")
     out = request.out
@@ -119,7 +127,8 @@ def _write(config: RunConfig, request: PrepareRequest, prepared: PreparedData, o
         if manifest.get("drafts") is None:
             manifest["drafts"] = {**wanted, "complete": False}
             _write_manifest(out, manifest)
-        manifest["drafts"] = generate_drafts(config, PreparedFolder(out, manifest), console)  # as just written
+        manifest["drafts"] = generate_drafts(config, PreparedFolder(out, manifest), console,  # as just written
+                                             request.backend)
         _write_manifest(out, manifest)
     say(console, f"prepared folder: {out}  ({len(prepared.train)} train, {len(prepared.eval)} eval, fingerprint "
                  f"{manifest['fingerprint'][:16]})")
@@ -265,7 +274,8 @@ def dry_run_report(console: Console, config: RunConfig, request: PrepareRequest,
         drafts = draft_settings(config, len(prepared.train))
         say(console, f"dry run: would generate {drafts['prompts']} teacher drafts in {drafts['shards']} shards "
                      f"with {drafts['teacher']} (temperature {drafts['temperature']}, top_p {drafts['top_p']}, up "
-                     f"to {drafts['max_new_tokens']} new tokens)")
+                     f"to {drafts['max_new_tokens']} new tokens; {request.backend or config.teacher.backend} "
+                     "backend)")
 
 
 def say(console: Console, text: str) -> None:

@@ -37,7 +37,7 @@ from tropd_cli.engine.strategy import (
     make_strategy,
 )
 from tropd_cli.engine.teacher import TeacherScorer, make_teacher_scorer
-from tropd_cli.engine.teacher.server import ServerSampler
+from tropd_cli.engine.teacher.sampling import teacher_engine_options, teacher_sampler
 from tropd_cli.engine.trainer import Models, Trainer
 from tropd_cli.models import LoraSpec, load_causal_lm, resolve_model_path
 from tropd_cli.runfolder import CheckpointFolder
@@ -72,16 +72,8 @@ def wire(config: RunConfig, preflight: Preflight, device: torch.device, checkpoi
                                    model_path=resolve_model_path(config.student.model),
                                    options=student_engine_options(config), adapter=config.student.lora.enabled)
     scorer, teacher_gathered = teacher_scorer(config, spec, teacher, device, preflight.served_model)
-    if config.teacher.backend == "server":  # the server samples too
-        teacher_backend = ServerSampler(scorer.client, scorer.model, stop_ids, config.teacher.max_concurrency)
-    elif config.teacher.backend == "vllm":  # the scorer's engine, the one copy of the teacher, samples too
-        teacher_backend = make_rollout_backend("vllm", None, tokenizer.pad_token_id, stop_ids,
-                                               model_path=resolve_model_path(config.teacher.model),
-                                               options=teacher_engine_options(config, spec.top_k(config.objective)),
-                                               llm=scorer.llm)
-    else:
-        teacher_backend = make_rollout_backend("hf", teacher, tokenizer.pad_token_id, stop_ids,
-                                               config.rollout.batch_size, autocast=mixed)
+    teacher_backend = teacher_sampler(config, config.teacher.backend, stop_ids, tokenizer.pad_token_id, device,
+                                      teacher=teacher, scorer=scorer, top_k=spec.top_k(config.objective))
     teacher_responses = teacher_response_source(config, teacher_backend, preflight.prepared)
     if isinstance(teacher_responses, InRunTeacherResponses):  # samples the prompts it has not cached
         teacher_responses = GatheredResponses(teacher_responses, teacher_gathered)
@@ -164,15 +156,6 @@ def student_engine_options(config: RunConfig) -> EngineOptions:
                           config.train.seed, sleep=config.rollout.vllm_sleep,
                           lora_rank=student.lora.r if student.lora.enabled else None,
                           trust_remote_code=student.trust_remote_code)
-
-
-def teacher_engine_options(config: RunConfig, top_k: int) -> EngineOptions:
-    """The vLLM engine settings of a `teacher.backend: vllm` scorer: the teacher's dtype, no sleep (it scores
-    every step), and `max_logprobs` the objective's top-k."""
-    from tropd_cli.engine.vllm_engine import engine_options
-
-    return engine_options(config.rollout, config.teacher.dtype, config.train.seed, sleep=False, max_logprobs=top_k,
-                          trust_remote_code=config.teacher.trust_remote_code)
 
 
 def trainer_for(config: RunConfig, models: Models, backend: RolloutBackend, prompts: Iterator[list[list[int]]],
