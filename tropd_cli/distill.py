@@ -326,9 +326,10 @@ class DistillLoop:
     def measure(self) -> dict[str, float]:
         """The student's held-out metrics, sampled by the run's rollout backend (a vLLM engine holds the weights of
         the last update); every rank evaluates, a sharded model generates whole."""
-        sampler = self.wired.backend if self.config.rollout.backend == "vllm" else self.student
+        if self.config.rollout.backend == "vllm":
+            return self.held_out.measure(self.wired.backend)
         with self.strategy.gathered():
-            return self.held_out.measure(sampler)
+            return self.held_out.measure(self.student)
 
     def evaluate_before(self) -> None:
         """The teacher's and the student's accuracy before the first step (fresh runs only)."""

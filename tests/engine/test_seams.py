@@ -81,17 +81,6 @@ def test_configuration_rules_fail_in_one_line_before_anything_loads(raw, message
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_vllm_rollouts_on_more_than_one_process_fail_in_one_line_whatever_the_strategy(monkeypatch):
-    from tropd_cli.engine import distributed, strategy
-
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    for setting in ("auto", "ddp", "fsdp2"):
-        with pytest.raises(TropdError) as error:
-            strategy.make_strategy(setting, False, 2, torch.device("cpu"), "vllm")
-        assert str(error.value) == ("rollout.backend=vllm runs on one process today, but torchrun started 2; use "
-                                    "rollout.backend=hf")
-
-
 def test_the_rollout_factory_makes_the_hf_backend_and_refuses_others():
     model = new_toy_model("student", seed=0)
     backend = make_rollout_backend("hf", model, pad_token_id=0, eos_token_ids=[3], batch_size=5)

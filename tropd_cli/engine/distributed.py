@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -28,6 +28,15 @@ import torch
 from tropd_cli.errors import TropdError
 
 DEFAULT_TIMEOUT_S = 600
+
+
+_BEFORE_TEARDOWN: list[Callable[[], None]] = []
+
+
+def before_teardown(callback: Callable[[], None]) -> None:
+    """Run `callback` before this process leaves the run's process group: what joined the group (a vLLM engine
+    under the external launcher) stops while the group is still there."""
+    _BEFORE_TEARDOWN.append(callback)
 
 
 def world_size() -> int:
@@ -85,7 +94,10 @@ def process_group(device: torch.device) -> Iterator[None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        while _BEFORE_TEARDOWN:
+            _BEFORE_TEARDOWN.pop()()
+        if dist.is_initialized():  # a vLLM engine's shutdown ends the group it joined itself
+            dist.destroy_process_group()
 
 
 # How a collective fails when a peer process is gone (gloo's and NCCL's words).

@@ -64,7 +64,7 @@ def wire(config: RunConfig, preflight: Preflight, device: torch.device, checkpoi
     tokenizer, stop_ids = preflight.student_tokenizer, preflight.stop_ids
     spec = get_objective(config.objective.name)
     strategy = make_strategy(config.train.strategy, config.student.lora.enabled, config.rollout.prompts_per_step,
-                             device, config.rollout.backend)
+                             device)
     teacher, student = load_models(config, device, checkpoint)
     mixed = autocast_dtype(config.train.autocast, device)
     backend = make_rollout_backend(config.rollout.backend, student, tokenizer.pad_token_id, stop_ids,
@@ -78,7 +78,9 @@ def wire(config: RunConfig, preflight: Preflight, device: torch.device, checkpoi
     if isinstance(teacher_responses, InRunTeacherResponses):  # samples the prompts it has not cached
         teacher_responses = GatheredResponses(teacher_responses, teacher_gathered)
     trainer = Trainer(config, Models(teacher, student, tokenizer.pad_token_id, device),
-                      GatheredBackend(backend, strategy.gathered),
+                      # a vLLM engine holds its own whole copy: the sharded student is not gathered to sample
+                      GatheredBackend(backend, strategy.gathered if config.rollout.backend == "hf"
+                                      else contextlib.nullcontext),
                       prompt_batches(config, tokenizer, start_step, preflight.prepared, strategy.rank,
                                      strategy.world_size),
                       objective=spec, teacher_scorer=scorer, strategy=strategy,

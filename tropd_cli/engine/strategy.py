@@ -352,14 +352,11 @@ def resolve_strategy(setting: str, world_size: int, lora: bool) -> str:
     return setting
 
 
-def make_strategy(setting: str, lora: bool, prompts_per_step: int, device: torch.device,
-                  rollout_backend: str = "hf") -> SingleDevice:
+def make_strategy(setting: str, lora: bool, prompts_per_step: int, device: torch.device) -> SingleDevice:
     """The training strategy of `train.strategy` for the processes torchrun started (after the process
-    group is up); one line for a combination that cannot work."""
+    group is up); one line for a combination that cannot work. (With rollout.backend=vllm every rank holds its
+    own engine: engine/vllm_engine.py.)"""
     world_size = distributed.world_size()
-    if rollout_backend == "vllm" and world_size > 1:
-        raise TropdError(f"rollout.backend=vllm runs on one process today, but torchrun started {world_size}; "
-                         "use rollout.backend=hf")
     name = resolve_strategy(setting, world_size, lora)
     if name == "single" or not distributed.launched():  # ddp or fsdp2 without torchrun: one process anyway
         if world_size > 1:

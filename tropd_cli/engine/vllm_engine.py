@@ -143,6 +143,14 @@ def start_engine(model_path: str, options: EngineOptions, setting: str) -> Any:
     )
     if options.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        # Under torchrun every rank holds its own engine (tensor-parallel size 1) on its own device, joined to the
+        # ranks' process group as vLLM's external launcher; each generates its own prompts, unsynchronised.
+        kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+        joined = True
+    else:
+        joined = False
     if options.lora_rank is not None:
         rank = next((r for r in LORA_RANKS if r >= options.lora_rank), None)
         if rank is None:
@@ -152,7 +160,19 @@ def start_engine(model_path: str, options: EngineOptions, setting: str) -> Any:
     if options.sleep and torch.cuda.is_available():
         kwargs["enable_sleep_mode"] = True
     with stderr_without(_ENGINE_START_NOISE):
-        return vllm.LLM(**kwargs)
+        llm = vllm.LLM(**kwargs)
+    if joined:  # its own groups go before the ranks' (else its exit-time shutdown fails on a destroyed group)
+        from tropd_cli.engine import distributed
+
+        distributed.before_teardown(lambda: shut_down_engine(llm))
+    return llm
+
+
+def shut_down_engine(llm: Any) -> None:
+    """Stop an in-process engine now: its weights, KV cache and process groups are released."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 def engine_options(rollout: RolloutConfig, dtype: str, seed: int, *, sleep: bool, lora_rank: int | None = None,

@@ -36,10 +36,17 @@ from typing import Any
 import torch
 
 from tropd_cli.engine.rollout.base import Rollouts, SamplingParams, cut_at_eos
-from tropd_cli.engine.vllm_engine import EngineOptions, start_engine, unwritten_weights
+from tropd_cli.engine.vllm_engine import EngineOptions, shut_down_engine, start_engine, unwritten_weights
 from tropd_cli.errors import TropdError
 
 ADAPTER_NAME, ADAPTER_ID = "tropd-student", 1
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter whole: an FSDP2 shard (a DTensor) gathered from every rank (each rank calls this in the same
+    order), any other tensor as it is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else tensor
 
 
 class VLLMRolloutBackend:
@@ -80,10 +87,8 @@ class VLLMRolloutBackend:
         this one (evaluate, model after model)."""
         self.close()
         llm, self.llm = self.llm, None
-        core = getattr(llm.llm_engine, "engine_core", None)
-        if core is not None:
-            core.shutdown()
-        del llm, core
+        shut_down_engine(llm)
+        del llm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -106,14 +111,15 @@ class VLLMRolloutBackend:
 
         self._wake(["weights"])
         if self.adapter_dir is not None:
-            model.save_pretrained(str(self.adapter_dir))
+            adapter = {name: whole(tensor) for name, tensor in model.state_dict().items() if "lora_" in name}
+            model.save_pretrained(str(self.adapter_dir), state_dict=adapter)
             # Loaded once here, in place of the old one; the requests then name the loaded adapter. (A request
             # with load_inplace would have the engine read the folder again on every decoding step.)
             self.llm.llm_engine.add_lora(LoRARequest(ADAPTER_NAME, ADAPTER_ID, str(self.adapter_dir),
                                                      load_inplace=True))
             self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, str(self.adapter_dir))
         else:
-            weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+            weights = [(name, whole(tensor).detach()) for name, tensor in model.state_dict().items()]
             with unwritten_weights() as missing:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             if missing:
