@@ -325,8 +325,9 @@ class DistillLoop:
 
     def measure(self) -> dict[str, float]:
         """The student's held-out metrics, sampled by the run's rollout backend (a vLLM engine holds the weights of
-        the last update); every rank evaluates, a sharded model generates whole."""
-        if self.config.rollout.backend == "vllm":
+        the last update; not a QLoRA student's, whose engine runs the unquantized base); every rank evaluates, a
+        sharded model generates whole."""
+        if self.config.rollout.backend == "vllm" and self.config.student.quantization == "none":
             return self.held_out.measure(self.wired.backend)
         with self.strategy.gathered():
             return self.held_out.measure(self.student)
