@@ -64,6 +64,23 @@ from tropd_cli.preflight import Preflight, check_before_distill
 from tropd_cli.runfolder import RunFolder, RunSummary
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
 
+# Above this mean |log p_sampler - log p_student| per sampled token (nats) a run's sampler draws from another policy
+# than the one it trains: a QLoRA student's vLLM engine (an unquantized base) measured 0.033-0.054 on the toy lab,
+# an engine holding the trained weights 1e-6 (bench/qlora_vllm.py).
+SAMPLER_GAP_WARNING = 0.01
+
+
+def sampler_gap_warning(record: dict, config: RunConfig) -> str | None:
+    """The line a run prints (once) when its sampler's log-probs stray from the student's and nothing corrects it."""
+    gap = record.get("sampler_logprob_gap")
+    if gap is None or gap <= SAMPLER_GAP_WARNING or config.rollout.importance_correction != "none":
+        return None
+    why = " (a QLoRA student's vLLM engine runs the base unquantized)" if config.student.quantization != "none" else ""
+    return (f"warning: sampler_logprob_gap {gap:.3f} at step {record['step']} is above {SAMPLER_GAP_WARNING} nats "
+            f"per token: the rollouts come from another policy than the one trained{why}; "
+            "rollout.importance_correction=tis corrects for it")
+
+
 RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.checkpoint_keep", "train.threads", "train.device",
                   "output.log_to", "output.wandb_project",
                   # a served teacher restarted elsewhere, or slower, is the same teacher
@@ -292,6 +309,7 @@ class DistillLoop:
         self.config, self.run, self.preflight, self.summary = config, run, preflight, summary
         self.console, self.final, self.started, self.device = console, final, started, device
         self.fresh = True
+        self.gap_warned = False  # the sampler-gap warning is printed once a run
 
     def set_up(self, checkpoint: tuple[Path, dict] | None) -> None:
         config, run, console = self.config, self.run, self.console
@@ -398,6 +416,10 @@ class DistillLoop:
             record = trainer.train_step()
         except TeacherUnavailable as error:
             raise self.teacher_gone(error, step_random) from None
+        warning = None if self.gap_warned else sampler_gap_warning(record, config)
+        if warning is not None and distributed.is_writer():
+            self.console.print(warning, style="yellow", highlight=False, soft_wrap=True)
+        self.gap_warned = self.gap_warned or warning is not None
         diverged = non_finite(record, self.student, self.strategy)
         if diverged:
             raise TropdError(f"training diverged at step {record['step']}: {diverged}; the run "

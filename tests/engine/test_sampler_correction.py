@@ -86,3 +86,34 @@ def test_tokens_the_sampler_did_not_choose_are_left_out_of_the_gap_and_unweighte
     record = trainer_for(config, models, PrefixSampler(student, 0.5), iter([[[2, 5, 6]]])).train_step()
     assert record["sampler_logprob_gap"] == pytest.approx(0.5, abs=1e-5)
     assert record["tis_weight"] == pytest.approx(math.exp(-0.5), rel=1e-5)
+
+
+def test_a_sampler_gap_above_the_threshold_without_correction_is_one_warning_a_run(tmp_path, monkeypatch):
+    """sampler_logprob_gap 0.05 every step (a sampler drawing another policy): one yellow line, at step 1; with tis,
+    or at 0.01 and below, none."""
+    import io
+
+    from rich.console import Console
+
+    from tropd_cli.config import load_config
+    from tropd_cli.distill import SAMPLER_GAP_WARNING, distill, sampler_gap_warning
+
+    real_step = trainer.Trainer.train_step
+    monkeypatch.setattr(trainer.Trainer, "train_step",
+                        lambda self: {**real_step(self), "sampler_logprob_gap": 0.05})
+    printed = io.StringIO()
+    settings = ["train.steps=3", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=8",
+                "eval.problems=0", "train.threads=1", "output.save_model=false", "train.checkpoint_every=0"]
+    distill(load_config("toylab", settings), "toylab", out=str(tmp_path / "run"),
+            console=Console(file=printed, width=200))
+    lines = [line for line in printed.getvalue().splitlines() if "sampler_logprob_gap" in line]
+    assert lines == ["warning: sampler_logprob_gap 0.050 at step 1 is above 0.01 nats per token: the rollouts come "
+                     "from another policy than the one trained; rollout.importance_correction=tis corrects for it"]
+    qlora = RunConfig.model_validate({"student": {"quantization": "4bit", "lora": {"enabled": True}},
+                                      "rollout": {"backend": "vllm"}})
+    assert "(a QLoRA student's vLLM engine runs the base unquantized)" in sampler_gap_warning(
+        {"step": 2, "sampler_logprob_gap": 0.05}, qlora)
+    tis = RunConfig.model_validate({"rollout": {"backend": "vllm", "importance_correction": "tis"}})
+    assert sampler_gap_warning({"step": 1, "sampler_logprob_gap": 0.05}, tis) is None
+    assert sampler_gap_warning({"step": 1, "sampler_logprob_gap": SAMPLER_GAP_WARNING}, qlora) is None
+    assert sampler_gap_warning({"step": 1}, qlora) is None
