@@ -5,7 +5,8 @@ Checks, each printed as one line `ok`/`FAIL` with its number, and all written to
 1. engine start-up with sleep mode (CUDA), and the memory it takes and gives back while asleep;
 2. greedy rollouts against HF generate (token agreement; exact in float32, near-exact in bfloat16);
 3. a full-weight sync after a change of the weights (reload_weights + prefix-cache reset), then agreement again;
-4. a LoRA student on a second engine (sleep level 1, adapter loaded with `load_inplace`), agreement with peft;
+4. a LoRA student on a second engine (sleep level 1, adapter loaded with `load_inplace`), agreement with peft,
+   the time of an adapter sync and the adapter read once per sync (not once per decoding step);
 5. `sampler_logprob_gap` of sampled rollouts against the trainer's log-probs;
 6. tokens per second of HF generate and of vLLM on the same prompts.
 
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from peft import LoraConfig, get_peft_model
 
-    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()  # the engine's base: on disk
+    lora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     with torch.no_grad():
         for name, parameter in lora.named_parameters():
             if "lora_B" in name:
@@ -159,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     expected = HFGenerateBackend(lora, 0, stops, batch_size=args.prompts).generate(prompts, 1, greedy, 0)
     value = agreement(adapter.generate(prompts, 1, greedy, 0).response_ids, expected.response_ids)
     check("lora_greedy_agreement", value >= threshold, value)
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    loads, real_load = [], WorkerLoRAManager._load_adapter
+    WorkerLoRAManager._load_adapter = lambda self, request: loads.append(1) or real_load(self, request)
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.01)
+    started = time.perf_counter()
+    adapter.sync(lora)
+    check("lora_sync_s", True, round(time.perf_counter() - started, 3))
+    adapter.generate(prompts, 4, sampled, 2)
+    WorkerLoRAManager._load_adapter = real_load
+    check("lora_loads_per_sync", len(loads) == 1, len(loads))  # not once per decoding step
     adapter.close()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
