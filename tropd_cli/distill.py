@@ -65,9 +65,10 @@ from tropd_cli.runfolder import RunFolder, RunSummary
 from tropd_cli.telemetry import close_sinks, open_sinks, truncate_metrics
 
 # Above this mean |log p_sampler - log p_student| per sampled token (nats) a run's sampler draws from another policy
-# than the one it trains: a QLoRA student's vLLM engine (an unquantized base) measured 0.033-0.054 on the toy lab,
-# an engine holding the trained weights 1e-6 (bench/qlora_vllm.py).
-SAMPLER_GAP_WARNING = 0.01
+# than the one it trains: a QLoRA student's vLLM engine (an unquantized base) measured 0.033 at the first step of
+# the toy lab and more later, a float32 engine holding the trained weights 1e-6 (bench/qlora_vllm.py). 16-bit
+# numerics alone put an engine near 1e-2 from its trainer, which is not worth a warning: hence 0.02.
+SAMPLER_GAP_WARNING = 0.02
 
 
 def sampler_gap_warning(record: dict, config: RunConfig) -> str | None:
