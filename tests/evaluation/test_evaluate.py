@@ -209,6 +209,72 @@ def test_a_journal_made_with_other_settings_is_replaced_with_one_line(tmp_path, 
     assert not journal.exists()
 
 
+def test_a_journal_line_cut_short_is_dropped_and_the_next_chunk_starts_its_own_line(tmp_path, capsys, monkeypatch):
+    """A crash inside a chunk's line: that chunk is generated again, the file is cut back to its last whole line,
+    and a second interruption later still finds every chunk it wrote."""
+    from tropd_cli.evaluation import journal as journal_module
+    from tropd_cli.evaluation import runner
+
+    argv = ["evaluate", "-m", "toylab:student", "-b", "toylab", "--limit", "24", "--batch-size", "8",
+            "--out", str(tmp_path / "o")]
+    real_generate, calls = runner.generate_texts, []
+
+    def stop_at(count):
+        def generate(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == count:
+                raise KeyboardInterrupt
+            return real_generate(*args, **kwargs)
+        return generate
+
+    monkeypatch.setattr(runner, "generate_texts", stop_at(2))
+    assert cli.main(argv) == 130
+    samples = tmp_path / ".o.partial" / "samples.jsonl"
+    samples.write_text(samples.read_text() + '{"model": "toylab:student", "benchmark": "toylab", "pass": "gr')
+    calls.clear()
+    monkeypatch.setattr(runner, "generate_texts", stop_at(2))  # chunk 1 generated again, stopped at chunk 2
+    assert cli.main(argv) == 130
+    assert [json.loads(line)["chunk"] for line in samples.read_text().splitlines()] == [0, 1]
+    assert len(journal_module._read_chunks(samples)) == 2
+    monkeypatch.setattr(runner, "generate_texts", real_generate)
+    capsys.readouterr()
+    assert cli.main(argv) == 0 and "2 chunks of responses already generated" in capsys.readouterr().out
+
+
+def test_a_model_folder_trained_again_in_place_does_not_reuse_the_journal(random_pair_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    import os
+    import shutil
+
+    from tropd_cli.evaluation import runner
+
+    model = tmp_path / "model"
+    shutil.copytree(random_pair_dir / "student", model)
+    argv = ["evaluate", "-m", str(model), "-b", "toylab", "--limit", "16", "--batch-size", "8",
+            "--out", str(tmp_path / "o")]
+    real_generate = runner.generate_texts
+    calls = []
+    monkeypatch.setattr(runner, "generate_texts", lambda *a, **k: calls.append(1) or (
+        (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == 2 else real_generate(*a, **k)))
+    assert cli.main(argv) == 130
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # written again
+    monkeypatch.setattr(runner, "generate_texts", real_generate)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "an interrupted evaluation with other settings was in" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_any_chunk_keeps_nothing_and_says_so(tmp_path, capsys, monkeypatch):
+    from tropd_cli.evaluation import runner
+
+    monkeypatch.setattr(runner, "generate_texts", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["evaluate", "-m", "toylab:student", "-b", "toylab", "--limit", "8", "--out",
+                     str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err.strip() == "stopped: interrupted before any response was finished; nothing was kept"
+    assert not (tmp_path / ".o.partial").exists()
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_backend_vllm_without_vllm_is_one_line(tmp_path, capsys):
     assert cli.main(["evaluate", "-m", "toylab:student", "-b", "toylab", "--backend", "vllm",

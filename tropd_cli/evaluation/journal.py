@@ -5,9 +5,12 @@ The journal is the hidden folder `.OUT.partial` next to `--out`: `progress.json`
 made under (models, benchmarks and their problem fingerprints, sampling, seed, dtype, backend) and
 `samples.jsonl` one line per finished chunk (model, benchmark, pass, chunk index, its texts, finished flags and
 response tokens), appended and flushed to disk as each chunk ends. Chunks are seeded by their index, so a chunk
-generated again equals the one that was lost, and a continued evaluation equals an uninterrupted one. The
-journal is made with the first finished chunk and goes when the report is written; one made under another
-protocol is replaced, with a line that says so.
+generated again equals the one that was lost, and a continued evaluation gives the answers and metrics of an
+uninterrupted one (on a CPU; a GPU's kernels need not repeat bit for bit). The protocol names each model by its
+files (names, sizes and modification times), so a model folder retrained in place is not mistaken for the old one.
+The journal is made with the first finished chunk and goes when the report is written; one made under another
+protocol is replaced when the first new chunk is done, with a line that says so (`--overwrite` concerns the report
+folder, not the journal: the same command, run again, continues).
 """
 
 from __future__ import annotations
@@ -44,23 +47,25 @@ class Journal:
 
     def __init__(self, out: Path, protocol: dict, console: Console) -> None:
         self.folder = journal_folder(out)
-        self.chunks: dict[ChunkKey, Chunk] = {}
-        progress = self.folder / "progress.json"
-        if progress.is_file():
-            try:
-                same = json.loads(progress.read_text()) == protocol
-            except (OSError, ValueError):
-                same = False
-            if same:
-                self.chunks = _read_chunks(self.folder / "samples.jsonl")
-                if self.chunks:
-                    console.print(f"continuing an interrupted evaluation: {len(self.chunks)} chunks of responses "
-                                  f"already generated (kept in {self.folder})", highlight=False, soft_wrap=True)
-            else:
-                console.print(f"an interrupted evaluation with other settings was in {self.folder}; starting over",
-                              highlight=False, soft_wrap=True)
-                shutil.rmtree(self.folder, ignore_errors=True)
         self.protocol = protocol
+        self.chunks: dict[ChunkKey, Chunk] = {}
+        self.stale = False  # a journal of other settings: replaced when the first new chunk is done
+        progress = self.folder / "progress.json"
+        if not progress.is_file():
+            return
+        try:
+            same = json.loads(progress.read_text()) == protocol
+        except (OSError, ValueError):
+            same = False
+        if same:
+            self.chunks = _read_chunks(self.folder / "samples.jsonl")
+            if self.chunks:
+                console.print(f"continuing an interrupted evaluation: {len(self.chunks)} chunks of responses "
+                              f"already generated (kept in {self.folder})", highlight=False, soft_wrap=True)
+        else:
+            self.stale = True
+            console.print(f"an interrupted evaluation with other settings was in {self.folder}; starting over (it "
+                          "is replaced when the first new responses are done)", highlight=False, soft_wrap=True)
 
     def get(self, key: ChunkKey) -> Chunk | None:
         return self.chunks.get(key)
@@ -70,6 +75,9 @@ class Journal:
         line = json.dumps({"model": key[0], "benchmark": key[1], "pass": key[2], "chunk": key[3],
                            "texts": chunk.texts, "finished": chunk.finished, "tokens": chunk.tokens})
         with writing(f"the evaluation's journal in {self.folder}"):
+            if self.stale:  # the old journal goes only once something replaces it
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.stale = False
             if not (self.folder / "progress.json").is_file():  # made with the first chunk: nothing before it
                 self.folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(self.folder / "progress.json", self.protocol)
@@ -85,11 +93,17 @@ class Journal:
 
 
 def _read_chunks(path: Path) -> dict[ChunkKey, Chunk]:
-    """The chunks of a journal file; a last line cut short by the interruption is dropped."""
+    """The chunks of a journal file; a last line cut short by the interruption is dropped, from the file too, so
+    that the next chunk starts a line of its own."""
     chunks: dict[ChunkKey, Chunk] = {}
     if not path.is_file():
         return chunks
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        with writing(f"the evaluation's journal {path}"), open(path, "r+") as journal:
+            journal.truncate(text.rfind("\n") + 1)
+        text = text[:text.rfind("\n") + 1]
+    for line in text.splitlines():
         try:
             row = json.loads(line)
             chunks[(row["model"], row["benchmark"], row["pass"], row["chunk"])] = Chunk(

@@ -93,8 +93,11 @@ def evaluate(settings: EvalSettings, console: Console | None = None, trust_remot
         try:
             report, journal = _evaluate(settings, console, trust_remote_code)
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; the responses generated so far are kept in "
-                              f"{journal_folder(settings.out)}; run the same command again to continue") from None
+            folder = journal_folder(settings.out)
+            if not (folder / "samples.jsonl").is_file():
+                raise Interrupted("interrupted before any response was finished; nothing was kept") from None
+            raise Interrupted(f"interrupted; the responses generated so far are kept in {folder}; run the same "
+                              "command again to continue") from None
         with writing(f"the report to {settings.out}"):
             output.replace(lambda folder: write_report(report, replace(settings, out=folder)))
         journal.remove()
@@ -117,7 +120,7 @@ def _evaluate(settings: EvalSettings, console: Console, trust_remote_code: bool)
     if settings.dtype == "auto":
         settings = replace(settings, dtype=auto_dtype(device))
     report = EvalReport.start(settings, sources, problem_sets)
-    journal = Journal(settings.out, journal_protocol(report), console)
+    journal = Journal(settings.out, journal_protocol(report, sources, device), console)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         ProblemRateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                         console=console)
@@ -131,13 +134,23 @@ def _evaluate(settings: EvalSettings, console: Console, trust_remote_code: bool)
     return report, journal
 
 
-def journal_protocol(report: EvalReport) -> dict:
-    """What a journal's chunks depend on: the report's protocol (less when and by which version it was made),
-    the models and the benchmarks' problems."""
-    protocol = {key: value for key, value in report.protocol.items() if key not in ("created", "tropd_version")}
-    return json.loads(json.dumps({**protocol, "models": report.models, "benchmarks": {
+def journal_protocol(report: EvalReport, sources: list[ModelSource], device: torch.device) -> dict:
+    """What a journal's chunks depend on: the report's protocol (less when and by which version it was made, and
+    grading, which changes no response), the device, the models with their files, the benchmarks' problems."""
+    protocol = {key: value for key, value in report.protocol.items()
+                if key not in ("created", "tropd_version", "grading_timeout_s")}
+    return json.loads(json.dumps({**protocol, "device": device.type, "models": report.models,
+                                  "model_files": [model_files(source) for source in sources], "benchmarks": {
         name: {key: entry[key] for key in ("source", "fingerprint", "problems", "max_new_tokens")}
         for name, entry in report.benchmarks.items()}}))
+
+
+def model_files(source: ModelSource) -> list[list]:
+    """Name, size and modification time of each file of a model's (and its adapter's) local folder: what tells a
+    folder trained again in place from the one a journal's responses came from (a hub id has none here)."""
+    folders = [Path(resolve_model_path(source.model)), *([Path(source.adapter)] if source.adapter else [])]
+    return [[str(path), path.stat().st_size, path.stat().st_mtime_ns] for folder in folders if folder.is_dir()
+            for path in sorted(folder.iterdir()) if path.is_file() and not path.name.startswith(".")]
 
 
 class LoadedOnUse:
