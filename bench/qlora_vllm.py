@@ -12,8 +12,8 @@ Cases, each its own process, seed-major so that the cases alternate:
   that holds the trained model itself).
 
 Every run: LoRA r 16 at the preset's lr (1e-4, chosen before any comparison run), the preset's evaluation
-before and after training (100 held-out problems, avg@4 at temperature 1 and greedy; always by the student
-itself, never by the engine). The script checks its premises: every run finishes its steps, the vLLM runs report a
+before and after training (100 held-out problems, avg@4 at temperature 1 and greedy): by the 4-bit student itself
+in the QLoRA cases, by the engine in `lora-vllm` (which holds the trained weights themselves). The script checks its premises: every run finishes its steps, the vLLM runs report a
 gap every step, the HF runs none. Pre-registered predictions: bench/results/qlora_vllm-predictions.md. Run it in
 the vLLM environment:
 

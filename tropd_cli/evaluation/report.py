@@ -1,6 +1,6 @@
 """The evaluation report: report.json (protocol and metrics), samples.jsonl, report.md, and the Rich table.
 
-report.json holds the full protocol (k, temperature, top_p, max new tokens, seed, limit, thinking, dtype,
+report.json holds the full protocol (k, temperature, top_p, max new tokens, seed, limit, thinking, dtype, backend,
 each benchmark's source, grader, instruction and dataset fingerprint) and, per benchmark and model, every
 metric with its standard error. The table shows models side by side with deltas against the first model.
 """
