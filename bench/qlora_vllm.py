@@ -13,9 +13,9 @@ Cases, each its own process, seed-major so that the cases alternate:
 
 Every run: LoRA r 16 at the preset's lr (1e-4, chosen before any comparison run), the preset's evaluation
 before and after training (100 held-out problems, avg@4 at temperature 1 and greedy): by the 4-bit student itself
-in the QLoRA cases, by the engine in `lora-vllm` (which holds the trained weights themselves). The script checks its premises: every run finishes its steps, the vLLM runs report a
-gap every step, the HF runs none. Pre-registered predictions: bench/results/qlora_vllm-predictions.md. Run it in
-the vLLM environment:
+in the QLoRA cases, by the engine in `lora-vllm` (which holds the trained weights themselves). The script checks
+its premises: every run finishes its steps, the vLLM runs report a gap every step, the HF runs none. Pre-registered
+predictions: bench/results/qlora_vllm-predictions.md; the report judges them. Run it in the vLLM environment:
 
     .venv-vllm/bin/python bench/qlora_vllm.py --out bench/results
     .venv-vllm/bin/python bench/qlora_vllm.py --steps 4 --seeds 0 --problems 8 --out /tmp/q
@@ -105,12 +105,33 @@ def summarise(runs: list[dict]) -> dict:
     return table
 
 
+def verdicts(report: dict) -> list[str]:
+    """The pre-registered predictions (bench/results/qlora_vllm-predictions.md), judged on the report's numbers."""
+    runs, table = report["runs"], report["cases"]
+    qlora_gaps = [r["gap_mean"] for r in runs if r["case"] in ("qlora-vllm", "qlora-vllm-tis")]
+    control = [r["gap_mean"] for r in runs if r["case"] == "lora-vllm"]
+    p1 = min(qlora_gaps) >= report["warn_gap"] and max(control) < 1e-4
+    reference = table["qlora-hf"]["kl_k1_last10"]
+    p2 = abs(table["qlora-vllm"]["kl_k1_last10"] - reference) < 0.1 * reference
+    tis = table["qlora-vllm-tis"]
+    p3 = abs(tis["tis_weight_mean"] - 1) <= 0.01 and abs(tis["kl_k1_last10"] - reference) < 0.1 * reference
+    return ["Verdicts on the pre-registered predictions:", "",
+            f"- P1 (the gap) {'holds' if p1 else 'fails'}: QLoRA runs' mean gaps {min(qlora_gaps):.3f}-"
+            f"{max(qlora_gaps):.3f} (>= {report['warn_gap']}), the control's {max(control):.1e} at most (< 1e-4).",
+            f"- P2 (no effect on the objective) {'holds' if p2 else 'fails'}: K1 KL over the last 10 steps "
+            f"{table['qlora-vllm']['kl_k1_last10']:.3f} with vLLM rollouts against {reference:.3f} with HF's "
+            f"({table['qlora-vllm']['kl_k1_last10'] / reference:.1f}x).",
+            f"- P3 (tis) {'holds' if p3 else 'fails'}: mean TIS weight {tis['tis_weight_mean']:.4f}, K1 KL "
+            f"{tis['kl_k1_last10']:.3f} against {reference:.3f}."]
+
+
 def markdown(report: dict) -> str:
     env, table = report["environment"], report["cases"]
     lines = [f"# A QLoRA student sampled by vLLM: `{PRESET}`, {report['steps']} steps, seeds "
              f"{', '.join(map(str, report['seeds']))} ({env['cpu']}, {env['cpu_count']} cores)", "",
              "Means over the seeds. gap: sampler_logprob_gap, mean |log p_vLLM - log p_student| per sampled token "
-             "(nats); accuracy: avg@4 at temperature 1 on the held-out problems, by the student itself.", "",
+             "(nats); accuracy: avg@4 at temperature 1 on the held-out problems (by the 4-bit student itself in the "
+             "QLoRA cases, by the engine in lora-vllm).", "", *verdicts(report), "",
              "| case | gap, step 1 | gap, mean | gap, max | avg@4 before | after | gain | greedy gain | "
              "K1 KL, last 10 | step s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for case, row in table.items():

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 from tropd_cli import cli, preflight
 from tropd_cli.config import load_config
-from tropd_cli.models import LoraSpec, empty_model, load_causal_lm
+from tropd_cli.models import LoraSpec, empty_model, load_causal_lm, load_tokenizer
 from tropd_cli.toylab.models import new_toy_model, toy_config
 from tropd_cli.toylab.tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, build_tokenizer
 
@@ -290,3 +290,23 @@ def test_a_vllm_engine_counts_its_weights_and_cache_once_or_its_share_of_the_dev
     student_weights = next(size for label, size in hf.items() if label.startswith("student weights"))
     assert rollouts["student's vLLM engine (weights + 1 GiB KV cache)"] == student_weights + 2**30
     assert sum(rollouts.values()) > sum(hf.values())
+
+
+def test_a_qlora_student_with_vllm_rollouts_needs_tis_and_is_warned_with_it(monkeypatch):
+    """Uncorrected, a QLoRA student's vLLM rollouts (the unquantized base) collapsed on the toy lab: refused in one
+    line; with tis, a warning."""
+    import importlib.util
+
+    from tropd_cli.preflight.pairs import backends_check
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # as if vLLM were installed
+    qlora = ["student.lora.enabled=true", "student.quantization=4bit", "rollout.backend=vllm"]
+    tokenizer = load_tokenizer("toylab:teacher")
+    check, _ = backends_check(load_config("toylab", qlora), tokenizer)
+    assert check.error == ("vLLM 0.32 has no bitsandbytes loader: a QLoRA student's engine samples the unquantized "
+                           "base under its adapter, and without correction such runs collapsed on the toy lab "
+                           "(bench/results/qlora_vllm.md); set rollout.importance_correction=tis, or "
+                           "rollout.backend=hf (the student samples itself)")
+    check, _ = backends_check(load_config("toylab", [*qlora, "rollout.importance_correction=tis"]), tokenizer)
+    assert check.error is None and check.warning.endswith("the accuracy still fell short of rollout.backend=hf "
+                                                          "(bench/results/qlora_vllm.md)")
