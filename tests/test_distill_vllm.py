@@ -50,6 +50,7 @@ def test_a_short_distill_with_vllm_rollouts_runs_end_to_end(mode, vllm_pair_dir,
             assert "teacher_entropy" not in record  # a served teacher has none
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished"
+    assert summary["held_out"]["student_sampler"] == "vllm"
     student = calls[-1][0]  # the last call: the evaluation after training
     assert [size for backend, size in calls if backend is student] == [3] + [4] * STEPS + [3]
     assert 0 <= summary["teacher_accuracy"] <= 1  # measured by the teacher's engine when it holds the teacher

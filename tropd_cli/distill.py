@@ -293,9 +293,12 @@ def _train(config: RunConfig, run: RunFolder, preflight: Preflight, summary: Run
         with distributed.process_group(device):
             loop = DistillLoop(config, run, preflight, summary, console, final, started, device)
             loop.set_up(checkpoint)
-            loop.evaluate_before()
-            loop.train()
-            return loop.finish()
+            try:
+                loop.evaluate_before()
+                loop.train()
+                return loop.finish()
+            finally:
+                loop.wired.backend.close()  # after the last evaluation, which a vLLM engine may sample
     except BaseException as error:
         _record_end(run, summary, error, started)
         raise
@@ -329,7 +332,7 @@ class DistillLoop:
                               highlight=False, soft_wrap=True)
         self.held_out = HeldOut(config, self.preflight.student_tokenizer, self.preflight.stop_ids)
         if self.held_out.enabled:
-            self.summary.held_out = self.held_out.protocol()
+            self.summary.held_out = {**self.held_out.protocol(), "student_sampler": self.student_sampler}
         folder, trainer_state = checkpoint if checkpoint is not None else (None, None)
         start_step = trainer_state["step"] if trainer_state is not None else 0
         self.wired = wire(config, self.preflight, self.device, folder, start_step)
@@ -342,11 +345,17 @@ class DistillLoop:
             if distributed.is_writer():
                 truncate_metrics(run.metrics, start_step)
 
+    @property
+    def student_sampler(self) -> str:
+        """What samples the student's held-out answers: its vLLM engine (which holds the trained weights), else
+        HF generate on the student itself (also for a QLoRA student, whose engine runs the unquantized base)."""
+        return "vllm" if self.config.rollout.backend == "vllm" and self.config.student.quantization == "none" else "hf"
+
     def measure(self) -> dict[str, float]:
         """The student's held-out metrics, sampled by the run's rollout backend (a vLLM engine holds the weights of
         the last update; not a QLoRA student's, whose engine runs the unquantized base); every rank evaluates, a
         sharded model generates whole."""
-        if self.config.rollout.backend == "vllm" and self.config.student.quantization == "none":
+        if self.student_sampler == "vllm":
             return self.held_out.measure(self.wired.backend)
         with self.strategy.gathered():
             return self.held_out.measure(self.student)
@@ -362,7 +371,8 @@ class DistillLoop:
                 with self.wired.teacher_gathered():
                     summary.teacher_accuracy = self.held_out.accuracy(teacher)
             elif self.config.eval.teacher:  # sampled where the teacher is: its vLLM engine or its server
-                summary.teacher_accuracy = self.held_out.accuracy(self.wired.teacher_sampler)
+                summary.teacher_accuracy = self.trainer.from_teacher(  # a served teacher's failure: every rank stops
+                    lambda: self.held_out.accuracy(self.wired.teacher_sampler))
             summary.student_eval_before = self.measure()
             summary.student_accuracy_before = summary.student_eval_before["accuracy"]
 
@@ -406,7 +416,6 @@ class DistillLoop:
                               f"{self.run.path}; {self._newest_checkpoint()}") from None
         finally:
             close_sinks(sinks)
-            self.wired.backend.close()
 
     def step(self) -> dict[str, float]:
         """One training step's record, with the held-out metrics on evaluation steps; one line when the step

@@ -45,10 +45,12 @@ def data_seed(config: RunConfig) -> int:
     return config.train.seed if config.data.seed is None else config.data.seed
 
 
-def draft_settings(config: RunConfig, prompts: int) -> dict[str, Any]:
-    """What decides the drafts; a folder's drafts resume only under the same settings."""
+def draft_settings(config: RunConfig, prompts: int, backend: str | None = None) -> dict[str, Any]:
+    """What decides the drafts, `backend` (prepare's --backend) or teacher.backend sampling them among them; a
+    folder's drafts resume only under the same settings."""
     size = config.data.draft_shard_size
-    return {"teacher": config.teacher.model, "temperature": config.rollout.temperature,
+    return {"teacher": config.teacher.model, "backend": backend or config.teacher.backend,
+            "temperature": config.rollout.temperature,
             "top_p": config.rollout.top_p, "max_new_tokens": config.rollout.max_new_tokens,
             "seed": data_seed(config), "shard_size": size, "prompts": prompts, "shards": math.ceil(prompts / size)}
 
@@ -91,7 +93,7 @@ def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console,
     """Generate every missing shard of `folder`'s drafts with the teacher's `backend` (hf, vllm or server; default
     teacher.backend); return the drafts' manifest entry, complete."""
     rows = folder.rows("train")
-    settings = draft_settings(config, len(rows))
+    settings = draft_settings(config, len(rows), backend)
     size = settings["shard_size"]
     chunks = shard_chunks(rows, size)
     missing = [k for k, chunk in enumerate(chunks) if shard_rows(folder, k, [row["id"] for row in chunk]) is None]
@@ -108,9 +110,8 @@ def generate_drafts(config: RunConfig, folder: PreparedFolder, console: Console,
         for line in shard_rows(folder, k, [row["id"] for row in chunks[k]], raw) or []:
             tokens += len(line["response_ids"])
             finished += line["finished"]
-    made_by = (backend or config.teacher.backend) if missing else (folder.drafts or {}).get("backend")
     return {**settings, "complete": True, "response_tokens": tokens, "finished": finished,
-            "fingerprint": digest.hexdigest(), **({"backend": made_by} if made_by else {})}
+            "fingerprint": digest.hexdigest()}
 
 
 def _generate(config: RunConfig, folder: PreparedFolder, chunks: list[list[dict[str, Any]]], missing: list[int],
@@ -130,7 +131,7 @@ def _generate(config: RunConfig, folder: PreparedFolder, chunks: list[list[dict[
                                      trust_remote_code=config.teacher.trust_remote_code)
     with console.status(f"starting the teacher's {backend_kind} sampler"):
         backend = teacher_sampler(config, backend_kind, stop_token_ids(config.student.model, tokenizer),
-                                  tokenizer.pad_token_id, device, teacher=teacher)
+                                  tokenizer.pad_token_id, device, teacher=teacher, in_run=False)
     params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
     seed = data_seed(config)
     total = sum(len(chunk) for chunk in chunks)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from tropd_cli.data.rows import (
     template_reads_thinking,
     tokenizer_fingerprint,
 )
+from tropd_cli.engine.vllm_engine import vllm_missing
 from tropd_cli.errors import TropdError
 from tropd_cli.files import OwnedFolder, atomic_write_text, check_output_path, writing
 from tropd_cli.models import load_tokenizer
@@ -88,9 +90,12 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
         raise TropdError(f"--backend must be hf, vllm or server, got {request.backend!r}")
     if request.backend is not None and not request.teacher_drafts:
         raise TropdError("--backend chooses what samples the teacher drafts; add --teacher-drafts")
-    if request.teacher_drafts and (request.backend or config.teacher.backend) == "server" and not config.teacher.url:
+    drafted_by = request.backend or config.teacher.backend
+    if request.teacher_drafts and drafted_by == "server" and not config.teacher.url:
         raise TropdError("--backend server asks the teacher's server for the drafts: set teacher.url "
                          "(--set teacher.url=http://HOST:PORT)")
+    if request.teacher_drafts and drafted_by == "vllm" and find_spec("vllm") is None:
+        raise TropdError(vllm_missing("--backend vllm" if request.backend else "teacher.backend=vllm"))
     if request.out is None and not request.dry_run:
         raise TropdError("pass --out DIR for the prepared folder (or --dry-run to only look)")
     out = request.out
@@ -122,7 +127,7 @@ def _write(config: RunConfig, request: PrepareRequest, prepared: PreparedData, o
         output.claim(request.overwrite)
         output.replace(lambda folder: _fill_folder(folder, prepared))
     if request.teacher_drafts:
-        wanted = draft_settings(config, len(prepared.train))
+        wanted = draft_settings(config, len(prepared.train), request.backend)
         _check_drafts_resumable(out, manifest.get("drafts"), wanted)
         if manifest.get("drafts") is None:
             manifest["drafts"] = {**wanted, "complete": False}
@@ -271,11 +276,10 @@ def dry_run_report(console: Console, config: RunConfig, request: PrepareRequest,
     say(console, f"dry run: would write {where}/{TRAIN} ({len(prepared.train)} prompts), {where}/{EVAL} "
                  f"({len(prepared.eval)}) and {where}/{MANIFEST}; nothing was written")
     if request.teacher_drafts:
-        drafts = draft_settings(config, len(prepared.train))
+        drafts = draft_settings(config, len(prepared.train), request.backend)
         say(console, f"dry run: would generate {drafts['prompts']} teacher drafts in {drafts['shards']} shards "
                      f"with {drafts['teacher']} (temperature {drafts['temperature']}, top_p {drafts['top_p']}, up "
-                     f"to {drafts['max_new_tokens']} new tokens; {request.backend or config.teacher.backend} "
-                     "backend)")
+                     f"to {drafts['max_new_tokens']} new tokens; {drafts['backend']} backend)")
 
 
 def say(console: Console, text: str) -> None:
@@ -303,8 +307,9 @@ def _check_drafts_resumable(out: Path, drafts: dict[str, Any] | None, wanted: di
     """Existing drafts resume only under the settings that made them."""
     if drafts is None:
         return
-    changed = [f"{key} {drafts.get(key)!r} there, {value!r} here" for key, value in wanted.items()
-               if drafts.get(key) != value]
+    made = {"backend": "hf", **drafts}  # drafts made before the backend was recorded came from HF generate
+    changed = [f"{key} {made.get(key)!r} there, {value!r} here" for key, value in wanted.items()
+               if made.get(key) != value]
     if changed:
         raise TropdError(f"{out} holds teacher drafts made with other settings ({'; '.join(changed)}); pass "
                          f"--overwrite to prepare it again")

@@ -15,6 +15,7 @@ line: a rank that died names itself; a rank that stopped with its own error has 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -95,7 +96,8 @@ def process_group(device: torch.device) -> Iterator[None]:
         yield
     finally:
         while _BEFORE_TEARDOWN:
-            _BEFORE_TEARDOWN.pop()()
+            with contextlib.suppress(Exception):  # the group goes whatever one of them met (a peer gone first)
+                _BEFORE_TEARDOWN.pop()()
         if dist.is_initialized():  # a vLLM engine's shutdown ends the group it joined itself
             dist.destroy_process_group()
 

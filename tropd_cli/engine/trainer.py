@@ -213,12 +213,12 @@ class Trainer:
         params = SamplingParams(config.rollout.max_new_tokens, config.rollout.temperature, config.rollout.top_p)
         seed = rank_seed(step_seed(config.train.seed, self.step, Stream.ROLLOUT), self.strategy.rank)
         if spec.sequences == "teacher_responses":
-            responses = self._from_teacher(lambda: self.teacher_responses(prompt_ids))
+            responses = self.from_teacher(lambda: self.teacher_responses(prompt_ids))
             return guidance.reference_rollouts(prompt_ids, responses), False, None
         if spec.sequences == "teacher_samples":
-            return self._from_teacher(lambda: self._teacher_samples(prompt_ids, params, seed)), False, None
+            return self.from_teacher(lambda: self._teacher_samples(prompt_ids, params, seed)), False, None
         if config.objective.guidance:
-            responses = self._from_teacher(lambda: self.teacher_responses(prompt_ids))
+            responses = self.from_teacher(lambda: self.teacher_responses(prompt_ids))
             rollouts, prefix_lengths = guidance.guided_rollouts(
                 self.backend, prompt_ids, responses, self.step, config.train.steps,
                 config.rollout.n, params, seed)
@@ -228,7 +228,7 @@ class Trainer:
             coin = torch.Generator().manual_seed(step_seed(config.train.seed, self.step, Stream.GKD_COIN))
             on_policy = float(torch.rand((), generator=coin)) < spec.on_policy_fraction(config.objective)
         if not on_policy:
-            return self._from_teacher(lambda: self._teacher_samples(prompt_ids, params, seed)), False, None
+            return self.from_teacher(lambda: self._teacher_samples(prompt_ids, params, seed)), False, None
         return self.backend.generate(prompt_ids, config.rollout.n, params, seed), True, None
 
     def _teacher_samples(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> Rollouts:
@@ -346,11 +346,11 @@ class Trainer:
 
     def _score_teacher(self, item: MicroBatch) -> TeacherStats:
         if item.teacher is None:
-            item.teacher = self._from_teacher(lambda: self.teacher_scorer.score(
+            item.teacher = self.from_teacher(lambda: self.teacher_scorer.score(
                 item.sequences, self.spec.top_k(self.config.objective), keep_hidden=self.spec.divergence is not None))
         return item.teacher
 
-    def _from_teacher(self, call: Callable[[], Any]) -> Any:
+    def from_teacher(self, call: Callable[[], Any]) -> Any:
         """`call` to a served teacher, agreed on by every rank: when it fails on any rank, every rank raises
         TeacherUnavailable here, before the step's next collective, so that they stop (and checkpoint) together;
         each raises the first failing rank's line. On one process, or with a teacher loaded here, just `call`."""

@@ -80,12 +80,14 @@ def unwritten_weights() -> Iterator[set[str]]:
     """The names of the engine's weights that the reload inside the block did not write (vLLM only logs them);
     empty when every weight was written."""
     logger = logging.getLogger("vllm.model_executor.model_loader.reload.inplace")
-    taken = _UnloadedWeights()
+    taken, level = _UnloadedWeights(), logger.level
     logger.addFilter(taken)
+    logger.setLevel(logging.WARNING)  # the warning is made whatever VLLM_LOGGING_LEVEL says (and taken, not shown)
     try:
         yield taken.names
     finally:
         logger.removeFilter(taken)
+        logger.setLevel(level)
 
 
 @contextmanager

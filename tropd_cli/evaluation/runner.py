@@ -180,7 +180,10 @@ class LoadedOnUse:
         from tropd_cli.engine.rollout.vllm import VLLMRolloutBackend
         from tropd_cli.engine.vllm_engine import EngineOptions
 
-        rank = json.loads((Path(source.adapter) / "adapter_config.json").read_text())["r"] if source.adapter else None
+        rank = None
+        if source.adapter:  # the largest rank of the adapter, per-module ranks included
+            adapter = json.loads((Path(source.adapter) / "adapter_config.json").read_text())
+            rank = max([adapter["r"], *(adapter.get("rank_pattern") or {}).values()])
         options = EngineOptions(dtype=settings.dtype, seed=settings.seed, sleep=False, lora_rank=rank,
                                 gpu_memory_utilization=0.85 if self.device.type == "cuda" else 0.3,
                                 trust_remote_code=self.trust_remote_code)

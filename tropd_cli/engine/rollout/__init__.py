@@ -22,13 +22,14 @@ __all__ = ["HFGenerateBackend", "RolloutBackend", "Rollouts", "SamplingParams", 
 
 def make_rollout_backend(kind: str, model: torch.nn.Module | None, pad_token_id: int, eos_token_ids: list[int],
                          batch_size: int = 256, autocast: torch.dtype | None = None, model_path: str | None = None,
-                         options: EngineOptions | None = None, adapter: bool = False, llm: Any = None
-                         ) -> RolloutBackend:
+                         options: EngineOptions | None = None, adapter: bool = False, llm: Any = None,
+                         setting: str = "rollout.backend=vllm") -> RolloutBackend:
     """The rollout backend `kind` (`rollout.backend`) sampling from `model`, stopping at `eos_token_ids`.
 
     hf: at most `batch_size` sequences per call, forward passes in `autocast` (None: the model's dtype).
     vllm: an engine started on `model_path` (the student's base folder) with `options`, or the started `llm`,
-    synced to `model` (only its adapter when `adapter`; nothing when `model` is None: a frozen teacher).
+    synced to `model` (only its adapter when `adapter`; nothing when `model` is None: a frozen teacher); `setting`
+    names what asked for vLLM when it is missing.
     """
     if kind == "hf":
         return HFGenerateBackend(model, pad_token_id, eos_token_ids, batch_size, autocast=autocast)
@@ -37,6 +38,6 @@ def make_rollout_backend(kind: str, model: torch.nn.Module | None, pad_token_id:
 
         if model_path is None:
             raise ValueError("the vllm rollout backend needs the student's model_path")
-        return VLLMRolloutBackend(model_path, model, eos_token_ids, options, adapter=adapter, llm=llm)
+        return VLLMRolloutBackend(model_path, model, eos_token_ids, options, adapter=adapter, llm=llm, setting=setting)
     raise ValueError(f"unknown rollout backend {kind!r}")
 

@@ -111,7 +111,7 @@ class VLLMRolloutBackend:
 
         self._wake(["weights"])
         if self.adapter_dir is not None:
-            adapter = {name: whole(tensor) for name, tensor in model.state_dict().items() if "lora_" in name}
+            adapter = {name: whole(tensor) for name, tensor in model.named_parameters() if "lora_" in name}
             model.save_pretrained(str(self.adapter_dir), state_dict=adapter)
             # Loaded once here, in place of the old one; the requests then name the loaded adapter. (A request
             # with load_inplace would have the engine read the folder again on every decoding step.)
@@ -119,14 +119,15 @@ class VLLMRolloutBackend:
                                                      load_inplace=True))
             self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, str(self.adapter_dir))
         else:
-            weights = [(name, whole(tensor).detach()) for name, tensor in model.state_dict().items()]
+            state = model.state_dict()
+            weights = ((name, whole(tensor).detach()) for name, tensor in state.items())  # one whole tensor at a time
             with unwritten_weights() as missing:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             if missing:
                 names = sorted(missing)
                 more = f" and {len(names) - 3} more" if len(names) > 3 else ""
                 raise TropdError(f"the vLLM engine's weights {', '.join(names[:3])}{more} got no value from the "
-                                 f"student's {len(weights)} tensors in the sync, and would sample stale weights; the "
+                                 f"student's {len(state)} tensors in the sync, and would sample stale weights; the "
                                  "student's parameter names do not match the engine's model")
         if "kv_cache" not in self.asleep:
             self.llm.reset_prefix_cache()

@@ -20,12 +20,13 @@ if TYPE_CHECKING:
 
 
 def teacher_sampler(config: RunConfig, kind: str, stop_ids: list[int], pad_token_id: int, device: torch.device, *,
-                    teacher: torch.nn.Module | None = None, scorer: TeacherScorer | None = None, top_k: int = 20
-                    ) -> RolloutBackend:
+                    teacher: torch.nn.Module | None = None, scorer: TeacherScorer | None = None, top_k: int = 20,
+                    in_run: bool = True) -> RolloutBackend:
     """What samples the teacher (its samples, drafts and guidance responses, its held-out accuracy), by `kind`
-    (teacher.backend, or prepare's --backend): hf generates with its module `teacher` here; vllm with the engine of
-    its `scorer` when one holds it (the one copy), else a new engine; server asks the server its `scorer` talks to,
-    else the one at teacher.url (checked to serve teacher.model)."""
+    (teacher.backend, or prepare's --backend): hf generates with its module `teacher` here (under the run's
+    autocast when `in_run`; prepare's drafts in teacher.dtype); vllm with the engine of its `scorer` when one holds
+    it (the one copy), else a new engine; server asks the server its `scorer` talks to, else the one at teacher.url
+    (checked to serve teacher.model)."""
     if kind == "server":
         if scorer is None:
             scorer = make_teacher_scorer("server", None, 0, None, device, teacher=config.teacher)
@@ -34,9 +35,10 @@ def teacher_sampler(config: RunConfig, kind: str, stop_ids: list[int], pad_token
     if kind == "vllm":
         return make_rollout_backend("vllm", None, pad_token_id, stop_ids,
                                     model_path=resolve_model_path(config.teacher.model),
-                                    options=teacher_engine_options(config, top_k), llm=getattr(scorer, "llm", None))
+                                    options=teacher_engine_options(config, top_k), llm=getattr(scorer, "llm", None),
+                                    setting="teacher.backend=vllm" if in_run else "--backend vllm")
     return make_rollout_backend("hf", teacher, pad_token_id, stop_ids, config.rollout.batch_size,
-                                autocast=autocast_dtype(config.train.autocast, device))
+                                autocast=autocast_dtype(config.train.autocast, device) if in_run else None)
 
 
 def teacher_engine_options(config: RunConfig, top_k: int) -> EngineOptions:
