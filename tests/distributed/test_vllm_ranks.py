@@ -18,7 +18,9 @@ SETTINGS = ["teacher.model=toylab:v2-teacher", "student.model=toylab:v2-student-
             "objective.name=opd", "train.checkpoint_every=0", "rollout.backend=vllm", "rollout.vllm_kv_cache_gib=0.25",
             "rollout.vllm_enforce_eager=true", "rollout.vllm_max_model_len=256"]
 CASES = {"fsdp2-full": ("train.strategy=fsdp2",),
-         "ddp-lora": ("train.strategy=ddp", "student.lora.enabled=true", "student.lora.r=4")}
+         "ddp-lora": ("train.strategy=ddp", "student.lora.enabled=true", "student.lora.r=4"),
+         # two engines on every rank: the student's and the teacher's, both joined to the ranks' group
+         "ddp-full-vllm-teacher": ("train.strategy=ddp", "teacher.backend=vllm", "objective.top_k=16")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
