@@ -353,9 +353,10 @@ def toylab_build(
                                              "(default: the package's shipped assets).")] = None,
     only: Annotated[str | None, typer.Option(
         help="Rebuild only this model (v1: teacher or student; v2: v2-teacher, v2-student-e0.00, "
-        "v2-student-e0.03, v2-student-e0.10).")] = None,
-    lab: Annotated[str, typer.Option(help="Which toy lab: v1 (the demo's pair) or v2 (a teacher with entropy, "
-                                     "students with rare slips).")] = "v1",
+        "v2-student-e0.03, v2-student-e0.10; v3: the run v3-student or v3-teacher).")] = None,
+    lab: Annotated[str, typer.Option(help="Which toy lab: v1 (the demo's pair), v2 (a teacher with entropy, "
+                                     "students with rare slips) or v3 (a teacher that masters the task, students "
+                                     "failing on their own, gated).")] = "v1",
 ) -> None:
     """Train the toy teacher and the weaker toy student(s) from scratch and record how (minutes on a CPU).
 
@@ -364,6 +365,7 @@ def toylab_build(
       tropd toylab build --out /tmp/toylab
       tropd toylab build --only student
       tropd toylab build --lab v2 --out /tmp/toylab-v2
+      tropd toylab build --lab v3 --only v3-student --out /tmp/toylab-v3
     """
     from tropd_cli.toylab.build import build_toylab
 

@@ -31,6 +31,10 @@ def test_build_v3_cuts_four_models_from_two_runs_and_gates_them(tmp_path, tiny):
         weights = (tmp_path / name / "model.safetensors").read_bytes()
         assert entry["sha256"] == hashlib.sha256(weights).hexdigest()
     assert manifest["models"]["v3-teacher"]["step"] == 4  # the teacher is the run's end
+    teacher_run = manifest["runs"]["v3-teacher"]
+    # a 4-step teacher never samples 95% right: every scale is tried and the largest is kept
+    assert list(teacher_run["sampled_accuracy_by_logit_scale"]) == ["1", "1.5", "2", "2.5", "3"]
+    assert [manifest["models"][name]["logit_scale"] for name in SHIPPED] == [3.0, 3.0, 1.0, 1.0]
     student_run = manifest["runs"]["v3-student"]["snapshot_accuracy"]
     assert sorted(student_run) == ["2", "4"]  # every student snapshot is measured
     assert manifest["runs"]["v3-teacher"]["weak_teacher_target"] == manifest["models"]["v3-student"][
@@ -74,6 +78,38 @@ def test_nearest_reads_in_step_order_and_stops_above():
     assert build_v3.nearest(snapshots, accuracy_at, 0.6, stop_above=0.75) == 6
 
 
+def test_the_teacher_gets_the_smallest_logit_scale_that_passes_its_sampled_gate(monkeypatch):
+    from tropd_cli.toylab.models import new_toy_model
+
+    model = new_toy_model("student", 0)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    base = float(model.model.norm.weight.mean())
+
+    class Report:
+        def __init__(self, model, *args, **kwargs):  # accuracy grows with the logit scale: 0.5 per unit of scale
+            self.accuracy = 0.5 * float(model.model.norm.weight.mean()) / base
+
+    monkeypatch.setattr(build_v3, "toy_accuracy", Report)
+    scale, tried = build_v3.teacher_logit_scale(model, state, None, [])
+    assert scale == 2.0 and tried == pytest.approx({"1": 0.5, "1.5": 0.75, "2": 1.0})
+    monkeypatch.setitem(build_v3.GATES, "teacher_sampled_accuracy", (1.6, 1.0))
+    scale, tried = build_v3.teacher_logit_scale(model, state, None, [])
+    assert scale == 3.0 and list(tried) == ["1", "1.5", "2", "2.5", "3"]
+
+
+def test_sharpen_scales_every_logit():
+    import torch
+
+    from tropd_cli.toylab.models import new_toy_model
+
+    model = new_toy_model("v3-student", 0).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+        build_v3.sharpen(model, 2.5)
+        assert torch.allclose(model(ids).logits, 2.5 * before, atol=1e-5)
+
+
 def test_gate_bounds_are_inclusive_and_a_missing_value_fails():
     assert build_v3.gate("line_start_rejection", 0.10)["pass"]
     assert not build_v3.gate("line_start_rejection", 0.1001)["pass"]
@@ -105,6 +141,8 @@ def test_shipped_v3_models_sit_where_the_lab_wants_them(manifest):
     for name, (low, high) in build_v3.STUDENT_TARGETS.items():
         assert low <= models[name]["held_out_accuracy"] <= high, name
     assert models["v3-student"]["step"] > models["v3-student-wide"]["step"]
+    assert models["v3-student"]["config"]["tie_word_embeddings"] is False and models["v3-student"]["logit_scale"] == 1
+    assert models["v3-teacher"]["logit_scale"] == manifest["runs"]["v3-teacher"]["logit_scale"]
     weak, main = models["v3-teacher-weak"]["held_out_accuracy"], models["v3-student"]["held_out_accuracy"]
     assert abs(weak - main) <= 0.15 and models["v3-teacher-weak"]["step"] < models["v3-teacher"]["step"]
     for name, entry in manifest["gates"].items():

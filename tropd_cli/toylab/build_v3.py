@@ -8,7 +8,11 @@ student run is snapshotted every `checkpoint_every` steps; the main student is t
 held-out accuracy is nearest the middle of its target range (40-60%), the wide-gap student likewise (20-35%).
 The teacher run is snapshotted too: the weak teacher (a control) is the early snapshot whose accuracy is
 nearest the main student's. The teacher is trained with injected, unsupervised mistakes (as v1's), so that after
-a student's mistake it predicts the locally correct continuation.
+a student's mistake it predicts the locally correct continuation. A tiny teacher is right long before its tails
+are thin (it samples a neighbour of the right number now and then), so the shipped teachers' logits are scaled
+by the smallest of TEACHER_LOGIT_SCALES that lets the teacher pass its sampled-accuracy gate (greedy answers do
+not change). The student has an output head of its own (tied embeddings keep it unsure between neighbouring
+numbers) and is never scaled.
 
 The build then measures the pair's gates (`GATES`) with `tropd_cli.probe`, the code `tropd probe` runs: the
 teacher's greedy and sampled accuracy, and on 128 held-out prompts x 4 student samples at temperature 1 the
@@ -44,11 +48,15 @@ from tropd_cli.toylab.tokenizer import build_tokenizer
 V3_TEACHER_STEPS = 1800
 V3_STUDENT_STEPS = 1000
 RECIPES_V3: dict[str, dict] = {
-    "v3-student": dict(size="v2-student", seed=0, steps=V3_STUDENT_STEPS, batch_size=64, lr=3e-3, warmup=50,
+    "v3-student": dict(size="v3-student", seed=0, steps=V3_STUDENT_STEPS, batch_size=64, lr=3e-3, warmup=50,
                        error_rate=0.0, forms="shared", checkpoint_every=25),
     "v3-teacher": dict(size="v2-teacher", seed=0, steps=V3_TEACHER_STEPS, batch_size=64, lr=3e-3, warmup=50,
                        error_rate=0.2, forms="shared", checkpoint_every=50),
 }
+# The shipped teachers' logits are the trained network's times the smallest of these scales at which the teacher's
+# sampled accuracy reaches its gate: a tiny model is right long before its tails are thin (a sharper teacher, as
+# sampling it at temperature 1/scale; its greedy answers do not change). Students are never scaled.
+TEACHER_LOGIT_SCALES = (1.0, 1.5, 2.0, 2.5, 3.0)
 # Shipped models cut from the student run: name -> greedy held-out accuracy range; the snapshot nearest its middle.
 STUDENT_TARGETS = {"v3-student": (0.40, 0.60), "v3-student-wide": (0.20, 0.35)}
 WEAK_TEACHER = "v3-teacher-weak"
@@ -112,21 +120,12 @@ def build_v3(out: Path, only: str | None, console: Console) -> dict:
         manifest["runs"][run] = {"command": command, "recipe": recipe,
                                  **({"weak_teacher_target": main} if run == "v3-teacher" else {}),
                                  "snapshot_accuracy": {str(step): acc for step, acc in sorted(measured.items())}}
-        for name, step in chosen.items():
-            model.load_state_dict(snapshots[step])
-            save_model(model, tokenizer, out / name)
-            report = toy_accuracy(model.eval(), tokenizer, held_out, max_new_tokens=EVAL_V3["max_new_tokens"])
-            sampled = toy_accuracy(model, tokenizer, held_out, k=4, temperature=1.0,
-                                   max_new_tokens=EVAL_V3["max_new_tokens"], seed=EVAL_V3["seed"])
-            manifest["models"][name] = {
-                "command": command, "run": run, "step": step, "architecture": "Qwen3ForCausalLM",
-                "config": SIZES[recipe["size"]], "parameters": sum(p.numel() for p in model.parameters()),
-                "held_out_accuracy": report.accuracy, "held_out_verdicts": report.verdicts,
-                "sampled_accuracy": sampled.accuracy, "held_out_format_coverage": report.format_coverage,
-                "sha256": hashlib.sha256((out / name / "model.safetensors").read_bytes()).hexdigest(),
-            }
-            console.print(f"{name} (step {step} of {run}): held-out greedy {100 * report.accuracy:.1f}%, "
-                          f"sampled avg@4 {100 * sampled.accuracy:.1f}%")
+        scale = 1.0
+        if run == "v3-teacher":
+            scale, by_scale = teacher_logit_scale(model, snapshots[max(snapshots)], tokenizer, held_out)
+            manifest["runs"][run].update(logit_scale=scale, sampled_accuracy_by_logit_scale=by_scale)
+        ship(model, {name: (step, snapshots[step]) for name, step in chosen.items()}, scale, run, command, tokenizer,
+             held_out, out, manifest, console)
         manifest["runs"][run]["build_seconds"] = round(time.perf_counter() - started, 1)
     if all((out / name).is_dir() for name in ("v3-teacher", WEAK_TEACHER, *STUDENT_TARGETS)):
         started = time.perf_counter()
@@ -154,6 +153,50 @@ def train_with_snapshots(run: str, recipe: dict, tokenizer, console: Console) ->
         train_sft(model, tokenizer, V3_DIFFICULTY, recipe["steps"], recipe["batch_size"], recipe["lr"], recipe["seed"],
                   warmup=recipe["warmup"], error_rate=recipe["error_rate"], forms=recipe["forms"], on_step=on_step)
     return snapshots
+
+
+def ship(model: torch.nn.Module, chosen: dict[str, tuple[int, dict]], scale: float, run: str, command: str,
+         tokenizer, held_out: list[Problem], out: Path, manifest: dict, console: Console) -> None:
+    """Write each chosen snapshot of `run` (name -> (step, state)), its logits times `scale`, to `out` and its
+    entry (step, greedy and sampled held-out accuracy, sha256) to `manifest`."""
+    size = RECIPES_V3[run]["size"]
+    for name, (step, state) in chosen.items():
+        model.load_state_dict(state)
+        sharpen(model, scale)
+        save_model(model, tokenizer, out / name)
+        report = toy_accuracy(model.eval(), tokenizer, held_out, max_new_tokens=EVAL_V3["max_new_tokens"])
+        sampled = toy_accuracy(model, tokenizer, held_out, k=4, temperature=1.0,
+                               max_new_tokens=EVAL_V3["max_new_tokens"], seed=EVAL_V3["seed"])
+        manifest["models"][name] = {
+            "command": command, "run": run, "step": step, "logit_scale": scale, "architecture": "Qwen3ForCausalLM",
+            "config": SIZES[size], "parameters": sum(p.numel() for p in model.parameters()),
+            "held_out_accuracy": report.accuracy, "held_out_verdicts": report.verdicts,
+            "sampled_accuracy": sampled.accuracy, "held_out_format_coverage": report.format_coverage,
+            "sha256": hashlib.sha256((out / name / "model.safetensors").read_bytes()).hexdigest(),
+        }
+        console.print(f"{name} (step {step} of {run}): held-out greedy {100 * report.accuracy:.1f}%, "
+                      f"sampled avg@4 {100 * sampled.accuracy:.1f}%")
+
+
+def sharpen(model: torch.nn.Module, scale: float) -> None:
+    """Multiply every logit of a toy model by `scale` (its final norm's weight; the head is linear in it)."""
+    with torch.no_grad():
+        model.model.norm.weight.mul_(scale)
+
+
+def teacher_logit_scale(model: torch.nn.Module, state: dict, tokenizer, problems: list[Problem]
+                        ) -> tuple[float, dict[str, float]]:
+    """The smallest of TEACHER_LOGIT_SCALES at which the teacher (`model` holding `state`) reaches its sampled
+    accuracy gate on `problems`, and the accuracy at each scale tried (the largest scale when none reaches it)."""
+    tried: dict[str, float] = {}
+    for scale in TEACHER_LOGIT_SCALES:
+        model.load_state_dict(state)
+        sharpen(model, scale)
+        tried[f"{scale:g}"] = toy_accuracy(model.eval(), tokenizer, problems, k=4, temperature=1.0,
+                                           max_new_tokens=EVAL_V3["max_new_tokens"], seed=EVAL_V3["seed"]).accuracy
+        if tried[f"{scale:g}"] >= GATES["teacher_sampled_accuracy"][0]:
+            return scale, tried
+    return TEACHER_LOGIT_SCALES[-1], tried
 
 
 def nearest(snapshots: dict[int, dict], accuracy_at: Callable[[int], float], target: float,
