@@ -83,11 +83,11 @@ def test_the_teacher_gets_the_smallest_logit_scale_that_passes_its_sampled_gate(
 
     model = new_toy_model("student", 0)
     state = {key: value.clone() for key, value in model.state_dict().items()}
-    base = float(model.model.norm.weight.mean())
+    base = float(model.model.norm.weight.detach().mean())
 
     class Report:
         def __init__(self, model, *args, **kwargs):  # accuracy grows with the logit scale: 0.5 per unit of scale
-            self.accuracy = 0.5 * float(model.model.norm.weight.mean()) / base
+            self.accuracy = 0.5 * float(model.model.norm.weight.detach().mean()) / base
 
     monkeypatch.setattr(build_v3, "toy_accuracy", Report)
     scale, tried = build_v3.teacher_logit_scale(model, state, None, [])
