@@ -60,6 +60,12 @@ def test_batch_statistics_in_closed_form():
     assert outliers["responses_holding"] == 2 and outliers["wrong_share"] == 1.0
     assert stats["wrong_responses"] == pytest.approx(2 / 3, abs=1e-6)
     assert stats["responses"] == 3 and stats["tokens"] == 8
+    # only response 1 is correct: its line start (r = 0) and one other token (r = -0.1)
+    in_correct = stats["rejection_in_correct_responses"]
+    assert in_correct["line_start"] == {"tokens": 1, "rejection": 0.0}
+    assert in_correct["sentence_start"] == {"tokens": 0, "rejection": None}
+    assert in_correct["other"]["rejection"] == pytest.approx(1 - math.exp(-0.1), abs=1e-6)
+    assert in_correct["all"]["tokens"] == 2
     assert stats["reward_quantiles"]["min"] == -8.0 and stats["reward_quantiles"]["max"] == 1.0
     assert stats["reward_quantiles"]["p50"] == pytest.approx(float(torch.tensor(
         [math.log(0.5), 0.2, -6.0, 0.0, -0.1, -8.0, math.log(0.5), 1.0]).double().quantile(0.5)), abs=1e-4)
@@ -70,6 +76,7 @@ def test_wrong_share_counts_each_response_once_and_needs_a_grader():
     assert stats["outliers"]["wrong_share"] == 0.5  # responses 0 (right) and 2 (wrong) hold an outlier
     ungraded = batch_statistics(hand_made_batch(wrong=None))
     assert ungraded["outliers"]["wrong_share"] is None and ungraded["wrong_responses"] is None
+    assert ungraded["rejection_in_correct_responses"] is None
     assert ungraded["responses"] == 3
 
 
@@ -112,9 +119,17 @@ def test_outliers_on_correct_responses_or_too_light_recommend_opd():
 
 def test_line_start_rejection_warns_of_a_style_mismatch():
     advice = recommend(1.0, 0.4, statistics(line=0.4, other=0.05))
-    assert advice.warnings == ["the trust test rejects 40% of line-start tokens (5% elsewhere): teacher and "
+    assert advice.warnings == ["the trust test rejects 40% of the line-start tokens (5% elsewhere): teacher and "
                                "student start lines differently (style, not error)"]
     assert recommend(1.0, 0.4, statistics(line=0.4, other=0.3)).warnings == []  # no worse than the rest
+    # graded: correct responses decide, since rejecting an error is what the test is for
+    errors_only = {**statistics(line=0.4, other=0.05), "rejection_in_correct_responses": statistics(line=0.05)[
+        "rejection"]}
+    assert recommend(1.0, 0.4, errors_only).warnings == []
+    style = {**statistics(line=0.05), "rejection_in_correct_responses": statistics(line=0.3, other=0.02)["rejection"]}
+    assert recommend(1.0, 0.4, style).warnings == ["the trust test rejects 30% of the line-start tokens of correct "
+                                                   "responses (2% elsewhere): teacher and student start lines "
+                                                   "differently (style, not error)"]
 
 
 def test_without_a_grader_the_rewards_decide_and_it_says_so():
@@ -150,7 +165,8 @@ def test_probe_on_v3_reproduces_the_manifests_gates(capsys, tmp_path):
     report, _ = run_probe(capsys, tmp_path, "--preset", "toylab-v3", "--prompts",
                           str(manifest["gate_samples"]["prompts"]))
     main = manifest["informational"]["v3-teacher/v3-student"]
-    for key in ("tokens", "responses", "rejection", "reward_quantiles", "outliers", "wrong_responses"):
+    for key in ("tokens", "responses", "rejection", "rejection_in_correct_responses", "reward_quantiles", "outliers",
+                "wrong_responses"):
         assert report[key] == main[key], key
     assert report["outliers"]["fraction"] == manifest["gates"]["outlier_token_fraction"]["value"]
 

@@ -7,8 +7,9 @@ scores every response token with both models (temperature 1, as training does) a
 DESIGN.md §1:
 
 - the trust test's rejection rate by position: line starts (a response's first token, or one after a newline),
-  sentence starts (after `.`, `!` or `?`) and the rest. With `objective.trust: bernoulli` a token's rejection is
-  its expected one, 1 - p_t = 1 - min(exp(r_t), 1) (`outlier_probability`); with `hard` it is [tau_t < sbar_t];
+  sentence starts (after `.`, `!` or `?`) and the rest, over all tokens and over those of correct responses
+  (where a rejection is style, not error). With `objective.trust: bernoulli` a token's rejection is its
+  expected one, 1 - p_t = 1 - min(exp(r_t), 1) (`outlier_probability`); with `hard` it is [tau_t < sbar_t];
 - the quantiles of the K1 reward r_t = tau_t - sbar_t;
 - the share of the tokens with r_t < OUTLIER_REWARD, the share of sum |r_t| they carry, and how many of the
   responses holding one are wrong.
@@ -105,6 +106,14 @@ def batch_statistics(batch: TokenBatch, trust: str = "bernoulli", threshold: flo
                           "rejection": _rate(rejection[batch.position == index])}
                    for index, name in enumerate(POSITIONS)}
     by_position["all"] = {"tokens": reward.numel(), "rejection": _rate(rejection)}
+    in_correct = None  # the same on the tokens of correct responses: disagreement that is style, not error
+    if batch.wrong is not None:
+        correct = ~torch.tensor(batch.wrong, dtype=torch.bool)[batch.response] if reward.numel() else \
+            torch.zeros(0, dtype=torch.bool)
+        in_correct = {name: {"tokens": int((correct & (batch.position == index)).sum()),
+                             "rejection": _rate(rejection[correct & (batch.position == index)])}
+                      for index, name in enumerate(POSITIONS)}
+        in_correct["all"] = {"tokens": int(correct.sum()), "rejection": _rate(rejection[correct])}
     quantiles = {"min": None, **dict.fromkeys(QUANTILES), "max": None}
     if reward.numel():
         values = torch.quantile(reward, torch.tensor(list(QUANTILES.values()), dtype=torch.float64))
@@ -120,6 +129,7 @@ def batch_statistics(batch: TokenBatch, trust: str = "bernoulli", threshold: flo
     responses = len(batch.wrong) if batch.wrong is not None else int(batch.response.max()) + 1 if reward.numel() else 0
     return {
         "tokens": reward.numel(), "responses": responses, "trust": trust, "rejection": by_position,
+        "rejection_in_correct_responses": in_correct,
         "reward_quantiles": quantiles,
         "outliers": {"threshold": threshold, "fraction": _rate(outlier.double()),
                      "abs_reward_share": round(float(reward[outlier].abs().sum()) / total, 6) if total else None,
@@ -151,14 +161,17 @@ def recommend(teacher_accuracy: float | None, student_accuracy: float | None, st
        +11.6 +- 2.2 points).
     3. Otherwise `opd`: outliers too few to dominate, or spread over correct responses (style, not error).
     Warnings: line starts rejected at more than STYLE_REJECTION and twice the rest's rate (the teacher writes
-    lines differently: toy lab v2's line forms), and no grader.
+    lines differently: toy lab v2's line forms), read on correct responses when graded (so that errors, which the
+    test should reject, do not count), and no grader.
     """
     warnings: list[str] = []
-    rejection = statistics["rejection"]
+    correct = statistics.get("rejection_in_correct_responses")
+    rejection = correct if correct is not None else statistics["rejection"]
     line, rest = rejection["line_start"]["rejection"], rejection["other"]["rejection"]
+    where = " of correct responses" if correct is not None else ""
     if line is not None and line > STYLE_REJECTION and (rest is None or line > 2 * rest):
-        warnings.append(f"the trust test rejects {line:.0%} of line-start tokens ({_percent(rest)} elsewhere): "
-                        f"teacher and student start lines differently (style, not error)")
+        warnings.append(f"the trust test rejects {line:.0%} of the line-start tokens{where} ({_percent(rest)} "
+                        f"elsewhere): teacher and student start lines differently (style, not error)")
     graded = teacher_accuracy is not None and student_accuracy is not None
     if not graded:
         warnings.append("no grader: accuracies and the wrong share are unknown; the recommendation reads rewards "
@@ -317,10 +330,12 @@ def report_tables(report: dict) -> list:
     pair.add_row("... of which wrong", cell(outliers["wrong_share"]))
     positions = Table(title=f"trust test ({report['trust']}): rejection by position, "
                             f"{report['tokens']} tokens of {report['responses']} student responses")
-    for column in ("position", "tokens", "rejected"):
+    for column in ("position", "tokens", "rejected", "in correct responses"):
         positions.add_column(column, justify="left" if column == "position" else "right")
+    correct = report["rejection_in_correct_responses"] or {}
     for name, row in report["rejection"].items():
-        positions.add_row(name.replace("_", " "), str(row["tokens"]), cell(row["rejection"]))
+        positions.add_row(name.replace("_", " "), str(row["tokens"]), cell(row["rejection"]),
+                          cell(correct.get(name, {}).get("rejection")))
     quantiles = Table(title="reward r = log p_teacher - log p_student, quantiles")
     for name in report["reward_quantiles"]:
         quantiles.add_column(name, justify="right")

@@ -3,6 +3,8 @@ manifest."""
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +149,15 @@ def test_shipped_v3_models_sit_where_the_lab_wants_them(manifest):
     assert abs(weak - main) <= 0.15 and models["v3-teacher-weak"]["step"] < models["v3-teacher"]["step"]
     for name, entry in manifest["gates"].items():
         assert entry["pass"] == (entry["value"] is not None and entry["min"] <= entry["value"] <= entry["max"]), name
+
+
+def test_readme_quotes_v3_figures_from_the_manifest(manifest):
+    """Every decimal figure of README's toy lab v3 paragraph and gate table is a number of manifest-v3.json."""
+    from test_bench_figures import figures, numbers_in, quoted
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("**Toy lab v3**"):readme.index("```bash\ntropd probe --preset toylab-v3")]
+    numbers = numbers_in(manifest)
+    found = figures(re.sub(r"`[^`]*`", "", section))
+    assert len(found) >= 20
+    assert [figure for figure in found if not quoted(figure, numbers)] == []
