@@ -33,7 +33,7 @@ import torch
 from tropd_cli.engine.objectives.base import TokenStats, outlier_probability
 from tropd_cli.engine.objectives.tropd import trust_mask
 from tropd_cli.engine.rollout import SamplingParams, make_rollout_backend
-from tropd_cli.engine.scoring import build_sequences, score_teacher
+from tropd_cli.engine.scoring import build_sequences, chunk_positions, score_teacher, vocab_rows
 from tropd_cli.errors import TropdError
 
 if TYPE_CHECKING:
@@ -205,22 +205,24 @@ def _percent(value: float | None) -> str:
 @torch.no_grad()
 def sampled_batch(teacher: torch.nn.Module, student: torch.nn.Module, tokenizer, prompt_ids: list[list[int]],
                   samples: int, params: SamplingParams, seed: int, stop_ids: list[int],
-                  correct: Callable[[int, str], bool] | None, batch_size: int = 64,
+                  correct: Callable[[int, str], bool] | None, batch_size: int = 256, score_batch_size: int = 64,
                   progress: Progress | None = None) -> TokenBatch:
-    """The student's `samples` responses per prompt (`params`, `seed`), both models' log-probs of every response
-    token (temperature 1), each token's position class, and each response graded with `correct(prompt index,
-    text)` when given."""
+    """The student's `samples` responses per prompt (`params`, `seed`; `batch_size` sequences per generate call),
+    both models' log-probs of every response token (temperature 1, `score_batch_size` sequences per forward pass),
+    each token's position class, and each response graded with `correct(prompt index, text)` when given."""
     device = next(student.parameters()).device
     rollouts = make_rollout_backend("hf", student, tokenizer.pad_token_id, stop_ids, batch_size).generate(
         prompt_ids, samples, params, seed)
     rewards = []
     task = progress.add_task("score", total=len(rollouts.response_ids)) if progress is not None else None
-    for start in range(0, len(rollouts.response_ids), batch_size):
-        rows = range(start, min(start + batch_size, len(rollouts.response_ids)))
+    for start in range(0, len(rollouts.response_ids), score_batch_size):
+        rows = range(start, min(start + score_batch_size, len(rollouts.response_ids)))
         sequences = build_sequences([prompt_ids[rollouts.prompt_index[i]] for i in rows],
                                     [rollouts.response_ids[i] for i in rows], tokenizer.pad_token_id).to(device)
-        teacher_logprobs = score_teacher(teacher, sequences, top_k=1, chunk_size=1024).logprobs
-        student_logprobs = score_teacher(student, sequences, top_k=1, chunk_size=1024).logprobs
+        teacher_logprobs = score_teacher(teacher, sequences, top_k=1,
+                                         chunk_size=chunk_positions("auto", vocab_rows(teacher))).logprobs
+        student_logprobs = score_teacher(student, sequences, top_k=1,
+                                         chunk_size=chunk_positions("auto", vocab_rows(student))).logprobs
         rewards.append((teacher_logprobs - student_logprobs).float().cpu())
         if task is not None:
             progress.update(task, advance=len(rows))
@@ -289,7 +291,7 @@ def probe(config: RunConfig, prompts: int | None = None, out: Path | None = None
                                           rollout.batch_size)
             progress.update(task, advance=1)
         batch = sampled_batch(teacher, student, tokenizer, prompt_ids, rollout.n, params, seed, stop_ids, correct,
-                              rollout.batch_size, progress)
+                              rollout.batch_size, config.train.micro_batch_size, progress)
     statistics = batch_statistics(batch, config.objective.trust)
     advice = recommend(accuracy["teacher"], accuracy["student"], statistics)
     report = {

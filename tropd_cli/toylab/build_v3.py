@@ -233,8 +233,7 @@ def pair_statistics(teacher_folder: Path, student_folder: Path, tokenizer, probl
     params = SamplingParams(EVAL_V3["max_new_tokens"], GATE_SAMPLES["temperature"], 1.0)
     batch = sampled_batch(teacher, student, tokenizer, [prompt_token_ids(tokenizer, p) for p in problems],
                           GATE_SAMPLES["samples"], params, GATE_SAMPLES["seed"], [tokenizer.eos_token_id],
-                          lambda index, text: grade(text, problems[index].answer) is Verdict.CORRECT,
-                          batch_size=256)
+                          lambda index, text: grade(text, problems[index].answer) is Verdict.CORRECT)
     return batch_statistics(batch, GATE_SAMPLES["trust"])
 
 
