@@ -17,7 +17,8 @@ def pair_overrides(pair: Path, steps: int = 2) -> list[str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["distill", "--help"], ["presets", "--help"],
-                                  ["presets", "show", "--help"], ["toylab", "build", "--help"]])
+                                  ["presets", "show", "--help"], ["toylab", "build", "--help"],
+                                  ["probe", "--help"]])
 def test_help_pages(argv, capsys):
     assert cli.main(argv) == 0
     assert "Usage" in capsys.readouterr().out

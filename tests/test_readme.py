@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tropd_cli import cli
-from tropd_cli.toylab import build
+from tropd_cli.toylab import build, build_v3
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TINY = ["--set", "train.steps=1", "--set", "eval.problems=4", "--set", "rollout.prompts_per_step=2",
@@ -59,6 +59,13 @@ def test_readme_command_runs(command, workdir, monkeypatch):
         monkeypatch.setitem(build.EVAL, "problems", 4)
         monkeypatch.setitem(build.EVAL_V2, "problems", 4)
         monkeypatch.setitem(build.MISMATCH, "prompts", 4)
+        for name in build_v3.RECIPES_V3:
+            monkeypatch.setitem(build_v3.RECIPES_V3, name, {**build_v3.RECIPES_V3[name], "steps": 2, "warmup": 1,
+                                                            "checkpoint_every": 1})
+        monkeypatch.setitem(build_v3.EVAL_V3, "problems", 4)
+        monkeypatch.setitem(build_v3.GATE_SAMPLES, "prompts", 2)
+    if argv[0] == "probe":
+        argv += ["--prompts", "8"]
     assert cli.main(argv) == 0
 
 

@@ -185,6 +185,35 @@ def doctor(preset: PresetOption, set_: SetOption = None,
 
 
 @app.command()
+def probe(preset: PresetOption, set_: SetOption = None,
+          prompts: Annotated[int | None, typer.Option("--prompts", min=1, help="Held-out problems of the preset's "
+                                                      "eval benchmark to sample (default: 128).")] = None,
+          out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the report as JSON here.")]
+          = None) -> None:
+    """Probe a pair before distilling: accuracies at the rollout temperature, the trust test's rejection by
+    position, the reward's quantiles and outliers on the student's samples, and a recommendation.
+
+    \b
+    Examples:
+      tropd probe --preset toylab-v3
+      tropd probe --preset toylab-v3 --set student.model=toylab:v3-student-wide --out probe.json
+    """
+    from tropd_cli.config import load_config
+    from tropd_cli.probe import probe as run_probe
+    from tropd_cli.probe import report_tables
+
+    report = run_probe(load_config(preset, set_), prompts, out, console)
+    for table in report_tables(report):
+        console.print(table)
+    advice = report["recommendation"]
+    choice = advice["objective"] + (f" (objective.outlier={advice['outlier']})" if advice["outlier"] else "")
+    worth = "" if advice["worth_it"] else "; distillation not likely to pay"
+    console.print(f"[bold]recommendation:[/] {choice}{worth}: {escape(advice['reason'])}", soft_wrap=True)
+    for warning in advice["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+
+
+@app.command()
 def evaluate(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Hub id, model/adapter/run folder, or "
                                              "toylab:teacher / toylab:student (repeat to compare).")],
@@ -332,9 +361,10 @@ def toylab_build(
                                              "(default: the package's shipped assets).")] = None,
     only: Annotated[str | None, typer.Option(
         help="Rebuild only this model (v1: teacher or student; v2: v2-teacher, v2-student-e0.00, "
-        "v2-student-e0.03, v2-student-e0.10).")] = None,
-    lab: Annotated[str, typer.Option(help="Which toy lab: v1 (the demo's pair) or v2 (a teacher with entropy, "
-                                     "students with rare slips).")] = "v1",
+        "v2-student-e0.03, v2-student-e0.10; v3: the run v3-student or v3-teacher).")] = None,
+    lab: Annotated[str, typer.Option(help="Which toy lab: v1 (the demo's pair), v2 (a teacher with entropy, "
+                                     "students with rare slips) or v3 (a teacher that masters the task, students "
+                                     "failing on their own, gated).")] = "v1",
 ) -> None:
     """Train the toy teacher and the weaker toy student(s) from scratch and record how (minutes on a CPU).
 
@@ -343,6 +373,7 @@ def toylab_build(
       tropd toylab build --out /tmp/toylab
       tropd toylab build --only student
       tropd toylab build --lab v2 --out /tmp/toylab-v2
+      tropd toylab build --lab v3 --only v3-student --out /tmp/toylab-v3
     """
     from tropd_cli.toylab.build import build_toylab
 

@@ -80,8 +80,8 @@ def test_build_v2_writes_the_teacher_three_students_and_their_mismatch(tmp_path,
 def test_unknown_lab_is_one_line(tmp_path):
     from tropd_cli.errors import TropdError
 
-    with pytest.raises(TropdError, match="--lab must be one of v1, v2, got 'v3'"):
-        build.build_toylab(tmp_path, lab="v3")
+    with pytest.raises(TropdError, match="--lab must be one of v1, v2, v3, got 'v4'"):
+        build.build_toylab(tmp_path, lab="v4")
 
 
 def test_teacher_logit_scale_multiplies_every_logit(tmp_path):

@@ -103,10 +103,22 @@ class HeldOut:
         if self.generator is not None:
             return self.generator.measure(model, self.tokenizer, self.problems, config, k, temperature)
         n = 1 if temperature == 0 else k
-        thinking = {} if config.data.thinking is None else {"enable_thinking": config.data.thinking}
-        prompts = [chat_prompt_ids(self.tokenizer, problem.message, **thinking) for problem in self.problems]
+        prompts = self.prompt_ids()
         params = SamplingParams(config.rollout.max_new_tokens, temperature, 1.0)
         rollouts, texts = generate_texts(model, self.tokenizer, prompts, n, params, config.eval.seed,
                                          config.rollout.batch_size, self.stop_ids)
         grades = grade_all([(self.problems[i], text) for i, text in zip(rollouts.prompt_index, texts)])
         return {"accuracy": sum(grade.correct for grade in grades) / max(1, len(grades))}
+
+    def prompt_ids(self) -> list[list[int]]:
+        """The chat-formatted prompt of every held-out problem, as the model is asked it."""
+        if self.generator is not None:
+            return [chat_prompt_ids(self.tokenizer, problem.prompt) for problem in self.problems]
+        thinking = {} if self.config.data.thinking is None else {"enable_thinking": self.config.data.thinking}
+        return [chat_prompt_ids(self.tokenizer, problem.message, **thinking) for problem in self.problems]
+
+    def correct(self, index: int, response: str) -> bool:
+        """Whether `response` answers held-out problem `index` correctly, by the benchmark's grader."""
+        if self.generator is not None:
+            return self.generator.grade(response, str(self.problems[index].answer))[1]
+        return grade_all([(self.problems[index], response)])[0].correct

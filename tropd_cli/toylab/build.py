@@ -40,9 +40,17 @@ from tropd_cli.engine.scoring import build_sequences, score_teacher
 from tropd_cli.files import atomic_folder, atomic_write_json
 from tropd_cli.models import TOYLAB_ASSETS
 from tropd_cli.toylab.accuracy import prompt_token_ids, toy_accuracy
+from tropd_cli.toylab.build_v3 import EVAL_V3, MANIFEST_V3, RECIPES_V3, build_v3
 from tropd_cli.toylab.models import SIZES, new_toy_model
 from tropd_cli.toylab.sft import train_sft
-from tropd_cli.toylab.tasks import V2_DIFFICULTY, Difficulty, is_held_out, random_problem, sample_problems
+from tropd_cli.toylab.tasks import (
+    V2_DIFFICULTY,
+    V3_DIFFICULTY,
+    Difficulty,
+    is_held_out,
+    random_problem,
+    sample_problems,
+)
 from tropd_cli.toylab.tokenizer import build_tokenizer
 
 # How each shipped model is made. Changing any value changes the shipped checkpoints.
@@ -90,6 +98,7 @@ class Lab:
 LABS = {
     "v1": Lab("v1", RECIPES, Difficulty(), EVAL, "manifest.json"),
     "v2": Lab("v2", RECIPES_V2, V2_DIFFICULTY, EVAL_V2, "manifest-v2.json"),
+    "v3": Lab("v3", RECIPES_V3, V3_DIFFICULTY, EVAL_V3, MANIFEST_V3),  # built by build_v3 (snapshots and gates)
 }
 
 
@@ -104,6 +113,8 @@ def build_toylab(out: Path | None = None, only: str | None = None, console: Cons
     console = console or Console()
     if lab not in LABS:
         raise TropdError(f"--lab must be one of {', '.join(LABS)}, got '{lab}'")
+    if lab == "v3":
+        return build_v3(Path(out) if out is not None else TOYLAB_ASSETS, only, console)
     spec = LABS[lab]
     out = Path(out) if out is not None else TOYLAB_ASSETS
     names = [only] if only else list(spec.recipes)

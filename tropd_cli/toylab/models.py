@@ -1,7 +1,8 @@
 """Tiny models of a real transformers architecture (Qwen3) for the toy lab.
 
-The teacher and the student are `Qwen3ForCausalLM` with tied embeddings; only their sizes differ, so
-LoRA target modules, 4-bit loading and merging run the same code as with real Qwen3 checkpoints.
+The teacher and the student are `Qwen3ForCausalLM` with tied embeddings (v3's student has an output head of
+its own); only their sizes differ, so LoRA target modules, 4-bit loading and merging run the same code as with
+real Qwen3 checkpoints.
 """
 
 from __future__ import annotations
@@ -20,22 +21,26 @@ SIZES: dict[str, dict[str, int]] = {
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64),
     "v2-student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=64),
+    # toy lab v3's student: v2's shape with an output head of its own; with tied embeddings, neighbouring numbers
+    # share their input and output vectors, and a student stays unsure between n and n +- 1 long after it is right
+    "v3-student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=False),
 }
 
 
 def toy_config(size: str) -> Qwen3Config:
     """The Qwen3 configuration of a toy model size (a key of SIZES)."""
     tokenizer = build_tokenizer()
-    return Qwen3Config(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
-        bos_token_id=None,
+    return Qwen3Config(**{
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "pad_token_id": tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        "bos_token_id": None,
         **SIZES[size],
-    )
+    })
 
 
 def new_toy_model(size: str, seed: int) -> Qwen3ForCausalLM:

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.tasks import (
+    FORM_SETS,
     Difficulty,
     Problem,
     is_held_out,
@@ -27,15 +28,15 @@ def sft_batch(tokenizer: PreTrainedTokenizerBase, problems: list[Problem], error
 
     With `error_rate` > 0 the solution is a `noisy_scratchpad`: injected mistakes carry no label. With
     `shortcut_rate` > 0 that fraction of solutions skips the scratchpad and gives only the answer line.
-    With `forms` ("varied" or "canonical", toy lab v2) the solution is a `varied_scratchpad` with
-    `error_rate` and `slip_rate`.
+    With `forms` (a key of FORM_SETS: "varied" or "canonical" for toy lab v2, "shared" for v3) the solution
+    is a `varied_scratchpad` in those line forms, with `error_rate` and `slip_rate`.
     """
     rng = rng or random.Random(0)
     rows = []
     for problem in problems:
         prompt = prompt_token_ids(tokenizer, problem)
         if forms is not None:
-            pieces = varied_scratchpad(problem, rng, forms == "varied", error_rate, slip_rate)
+            pieces = varied_scratchpad(problem, rng, forms != "canonical", error_rate, slip_rate, FORM_SETS[forms])
         elif shortcut_rate > 0 and rng.random() < shortcut_rate:
             pieces = [(problem.solution.split("\n")[-1], True)]
         elif error_rate > 0:

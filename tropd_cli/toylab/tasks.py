@@ -188,6 +188,20 @@ LINE_FORMS: dict[str, tuple[str, ...]] = {
 }
 V2_DIFFICULTY = Difficulty(min_terms=4, max_terms=8, max_operand=9, max_value=59)
 
+# Toy lab v3: teacher and student share their line forms, two for "+" lines and one for "-" lines, drawn
+# uniformly: the teacher's entropy at a "+" line start (about log 2) is one the student has too, so the trust
+# test sees style only where the two disagree about it. Chains of 4-6 terms, which the teacher masters.
+V3_LINE_FORMS: dict[str, tuple[str, ...]] = {
+    "+": LINE_FORMS["+"][:2],
+    "-": LINE_FORMS["-"][:1],
+}
+V3_DIFFICULTY = Difficulty(min_terms=4, max_terms=6, max_operand=9, max_value=59)
+FORM_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "varied": LINE_FORMS,
+    "canonical": {op: forms[:1] for op, forms in LINE_FORMS.items()},
+    "shared": V3_LINE_FORMS,
+}
+
 
 def _line_pieces(form: str, a: tuple[str, bool], b: tuple[str, bool], c: tuple[str, bool]) -> list[tuple[str, bool]]:
     """A line template cut into (text, supervised) pieces: the symbols are supervised, each number as given."""
@@ -210,12 +224,14 @@ def _lowest(value: int, later: list[int]) -> int:
 
 
 def varied_scratchpad(problem: Problem, rng: random.Random, varied_forms: bool, error_rate: float = 0.0,
-                      slip_rate: float = 0.0) -> list[tuple[str, bool]]:
-    """A v2 scratchpad as (piece, supervised) pairs.
+                      slip_rate: float = 0.0, line_forms: dict[str, tuple[str, ...]] = LINE_FORMS
+                      ) -> list[tuple[str, bool]]:
+    """A v2 (or v3) scratchpad as (piece, supervised) pairs.
 
-    `varied_forms`: each line in a uniformly drawn form of LINE_FORMS (the teacher), else the canonical one
-    (the student). `error_rate`: as `noisy_scratchpad`, unsupervised wrong operand copies or results that
-    later lines continue from (the teacher learns the locally right continuation after a mistake).
+    `varied_forms`: each line in a uniformly drawn form of `line_forms` (LINE_FORMS: the v2 teacher;
+    V3_LINE_FORMS: v3's teacher and student), else the canonical one (the v2 students). `error_rate`: as
+    `noisy_scratchpad`, unsupervised wrong operand copies or results that later lines continue from (the
+    teacher learns the locally right continuation after a mistake).
     `slip_rate`: per line, the canonical line's result is replaced by SLIP_TOKEN and a wrong value (1-3 off,
     never driving a later value below 0), supervised, carried forward (the student's slip channel).
     """
@@ -225,7 +241,7 @@ def varied_scratchpad(problem: Problem, rng: random.Random, varied_forms: bool, 
     for index, term in enumerate(terms[1:], start=2):
         op, operand = term[0], int(term[1:])
         later = [int(t) for t in terms[index:]]
-        form = rng.randrange(len(LINE_FORMS[op])) if varied_forms else CANONICAL_FORM
+        form = rng.randrange(len(line_forms[op])) if varied_forms else CANONICAL_FORM
         written_operand = operand
         if error_rate and rng.random() < error_rate / 2:
             written_operand = max(1, operand + rng.choice([-2, -1, 1, 2]))
@@ -242,7 +258,7 @@ def varied_scratchpad(problem: Problem, rng: random.Random, varied_forms: bool, 
             lowest = _lowest(result, later)  # the off-by-delta value must keep every later value non-negative
             written_result = result + rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if lowest + d >= 0])
             form, c_piece = CANONICAL_FORM, (SLIP_TOKEN + str(written_result), True)
-        template = LINE_FORMS[op][form]
+        template = line_forms[op][form]
         pieces += _line_pieces(template, (str(value), True), (str(written_operand), written_operand == operand),
                                c_piece)
         pieces.append(("\n", True))
