@@ -8,7 +8,9 @@ Checks, each printed as one line `ok`/`FAIL` with its number, and all written to
 4. a LoRA student on a second engine (sleep level 1, adapter loaded with `load_inplace`), agreement with peft,
    the time of an adapter sync and the adapter read once per sync (not once per decoding step);
 5. `sampler_logprob_gap` of sampled rollouts against the trainer's log-probs;
-6. tokens per second of HF generate and of vLLM on the same prompts.
+6. tokens per second of HF generate and of vLLM on the same prompts;
+7. `tropd evaluate --backend hf` against `--backend vllm` (greedy answers alike, and the time of each). Two ranks,
+   each with its own engine, need two GPUs: `tests/distributed/test_vllm_ranks.py` runs them on CPU ranks.
 
     python bench/vllm_gpu_smoke.py                              # random 0.1B Qwen3, bfloat16, on CUDA
     python bench/vllm_gpu_smoke.py --model Qwen/Qwen3-0.6B --dtype bfloat16
@@ -61,6 +63,29 @@ def random_model(folder: Path) -> str:
     Qwen3ForCausalLM(config).save_pretrained(folder)
     save_tokenizer(config.vocab_size, folder)
     return str(folder)
+
+
+def evaluate_both(path: str, args: argparse.Namespace) -> tuple[float, dict[str, float]]:
+    """`tropd evaluate --backend hf` and `--backend vllm` of the model at `path` on a few prompts, each its own
+    process: the share of identical greedy responses, and each run's generation seconds (its report's)."""
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="tropd-smoke-eval-"))
+    rows = [{"prompt": " ".join(f"t{(7 * i + j) % 1000 + 2}" for j in range(24)), "answer": "0"}
+            for i in range(args.prompts)]
+    (work / "bench.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    responses, seconds = {}, {}
+    for side in ("hf", "vllm"):
+        out = work / side
+        subprocess.run([sys.executable, "-m", "tropd_cli", "evaluate", "-m", path, "-b", "custom", "--data",
+                        str(work / "bench.jsonl"), "--max-new-tokens", str(args.new_tokens), "--dtype", args.dtype,
+                        "--device", args.device, "--backend", side, "--out", str(out)], check=True,
+                       stdout=subprocess.DEVNULL)
+        report = json.loads((out / "report.json").read_text())
+        seconds[side] = report["benchmarks"]["custom"]["results"][path]["seconds"]
+        responses[side] = [json.loads(line)["response"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    same = sum(a == b for a, b in zip(responses["hf"], responses["vllm"]))
+    return same / len(rows), seconds
 
 
 def agreement(left: list[list[int]], right: list[list[int]]) -> float:
@@ -175,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     adapter.generate(prompts, 4, sampled, 2)
     WorkerLoRAManager._load_adapter = real_load
     check("lora_loads_per_sync", len(loads) == 1, len(loads))  # not once per decoding step
-    adapter.close()
+    adapter.shut_down()  # both engines' memory back before evaluate's processes start theirs
+    backend.shut_down()
+
+    agreed, seconds = evaluate_both(path, args)
+    check("evaluate_backends_agreement", agreed >= threshold, agreed)
+    check("evaluate_hf_s", True, seconds["hf"])
+    check("evaluate_vllm_s", True, seconds["vllm"])
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
