@@ -12,6 +12,19 @@ from common import num, pct, pyplot, save_png
 
 from tropd_cli.files import atomic_write_json, atomic_write_text
 
+# Added after a review of the report; see "Reading the verdicts".
+READING = (
+    "**P1 is reversed at its centre.** Its rule calls it not resolved because its parts disagree, but part (c), the "
+    "claim that TrOPD with FKL outliers beats OPD once the student slips, is reversed at both slip rates (fkl - OPD "
+    "is negative at epsilon 0.03 and 0.1 in every seed). Read it as: fkl lost to OPD here.",
+    "**P2 holds by floor compression.** The fkl - OPD gap does grow with epsilon, but it is negative throughout (P0 "
+    "at epsilon 0, P1 (c) at 0.03 and 0.1): it grows because a loss shrinks as the students start lower (greedy "
+    "100 / 94 / 78.7%), not because a gain appears. It is no evidence that TrOPD helps more as slips get commoner.",
+    "**The clip row is not the paper's clip row.** `TrOPD, clip outliers` here floors only the tokens the trust test "
+    "rejects. The paper's clip row is REOPOLD's static floor on every token (`objective.name: reopold` with `reopold_form: "
+    "static_floor`), which this comparison did not run.",
+)
+
 
 def write_report(report: dict, out: Path) -> None:
     """ablation-v2.json, ablation-v2.md and the PNGs, each written atomically."""
@@ -103,6 +116,10 @@ def markdown(report: dict) -> str:
         for row in sweep:
             lines.append(f"| {labels[row['method']]} | {row['lr']:g} | {pct(row['final'])} | {pct(row['peak'])} | "
                          f"{'diverged' if row['diverged'] else 'yes' if row['degrades'] else 'no'} |")
+    lines += ["", "## Reading the verdicts (review notes, added after the runs)", "",
+              "The rules above were applied as pre-registered and their numbers are unchanged; what they say needs "
+              "three readings:", "",
+              *[f"- {note}" for note in READING]]
     for condition, methods in report["conditions"].items():
         lines += ["", f"## {_condition_title(condition)}", "",
                   "| method | paper | start (%) | final sampled (%) | gain | final greedy (%) | slip rate start -> "
