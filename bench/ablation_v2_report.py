@@ -21,8 +21,8 @@ READING = (
     "at epsilon 0, P1 (c) at 0.03 and 0.1): it grows because a loss shrinks as the students start lower (greedy "
     "100 / 94 / 78.7%), not because a gain appears. It is no evidence that TrOPD helps more as slips get commoner.",
     "**The clip row is not the paper's clip row.** `TrOPD, clip outliers` here floors only the tokens the trust test "
-    "rejects. The paper's clip row is REOPOLD's static floor on every token (`objective.name: reopold` with `reopold_form: "
-    "static_floor`), which this comparison did not run.",
+    "rejects. The paper's clip row is REOPOLD's static floor on every token (`objective.name: reopold` with "
+    "`reopold_form: static_floor`), which this comparison did not run.",
 )
 
 
