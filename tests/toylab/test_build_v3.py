@@ -63,6 +63,22 @@ def test_a_teacher_built_alone_aims_its_weak_snapshot_at_the_middle_of_the_main_
     assert "gates" not in manifest and sorted(manifest["models"]) == ["v3-teacher", "v3-teacher-weak"]
 
 
+def test_latest_within_takes_the_last_snapshot_in_range_before_the_run_rises_above_it():
+    accuracy = {2: 0.125, 4: 0.42, 6: 0.55, 8: 0.75, 10: 0.5, 12: 0.45}
+    read = []
+
+    def accuracy_at(step):
+        read.append(step)
+        return accuracy[step]
+
+    snapshots = dict.fromkeys(accuracy)
+    assert build_v3.latest_within(snapshots, accuracy_at, 0.40, 0.60) == 6  # 10 and 12 come after the rise
+    assert read == [2, 4, 6, 8]
+    assert build_v3.latest_within(snapshots, accuracy_at, 0.10, 0.20) == 2
+    # none in range: the nearest to its middle, 0.275 (0.42 is 0.145 away, 0.125 is 0.15)
+    assert build_v3.latest_within(snapshots, accuracy_at, 0.20, 0.35) == 4
+
+
 def test_nearest_reads_in_step_order_and_stops_above():
     accuracy = {2: 0.125, 4: 0.375, 6: 0.625, 8: 0.875, 10: 0.5}
     read = []

@@ -1,4 +1,5 @@
-"""Toy lab v3: teacher and student share two forms of "+" lines and one of "-" lines; v2's text is unchanged."""
+"""Toy lab v3: teacher and student share two forms of "+" lines (told apart by their first word) and one of "-"
+lines; v2's text is unchanged."""
 
 import random
 import re
@@ -25,7 +26,7 @@ def text(pieces):
 
 
 def test_v3_forms_are_two_plus_forms_and_one_minus_form():
-    assert V3_LINE_FORMS == {"+": ("{a}+{b}={c}", "{b}+{a}={c}"), "-": ("{a}-{b}={c}",)}
+    assert V3_LINE_FORMS == {"+": ("step {a}+{b}={c}", "compute {a}+{b}={c}"), "-": ("{a}-{b}={c}",)}
     assert FORM_SETS["shared"] is V3_LINE_FORMS and FORM_SETS["varied"] is LINE_FORMS
     assert (V3_DIFFICULTY.min_terms, V3_DIFFICULTY.max_terms) == (4, 6)
 
@@ -47,14 +48,14 @@ def test_every_v3_line_is_true_in_one_of_its_forms_and_plus_forms_are_drawn_even
             if op == "-":
                 assert line == f"{value}-{operand}={result}"
                 forms["-"] += 1
-            elif line == f"{value}+{operand}={result}":
-                forms["a+b"] += 1
+            elif line == f"step {value}+{operand}={result}":
+                forms["step"] += 1
             else:
-                assert line == f"{operand}+{value}={result}"
-                forms["b+a"] += 1
+                assert line == f"compute {value}+{operand}={result}"
+                forms["compute"] += 1
             value = result
-    plus = forms["a+b"] + forms["b+a"]
-    assert forms["-"] > 0 and abs(forms["a+b"] / plus - 0.5) < 0.03
+    plus = forms["step"] + forms["compute"]
+    assert forms["-"] > 0 and abs(forms["step"] / plus - 0.5) < 0.03
 
 
 def test_teacher_and_student_texts_share_forms_and_differ_only_in_unsupervised_mistakes():

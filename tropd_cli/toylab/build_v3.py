@@ -1,18 +1,21 @@
 """`tropd toylab build --lab v3`: the paper's regime, a teacher that masters the task and students that fail on
 their own, gated.
 
-Teacher and student learn the same line forms (V3_LINE_FORMS: `a+b=c` or `b+a=c` for "+" lines, drawn
-uniformly; `a-b=c` for "-" lines) on 4-6 term chains, so the teacher's entropy where a line starts is one the
-student shares. The student gets no injected slips: its mistakes are its own, sampled at temperature 1. One
-student run is snapshotted every `checkpoint_every` steps; the main student is the snapshot whose greedy
-held-out accuracy is nearest the middle of its target range (40-60%), the wide-gap student likewise (20-35%).
+Teacher and student learn the same line forms (V3_LINE_FORMS: `step a+b=c` or `compute a+b=c` for "+" lines,
+drawn uniformly; `a-b=c` for "-" lines) on 4-6 term chains, so the teacher's entropy where a line starts is one the
+student shares. The two "+" forms differ in their first word only: a choice between two numbers (`a+b` or `b+a`)
+is one tiny models learn as a context-dependent coin, and the trust test then rejects style where the coins
+differ. The student gets no injected slips: its mistakes are its own, sampled at temperature 1. One student run
+is snapshotted every `checkpoint_every` steps; the main student is the latest snapshot whose greedy held-out
+accuracy lies in its target range (40-60%) before the run first rises above it, the wide-gap student likewise
+(20-35%): the most trained student in range, whose samples at temperature 1 hold the fewest errors.
 The teacher run is snapshotted too: the weak teacher (a control) is the early snapshot whose accuracy is
 nearest the main student's. The teacher is trained with injected, unsupervised mistakes (as v1's), so that after
 a student's mistake it predicts the locally correct continuation. A tiny teacher is right long before its tails
 are thin (it samples a neighbour of the right number now and then), so the shipped teachers' logits are scaled
 by the smallest of TEACHER_LOGIT_SCALES that lets the teacher pass its sampled-accuracy gate (greedy answers do
-not change). The student has an output head of its own (tied embeddings keep it unsure between neighbouring
-numbers) and is never scaled.
+not change). Both have an output head of their own (tied embeddings keep a tiny model unsure between neighbouring
+numbers); the student is never scaled.
 
 The build then measures the pair's gates (`GATES`) with `tropd_cli.probe`, the code `tropd probe` runs: the
 teacher's greedy and sampled accuracy, and on 128 held-out prompts x 4 student samples at temperature 1 the
@@ -46,18 +49,18 @@ from tropd_cli.toylab.tasks import V3_DIFFICULTY, Problem, Verdict, grade, sampl
 from tropd_cli.toylab.tokenizer import build_tokenizer
 
 V3_TEACHER_STEPS = 1800
-V3_STUDENT_STEPS = 1000
+V3_STUDENT_STEPS = 1500
 RECIPES_V3: dict[str, dict] = {
     "v3-student": dict(size="v3-student", seed=0, steps=V3_STUDENT_STEPS, batch_size=64, lr=3e-3, warmup=50,
                        error_rate=0.0, forms="shared", checkpoint_every=25),
-    "v3-teacher": dict(size="v2-teacher", seed=0, steps=V3_TEACHER_STEPS, batch_size=64, lr=3e-3, warmup=50,
+    "v3-teacher": dict(size="v3-teacher", seed=0, steps=V3_TEACHER_STEPS, batch_size=64, lr=3e-3, warmup=50,
                        error_rate=0.2, forms="shared", checkpoint_every=50),
 }
 # The shipped teachers' logits are the trained network's times the smallest of these scales at which the teacher's
 # sampled accuracy reaches its gate: a tiny model is right long before its tails are thin (a sharper teacher, as
 # sampling it at temperature 1/scale; its greedy answers do not change). Students are never scaled.
 TEACHER_LOGIT_SCALES = (1.0, 1.5, 2.0, 2.5, 3.0)
-# Shipped models cut from the student run: name -> greedy held-out accuracy range; the snapshot nearest its middle.
+# Shipped models cut from the student run: name -> greedy held-out accuracy range; the latest snapshot in it.
 STUDENT_TARGETS = {"v3-student": (0.40, 0.60), "v3-student-wide": (0.20, 0.35)}
 WEAK_TEACHER = "v3-teacher-weak"
 WEAK_TEACHER_SEARCH = 0.25  # teacher snapshots are read in step order until one is this far above the main student
@@ -109,8 +112,7 @@ def build_v3(out: Path, only: str | None, console: Console) -> dict:
             return measured[step]
 
         if run == "v3-student":
-            chosen = {name: nearest(snapshots, accuracy_at, sum(bounds) / 2)
-                      for name, bounds in STUDENT_TARGETS.items()}
+            chosen = {name: latest_within(snapshots, accuracy_at, *bounds) for name, bounds in STUDENT_TARGETS.items()}
         else:
             # the main student's accuracy when it is built, else the middle of its range
             main = manifest["models"].get("v3-student", {}).get("held_out_accuracy",
@@ -197,6 +199,19 @@ def teacher_logit_scale(model: torch.nn.Module, state: dict, tokenizer, problems
         if tried[f"{scale:g}"] >= GATES["teacher_sampled_accuracy"][0]:
             return scale, tried
     return TEACHER_LOGIT_SCALES[-1], tried
+
+
+def latest_within(snapshots: dict[int, dict], accuracy_at: Callable[[int], float], low: float, high: float) -> int:
+    """The latest snapshot step whose accuracy lies in [low, high], reading snapshots in step order and no further
+    than the first above `high`; the snapshot nearest the middle when none lies in the range."""
+    best: int | None = None
+    for step in sorted(snapshots):
+        accuracy = accuracy_at(step)
+        if low <= accuracy <= high:
+            best = step
+        elif accuracy > high:
+            break
+    return best if best is not None else nearest(snapshots, accuracy_at, (low + high) / 2)
 
 
 def nearest(snapshots: dict[int, dict], accuracy_at: Callable[[int], float], target: float,

@@ -192,7 +192,7 @@ V2_DIFFICULTY = Difficulty(min_terms=4, max_terms=8, max_operand=9, max_value=59
 # uniformly: the teacher's entropy at a "+" line start (about log 2) is one the student has too, so the trust
 # test sees style only where the two disagree about it. Chains of 4-6 terms, which the teacher masters.
 V3_LINE_FORMS: dict[str, tuple[str, ...]] = {
-    "+": LINE_FORMS["+"][:2],
+    "+": ("step {a}+{b}={c}", "compute {a}+{b}={c}"),
     "-": LINE_FORMS["-"][:1],
 }
 V3_DIFFICULTY = Difficulty(min_terms=4, max_terms=6, max_operand=9, max_value=59)
