@@ -165,12 +165,18 @@ def _mean_curve(seeds: list[dict], name: str) -> tuple[list, list]:
 
 def plot_condition(condition: str, methods: dict, path: Path, labels: dict[str, str]) -> None:
     """Sampled accuracy, grad norm, student entropy and slip rate over steps, mean over seeds."""
-    plt = pyplot()
-    figure, axes = plt.subplots(2, 2, figsize=(14, 8), dpi=72)
-    colors = plt.get_cmap("tab10").colors
     panels = (("accuracy", "sampled avg@4 (%)", 100, "linear"), ("grad_norm", "grad norm before clipping", 1, "log"),
               ("student_entropy", "student entropy (nats)", 1, "linear"), ("slip", "slip rate of sampled lines (%)",
                                                                             100, "linear"))
+    plot_panels(methods, path, labels, panels, _condition_title(condition))
+
+
+def plot_panels(methods: dict, path: Path, labels: dict[str, str], panels: tuple, title: str) -> None:
+    """Four curves over steps in a 2 x 2 grid, one line per method, mean over its finished seeds. `panels`: four
+    (curve name, axis label, scale, y scale); each panel is titled "`title`: its label"."""
+    plt = pyplot()
+    figure, axes = plt.subplots(2, 2, figsize=(14, 8), dpi=72)
+    colors = plt.get_cmap("tab10").colors
     for index, (method, row) in enumerate(methods.items()):
         style = dict(color=colors[index % 10], linestyle="-" if index < 5 else "--", linewidth=1.3,
                      label=labels[method])
@@ -178,7 +184,7 @@ def plot_condition(condition: str, methods: dict, path: Path, labels: dict[str, 
             steps, values = _mean_curve(row["seeds"], name)
             axis.plot(steps, [scale * v for v in values], marker="." if len(steps) < 20 else None, **style)
     for axis, (_, label, _, yscale) in zip(axes.flat, panels):
-        axis.set(xlabel="step", ylabel=label, yscale=yscale, title=f"{_condition_title(condition)}: {label}")
+        axis.set(xlabel="step", ylabel=label, yscale=yscale, title=f"{title}: {label}")
         axis.grid(alpha=0.3)
     handles, names = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, names, fontsize=8, loc="center right")
