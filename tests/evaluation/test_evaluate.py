@@ -209,6 +209,33 @@ def test_a_journal_made_with_other_settings_is_replaced_with_one_line(tmp_path, 
     assert not journal.exists()
 
 
+def test_a_second_evaluation_of_the_same_new_out_stops_at_once_naming_the_first(tmp_path, capsys):
+    """Two evaluations writing one new --out would append their chunks to one journal: the journal folder is locked
+    for an evaluation's life, and the second stops before any model loads, with the first's journal untouched."""
+    import os
+
+    from tropd_cli.evaluation.journal import journal_folder
+    from tropd_cli.files import LOCK_INFO, FolderLock
+
+    out = tmp_path / "o"
+    journal = journal_folder(out)
+    journal.mkdir()
+    (journal / "samples.jsonl").write_text("the first evaluation's chunks\n")
+    first = FolderLock(journal, "evaluate").acquire()  # another process's evaluation, running
+    try:
+        assert cli.main(["evaluate", "-m", "toylab:student", "-b", "toylab", "--limit", "8", "--out", str(out)]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and line.startswith(f"error: {journal} is in use by another tropd process (pid "
+                                                      f"{os.getpid()} on "), line
+        assert line.endswith("; wait for it to end or stop it") and "`tropd evaluate` since" in line
+        assert (journal / "samples.jsonl").read_text() == "the first evaluation's chunks\n" and not out.exists()
+    finally:
+        first.release()
+    shutil.rmtree(journal)
+    assert cli.main(["evaluate", "-m", "toylab:student", "-b", "toylab", "--limit", "8", "--out", str(out)]) == 0
+    assert not journal.exists() and not (tmp_path / LOCK_INFO).exists()
+
+
 def test_a_journal_line_cut_short_is_dropped_and_the_next_chunk_starts_its_own_line(tmp_path, capsys, monkeypatch):
     """A crash inside a chunk's line: that chunk is generated again, the file is cut back to its last whole line,
     and a second interruption later still finds every chunk it wrote."""

@@ -10,7 +10,9 @@ uninterrupted one (on a CPU; a GPU's kernels need not repeat bit for bit). The p
 files (names, sizes and modification times), so a model folder retrained in place is not mistaken for the old one.
 The journal is made with the first finished chunk and goes when the report is written; one made under another
 protocol is replaced when the first new chunk is done, with a line that says so (`--overwrite` concerns the report
-folder, not the journal: the same command, run again, continues).
+folder, not the journal: the same command, run again, continues). The journal folder is locked for the evaluation's
+life (`journal_lock`), so a second evaluation writing the same `--out` meanwhile stops at once, naming the first,
+instead of appending its chunks to the same file.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from tropd_cli.files import atomic_write_json, writing
+from tropd_cli.files import FolderLock, atomic_write_json, writing
 
 ChunkKey = tuple[str, str, str, int]  # model label, benchmark, pass, chunk index
 
@@ -40,6 +44,22 @@ class Chunk:
 def journal_folder(out: Path) -> Path:
     """Where the evaluation writing `out` keeps its journal."""
     return out.parent / f".{out.name}.partial"
+
+
+@contextmanager
+def journal_lock(out: Path) -> Iterator[None]:
+    """Hold the journal folder of the evaluation writing `out` for this process (another evaluation of the same
+    `--out` stops at once, naming this one); a folder left with no chunk in it is removed on the way out."""
+    folder = journal_folder(out)
+    with writing(f"the evaluation's journal in {folder}"):
+        folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder, "evaluate").acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+        if folder.is_dir() and not (folder / "samples.jsonl").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class Journal:
@@ -75,8 +95,9 @@ class Journal:
         line = json.dumps({"model": key[0], "benchmark": key[1], "pass": key[2], "chunk": key[3],
                            "texts": chunk.texts, "finished": chunk.finished, "tokens": chunk.tokens})
         with writing(f"the evaluation's journal in {self.folder}"):
-            if self.stale:  # the old journal goes only once something replaces it
-                shutil.rmtree(self.folder, ignore_errors=True)
+            if self.stale:  # the old journal goes only once something replaces it (its lock stays held)
+                for name in ("samples.jsonl", "progress.json"):
+                    (self.folder / name).unlink(missing_ok=True)
                 self.stale = False
             if not (self.folder / "progress.json").is_file():  # made with the first chunk: nothing before it
                 self.folder.mkdir(parents=True, exist_ok=True)

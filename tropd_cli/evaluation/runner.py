@@ -37,7 +37,7 @@ from tropd_cli.engine.generation import Generator, generate_texts
 from tropd_cli.engine.rollout import SamplingParams
 from tropd_cli.errors import Interrupted
 from tropd_cli.evaluation.graders import grade_all
-from tropd_cli.evaluation.journal import Chunk, Journal, journal_folder
+from tropd_cli.evaluation.journal import Chunk, Journal, journal_folder, journal_lock
 from tropd_cli.evaluation.loading import ModelSource, resolve_model_source
 from tropd_cli.evaluation.metrics import summarise
 from tropd_cli.evaluation.registry import EvalProblem, ProblemSet, get_benchmark, load_problems
@@ -90,17 +90,18 @@ def evaluate(settings: EvalSettings, console: Console | None = None, trust_remot
     console = console or Console()
     with OwnedFolder(settings.out, "evaluate") as output:
         output.claim(bool(settings.overwrite))
-        try:
-            report, journal = _evaluate(settings, console, trust_remote_code)
-        except KeyboardInterrupt:
-            folder = journal_folder(settings.out)
-            if not (folder / "samples.jsonl").is_file():
-                raise Interrupted("interrupted before any response was finished; nothing was kept") from None
-            raise Interrupted(f"interrupted; the responses generated so far are kept in {folder}; run the same "
-                              "command again to continue") from None
-        with writing(f"the report to {settings.out}"):
-            output.replace(lambda folder: write_report(report, replace(settings, out=folder)))
-        journal.remove()
+        with journal_lock(settings.out):
+            try:
+                report, journal = _evaluate(settings, console, trust_remote_code)
+            except KeyboardInterrupt:
+                folder = journal_folder(settings.out)
+                if not (folder / "samples.jsonl").is_file():
+                    raise Interrupted("interrupted before any response was finished; nothing was kept") from None
+                raise Interrupted(f"interrupted; the responses generated so far are kept in {folder}; run the same "
+                                  "command again to continue") from None
+            with writing(f"the report to {settings.out}"):
+                output.replace(lambda folder: write_report(report, replace(settings, out=folder)))
+            journal.remove()
     print_table(console, report)
     console.print(f"report: {settings.out / 'report.json'}  samples: {settings.out / 'samples.jsonl'}")
     return report
