@@ -267,6 +267,29 @@ def test_doctor_nproc_estimates_memory_per_rank_for_the_strategy(capsys):
     assert "teacher weights gathered whole while generating" not in rows  # tropd: the teacher never generates
 
 
+def test_fsdp2_with_vllm_engines_gathers_only_what_each_sync_hands_over():
+    """Under fsdp2 a vLLM engine generates from its own copy: a full student is gathered one tensor at a time at the
+    sync (the largest counts), a LoRA student's adapters together; HF rollouts gather the whole student."""
+    config = load_config("toylab", ["eval.problems=0"])
+    teacher, student = (new_toy_model(size, seed=0) for size in ("teacher", "student"))
+
+    def rows(*settings):
+        config = load_config("toylab", ["eval.problems=0", "train.strategy=fsdp2", *settings])
+        return dict(preflight.estimate_memory(config, torch.device("cpu"), teacher, student, 20, free=2**40,
+                                              nproc=2, device_total=2**34).rows)
+
+    whole = rows()["student weights gathered whole while generating"]
+    assert whole == sum(p.numel() for p in student.parameters()) * 4 == preflight.memory.weight_bytes(
+        student, config.student.dtype, "none")
+    full = rows("rollout.backend=vllm")
+    assert not any("gathered whole while generating" in label for label in full)
+    largest = max(p.numel() for p in student.parameters())
+    assert full["student's largest tensor gathered whole at each engine sync (one at a time)"] == largest * 4 < whole
+    lora = rows("rollout.backend=vllm", "student.lora.enabled=true", "student.lora.r=4")
+    adapters = preflight.memory.lora_parameters(student, 4, config.student.lora.target_modules) * 4
+    assert lora["student's LoRA adapters gathered whole at each engine sync"] == adapters > 0
+
+
 def test_a_vllm_engine_counts_its_weights_and_cache_once_or_its_share_of_the_device():
     """teacher.backend=vllm: the engine's copy is the teacher's only one, with its KV cache (rollout.vllm_kv_cache_gib)
     or, when vLLM sizes the cache, the device share it claims; rollout.backend=vllm: the student's engine replaces the

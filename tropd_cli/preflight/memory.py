@@ -241,7 +241,7 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
         *([("teacher weights gathered whole while generating", teacher_weights)] if gathered_teacher else []),
         (f"student weights ({s.dtype}, {s.quantization}{', LoRA' if s.lora.enabled else ''}{sharded})",
          student_weights // shards),
-        *([("student weights gathered whole while generating", student_weights)] if shards > 1 else []),
+        *([gathered_student_row(student, config, student_weights, trainable_bytes)] if shards > 1 else []),
         (f"gradients + AdamW states ({trainable:,} trainable{sharded})", 3 * trainable_bytes // shards),
         *([engine_row("student's", weight_bytes(student, engine_dtype, "none"), config, device_total)]
           if student_engine else []),
@@ -253,6 +253,23 @@ def estimate_memory(config: RunConfig, device: torch.device, teacher: torch.nn.M
     ]
     ranks = f"per rank, {strategy} on {nproc} processes" if nproc > 1 else ""
     return MemoryEstimate(device, rows, free_memory(device) if free is None else free, ranks)
+
+
+def gathered_student_row(student: torch.nn.Module, config: RunConfig, student_weights: int,
+                         trainable_bytes: int) -> tuple[str, int]:
+    """What a sharded (fsdp2) student holds whole beside its shard: with HF rollouts the whole student while it
+    generates; with a vLLM engine (which generates from its own copy) only what each sync hands it: a LoRA student's
+    adapters, together, or a full student's tensors one at a time (the largest). A QLoRA student's held-out answers
+    come from HF generate (its engine runs the unquantized base), on the whole student."""
+    s = config.student
+    hf_generates = config.rollout.backend != "vllm" or (s.quantization != "none" and config.eval.problems > 0)
+    if hf_generates:
+        return "student weights gathered whole while generating", student_weights
+    if s.lora.enabled:
+        return "student's LoRA adapters gathered whole at each engine sync", trainable_bytes
+    element = torch.tensor([], dtype=DTYPES[s.dtype]).element_size()
+    largest = max(p.numel() for p in student.parameters())
+    return "student's largest tensor gathered whole at each engine sync (one at a time)", largest * element
 
 
 def gib(size: float) -> str:
