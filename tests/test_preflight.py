@@ -267,6 +267,47 @@ def test_doctor_nproc_estimates_memory_per_rank_for_the_strategy(capsys):
     assert "teacher weights gathered whole while generating" not in rows  # tropd: the teacher never generates
 
 
+def test_which_prompts_an_in_process_engine_is_given():
+    def given(*settings):
+        return preflight.engine_prompts(load_config("toylab", list(settings)))
+
+    assert given() == (False, False)  # HF everywhere
+    assert given("rollout.backend=vllm") == (True, True)
+    assert given("rollout.backend=vllm", "eval.problems=0") == (True, False)
+    qlora = ("rollout.backend=vllm", "student.quantization=4bit", "student.lora.enabled=true")
+    assert given(*qlora) == (True, False)  # HF generates a QLoRA student's held-out answers
+    assert given(*qlora, "teacher.backend=vllm") == (True, True)  # the teacher's engine samples them (eval.teacher)
+    assert given("teacher.backend=vllm", "eval.teacher=false") == (True, False)
+
+
+def test_an_engine_too_short_for_the_prompts_and_new_tokens_is_one_line_naming_the_length_needed():
+    """rollout.vllm_max_model_len must hold the longest training and held-out prompt plus rollout.max_new_tokens; the
+    check measures both on the toy lab's prompts as the run asks them."""
+    config = load_config("toylab", ["rollout.vllm_max_model_len=100", "rollout.max_new_tokens=20"])
+    assert preflight.engine_length_check(config, 80, 80).error is None
+    assert preflight.engine_length_check(config, 81, None).error == (
+        "rollout.vllm_max_model_len=100 is too short for the longest training prompt (81 tokens) plus "
+        "rollout.max_new_tokens=20; raise it to at least 101, or null for the model's own maximum")
+    assert "longest held-out prompt (85 tokens)" in preflight.engine_length_check(config, 70, 85).error
+    assert preflight.engine_length_check(load_config("toylab"), 10**6, 10**6).error is None  # null: the model's
+
+    tokenizer = load_tokenizer("toylab:student")
+    config = load_config("toylab")
+    held_out = preflight.longest_held_out_prompt(config, tokenizer)
+    training = preflight.longest_prompt_of(config, tokenizer, None)
+    assert held_out > 0 and training > 0
+    longest, new = max(training, held_out), config.rollout.max_new_tokens
+
+    def check(limit):
+        result = preflight.run_preflight(load_config("toylab", ["rollout.backend=vllm",
+                                                                f"rollout.vllm_max_model_len={limit}"]))
+        return next(check for check in result.checks if check.name == "engine length")
+
+    assert check(longest + new).error is None
+    assert check(longest + new - 1).error.endswith(f"plus rollout.max_new_tokens={new}; raise it to at least "
+                                                   f"{longest + new}, or null for the model's own maximum")
+
+
 def test_fsdp2_with_vllm_engines_gathers_only_what_each_sync_hands_over():
     """Under fsdp2 a vLLM engine generates from its own copy: a full student is gathered one tensor at a time at the
     sync (the largest counts), a LoRA student's adapters together; HF rollouts gather the whole student."""

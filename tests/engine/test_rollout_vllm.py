@@ -23,6 +23,7 @@ from tropd_cli.engine.rollout.vllm import ADAPTER_ID, ADAPTER_NAME, VLLMRolloutB
 from tropd_cli.engine.run import trainer_for  # noqa: E402
 from tropd_cli.engine.scoring import build_sequences, score_student  # noqa: E402
 from tropd_cli.engine.vllm_engine import EngineOptions, start_engine  # noqa: E402
+from tropd_cli.errors import TropdError  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [40, 41, 42, 43, 44, 45], [100]]
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
@@ -67,6 +68,20 @@ def test_greedy_rollouts_equal_hf_generate_token_for_token_with_the_same_finishe
     for response, done in zip(got.response_ids, got.finished):
         assert (response[-1] in stops) == done  # a finished response keeps its stop token
     assert len(got.response_ids) == 3 * len(PROMPTS) and got.response_ids[0] == got.response_ids[2]
+
+
+def test_a_prompt_that_does_not_fit_the_engine_with_its_new_tokens_is_one_line_before_vllm_sees_it(
+        engine, vllm_pair_dir):
+    """vLLM refuses a prompt as long as its max_model_len with its own error and cuts a response that runs past it;
+    the backend says which length does not fit, and a prompt that fits exactly still generates."""
+    backend = VLLMRolloutBackend(str(vllm_pair_dir / "student"), None, [EOS], llm=engine)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    with pytest.raises(TropdError) as error:
+        backend.generate([[5] * 241, [6] * 10], 1, params, generator_seed=0)
+    assert str(error.value) == ("a prompt of 241 tokens plus 16 new tokens does not fit the vLLM engine's "
+                                "max_model_len of 256 (rollout.vllm_max_model_len, or the model's own maximum when "
+                                "that is null); allow at least 257, or fewer new tokens")
+    assert len(backend.generate([[5] * 240], 1, params, generator_seed=0).response_ids[0]) <= 16
 
 
 def test_sampling_is_seeded_and_reports_the_samplers_logprobs_close_to_the_trainers(engine, vllm_pair_dir,

@@ -9,6 +9,8 @@ Checks run from tokenizers and model configs alone (no weights are read), so the
 - EOS and pad tokens: a student that stops on another token than the teacher learns never to stop;
 - chat template: prompts are formatted with the student's template and scored by the teacher, so both
   must have one and it must be the same;
+- engine length: rollout.vllm_max_model_len holds the longest prompt an in-process vLLM engine is given plus
+  rollout.max_new_tokens;
 - backends: vLLM installed where asked for; the teacher backend returns what the objective needs (a
   served teacher has no entropy or full logits); a teacher server answers, with the teacher's vocabulary
   and enough prompt log-probs for the objective's top-k;
@@ -42,6 +44,7 @@ from tropd_cli.preflight.memory import (
     free_memory,
     gib,
     kv_cache_bytes,
+    longest_held_out_prompt,
     longest_prompt,
     longest_prompt_of,
     lora_parameters,
@@ -54,6 +57,8 @@ from tropd_cli.preflight.pairs import (
     backends_check,
     chat_template_check,
     embedding_check,
+    engine_length_check,
+    engine_prompts,
     objective_check,
     prompts_check,
     sampling_check,
@@ -66,12 +71,11 @@ from tropd_cli.preflight.pairs import (
 
 __all__ = [
     "Check", "MemoryEstimate", "Preflight", "activation_bytes", "backends_check", "chat_template_check",
-    "check_before_distill",
-    "checks_table", "doctor", "embedding_check", "estimate_memory", "free_memory", "gib", "kv_cache_bytes",
-    "longest_prompt", "longest_prompt_of", "lora_parameters", "memory_check", "memory_table", "objective_check",
-    "prompts_check",
+    "check_before_distill", "checks_table", "doctor", "embedding_check", "engine_length_check", "engine_prompts",
+    "estimate_memory", "free_memory", "gib", "kv_cache_bytes", "longest_held_out_prompt", "longest_prompt",
+    "longest_prompt_of", "lora_parameters", "memory_check", "memory_table", "objective_check", "prompts_check",
     "run_preflight", "sampling_check", "special_token_check", "teacher_samples", "thinking_check", "tokenizer_checks",
-    "vocabulary_check", "weight_bytes", "weights_check",
+    "vocabulary_check", "weight_bytes", "weights_check"
 ]
 
 
@@ -110,9 +114,14 @@ def run_preflight(config: RunConfig, nproc: int | None = None) -> Preflight:
                                                  for i in stop_ids) or "none"))
     teacher, student = (meta_model(model_config, section.trust_remote_code)
                         for model_config, section in zip(configs, (config.teacher, config.student)))
+    longest = longest_prompt_of(config, student_tokenizer, prepared)
+    training, held_out = engine_prompts(config)
+    if training:
+        checks.append(engine_length_check(config, longest, longest_held_out_prompt(config, student_tokenizer)
+                                          if held_out else None))
     # looked up here, in the package, so that replacing `tropd_cli.preflight.free_memory` reaches the estimate
-    estimate = estimate_memory(config, device, teacher, student, longest_prompt_of(config, student_tokenizer, prepared),
-                               free_memory(device), prepared=prepared, nproc=nproc or distributed.world_size())
+    estimate = estimate_memory(config, device, teacher, student, longest, free_memory(device), prepared=prepared,
+                               nproc=nproc or distributed.world_size())
     checks.append(memory_check(estimate))
     return Preflight(checks, estimate, student_tokenizer, stop_ids, prepared, served_model)
 

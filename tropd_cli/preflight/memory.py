@@ -157,6 +157,17 @@ def longest_prompt_of(config: RunConfig, tokenizer: PreTrainedTokenizerBase, pre
     return longest_prompt(config, tokenizer)
 
 
+def longest_held_out_prompt(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """Tokens in the longest held-out prompt, as the run asks it (None when the benchmark cannot be read here: the
+    run's own set-up says why)."""
+    from tropd_cli.evaluation.heldout import HeldOut
+
+    try:
+        return max(map(len, HeldOut(config, tokenizer).prompt_ids()), default=0)
+    except TropdError:
+        return None
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on a CUDA device, or the memory available to new processes on this machine."""
     if device.type == "cuda":

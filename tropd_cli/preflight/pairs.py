@@ -189,6 +189,33 @@ def sampling_check(config: RunConfig) -> Check:
         "temperature-1 log-probs (as in the paper); set rollout.temperature=1 and rollout.top_p=1 to match them"))
 
 
+def engine_prompts(config: RunConfig) -> tuple[bool, bool]:
+    """Whether an in-process vLLM engine generates from the training prompts (the student's rollouts, the teacher's
+    samples) and from the held-out prompts (the student's answers, unless a QLoRA student's, which HF generates; the
+    teacher's with eval.teacher)."""
+    student, teacher = config.rollout.backend == "vllm", config.teacher.backend == "vllm"
+    held_out = config.eval.problems > 0 and (
+        (student and config.student.quantization == "none") or (teacher and config.eval.teacher))
+    return student or teacher, held_out
+
+
+def engine_length_check(config: RunConfig, longest_training: int, longest_held_out: int | None) -> Check:
+    """rollout.vllm_max_model_len must hold the longest prompt an engine is given plus rollout.max_new_tokens: vLLM
+    refuses a longer prompt mid-run with its own error and cuts a response that runs past it (HF generate has no
+    such limit)."""
+    limit, new = config.rollout.vllm_max_model_len, config.rollout.max_new_tokens
+    if limit is None:
+        return Check("engine length", "the model's own maximum (rollout.vllm_max_model_len: null)")
+    detail = f"rollout.vllm_max_model_len {limit}"
+    for what, longest in (("training prompt", longest_training), ("held-out prompt", longest_held_out)):
+        if longest is not None and longest + new > limit:
+            return Check("engine length", detail, error=(
+                f"rollout.vllm_max_model_len={limit} is too short for the longest {what} ({longest} tokens) plus "
+                f"rollout.max_new_tokens={new}; raise it to at least {longest + new}, or null for the model's own "
+                "maximum"))
+    return Check("engine length", detail)
+
+
 def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase) -> tuple[Check, str | None]:
     """The rollout and teacher backends can serve this run: vLLM is installed where one is asked for, the
     teacher backend returns what the objective needs (a served teacher gives log-probs and top-k only), and a

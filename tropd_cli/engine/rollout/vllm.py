@@ -132,6 +132,17 @@ class VLLMRolloutBackend:
         if "kv_cache" not in self.asleep:
             self.llm.reset_prefix_cache()
 
+    def check_fits(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+        """Every prompt plus `max_new_tokens` must fit the engine's max_model_len: vLLM refuses a longer prompt with
+        its own error and stops a response at the limit, shorter than HF generate would let it run."""
+        limit = self.llm.model_config.max_model_len
+        longest = max(map(len, prompt_ids), default=0)
+        if longest + max_new_tokens > limit:
+            raise TropdError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit the vLLM "
+                             f"engine's max_model_len of {limit} (rollout.vllm_max_model_len, or the model's own "
+                             f"maximum when that is null); allow at least {longest + max_new_tokens}, or fewer new "
+                             "tokens")
+
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
                  generator_seed: int) -> Rollouts:
         """`n` responses per prompt, prompt-major (temperature 0: one greedy response repeated n times, since
@@ -139,6 +150,7 @@ class VLLMRolloutBackend:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.check_fits(prompt_ids, params.max_new_tokens)
         self._wake(["weights", "kv_cache"])
         greedy = params.temperature == 0
         draws = 1 if greedy else n
