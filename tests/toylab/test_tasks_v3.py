@@ -1,9 +1,12 @@
 """Toy lab v3: teacher and student share two forms of "+" lines (told apart by their first word) and one of "-"
 lines; v2's text is unchanged."""
 
+import math
 import random
 import re
 from collections import Counter
+
+import pytest
 
 from tropd_cli.toylab.accuracy import prompt_token_ids
 from tropd_cli.toylab.sft import sft_batch
@@ -12,6 +15,7 @@ from tropd_cli.toylab.tasks import (
     LINE_FORMS,
     V3_DIFFICULTY,
     V3_LINE_FORMS,
+    ScratchpadProfile,
     Verdict,
     grade,
     random_problem,
@@ -85,3 +89,23 @@ def test_v2_text_is_what_it_was():
                                          FORM_SETS["varied" if varied else "canonical"])
             assert default == explicit
     assert {op: forms[0] for op, forms in FORM_SETS["canonical"].items()} == {"+": "{a}+{b}={c}", "-": "{a}-{b}={c}"}
+
+
+def test_the_profile_counts_v3_forms_and_its_coverage_is_over_two():
+    """v3's "+" lines are told apart by their first word; its "-" lines (one form) say nothing of style: one "+"
+    form is a coverage of 1/2, both drawn evenly near 1."""
+    response = "step 40+5=45\n45-3=42\ncompute 42+2=44\nstep 44+4=48\nanswer: 48"
+    profile = ScratchpadProfile()
+    profile.add(response, "40+5-3+2+4")
+    assert profile.v3_forms == [2, 1] and profile.lines == 4 and profile.forms == [1, 0, 0]
+    assert profile.format_coverage == pytest.approx(math.exp(-2 / 3 * math.log(2 / 3) - 1 / 3 * math.log(1 / 3)) / 2)
+    one_form = ScratchpadProfile()
+    one_form.add("step 40+5=45\n45-3=42\nanswer: 42", "40+5-3")
+    assert one_form.format_coverage == 0.5
+    rng = random.Random(3)
+    even = ScratchpadProfile()
+    for _ in range(300):
+        problem = random_problem(rng, V3_DIFFICULTY)
+        even.add(text(varied_scratchpad(problem, rng, varied_forms=True, line_forms=V3_LINE_FORMS)),
+                 problem.expression)
+    assert even.lines == sum(even.v3_forms) + sum(even.forms) and even.format_coverage > 0.99

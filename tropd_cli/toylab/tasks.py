@@ -274,13 +274,19 @@ _FORM_PATTERNS = (
 )
 
 
+# v3's "+" forms, told apart by their first word (V3_LINE_FORMS["+"] order); its "-" lines are v2's infix form 0
+_V3_PLUS = re.compile(r"^(step|compute) (\d+)\+(\d+)=(\d+)$")
+
+
 @dataclass
 class ScratchpadProfile:
-    """How responses wrote their scratchpad lines: slips, and which of the line forms."""
+    """How responses wrote their scratchpad lines: slips, and which of the line forms (v2's three; v3's two "+"
+    forms, counted apart: its "-" lines have one form and say nothing of style)."""
 
     lines: int = 0
     slips: int = 0
     forms: list[int] = field(default_factory=lambda: [0, 0, 0])  # lines per LINE_FORMS index; others uncounted
+    v3_forms: list[int] = field(default_factory=lambda: [0, 0])  # lines per V3_LINE_FORMS["+"] index
 
     def add(self, response: str, expression: str) -> None:
         """Profile one response to the problem `expression`."""
@@ -291,6 +297,11 @@ class ScratchpadProfile:
             self.lines += 1
             self.slips += SLIP_TOKEN in line
             line = line.replace(SLIP_TOKEN, "")
+            v3 = _V3_PLUS.match(line)
+            if v3 is not None:
+                self.v3_forms[v3.group(1) == "compute"] += 1
+                previous = int(v3.group(4))
+                continue
             for pattern, kind in _FORM_PATTERNS:
                 match = pattern.match(line)
                 if match is None:
@@ -315,9 +326,10 @@ class ScratchpadProfile:
     @property
     def format_coverage(self) -> float:
         """exp(entropy of the line-form distribution) / number of forms: 1/3 when one form is used, 1 when
-        all three are used equally (the teacher)."""
-        total = sum(self.forms)
+        all three are used equally (the v2 teacher); for v3's "+" lines 1/2 and 1 over its two forms."""
+        forms = self.v3_forms if any(self.v3_forms) else self.forms
+        total = sum(forms)
         if not total:
             return 0.0
-        entropy = -sum(n / total * math.log(n / total) for n in self.forms if n)
-        return math.exp(entropy) / len(self.forms)
+        entropy = -sum(n / total * math.log(n / total) for n in forms if n)
+        return math.exp(entropy) / len(forms)
