@@ -360,6 +360,14 @@ class DistillLoop:
         with self.strategy.gathered():
             return self.held_out.measure(self.student)
 
+    def served_teacher_accuracy(self) -> float:
+        """The teacher's held-out accuracy, sampled by its vLLM engine or its server. A server is asked once, by the
+        first rank, whose number every rank takes; a failure there stops every rank (`from_teacher`)."""
+        asks = distributed.is_writer() or self.config.teacher.backend != "server"
+        accuracy = self.trainer.from_teacher(
+            lambda: self.held_out.accuracy(self.wired.teacher_sampler) if asks else None)
+        return self.strategy.gather_objects(accuracy)[0]
+
     def evaluate_before(self) -> None:
         """The teacher's and the student's accuracy before the first step (fresh runs only)."""
         summary = self.summary
@@ -371,8 +379,7 @@ class DistillLoop:
                 with self.wired.teacher_gathered():
                     summary.teacher_accuracy = self.held_out.accuracy(teacher)
             elif self.config.eval.teacher:  # sampled where the teacher is: its vLLM engine or its server
-                summary.teacher_accuracy = self.trainer.from_teacher(  # a served teacher's failure: every rank stops
-                    lambda: self.held_out.accuracy(self.wired.teacher_sampler))
+                summary.teacher_accuracy = self.served_teacher_accuracy()
             summary.student_eval_before = self.measure()
             summary.student_accuracy_before = summary.student_eval_before["accuracy"]
 

@@ -131,6 +131,33 @@ def test_a_served_teacher_gone_on_one_rank_stops_both_after_the_last_step_and_re
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
 
 
+def test_a_served_teachers_held_out_accuracy_is_asked_once_and_every_rank_takes_it(tmp_path):
+    """With a served teacher on two ranks the first rank samples the teacher's held-out answers (one request per
+    problem, as one process asks) and both ranks take its number: the run's teacher accuracy is one process's."""
+    from helpers import ServedTeacher
+
+    from tropd_cli.models import TOYLAB_ASSETS
+
+    server = ServedTeacher(TOYLAB_ASSETS / "teacher", name="toylab:teacher")
+    try:
+        settings = [*PARITY, "train.steps=1", "train.checkpoint_every=0", "train.strategy=fsdp2", "eval.problems=3",
+                    "eval.k=2", "eval.temperature=1.0", "eval.greedy=false", "teacher.backend=server",
+                    f"teacher.url={server.url}"]
+        asked = {}
+        for nproc in (1, 2):
+            server.requests.clear()
+            done = run_tropd("distill", "-p", "toylab", *set_args(settings), "--out", str(tmp_path / str(nproc)),
+                             "--nproc", str(nproc))
+            assert done.returncode == 0, done.stderr[-3000:]
+            asked[nproc] = [body for body in server.requests if body.get("prompt_logprobs") is None]
+    finally:
+        server.close()
+    assert len(asked[1]) == 3 and [body["n"] for body in asked[1]] == [2, 2, 2]
+    assert asked[2] == asked[1]  # the same three requests, from one rank
+    accuracy = {n: json.loads((tmp_path / str(n) / "summary.json").read_text())["teacher_accuracy"] for n in (1, 2)}
+    assert accuracy[2] == accuracy[1] is not None
+
+
 def test_ranks_generating_different_lengths_do_not_wait_for_each_other():
     """Under FSDP2, rank 0 generates 4 tokens once and rank 1 twelve tokens twice, then both score and step
     together."""
