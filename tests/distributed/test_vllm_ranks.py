@@ -1,6 +1,6 @@
 """vLLM on every rank (the vLLM lane): under `--nproc 2` each gloo rank holds its own vLLM engine, samples its own
 prompts and takes the new weights after every update (a full student's gathered whole from its FSDP2 shards, a LoRA
-student's adapter). Near-greedy sampling (temperature 1e-6) makes two ranks' rollouts the one-process vLLM run's,
+student's adapter, under DDP or gathered from its FSDP2 shards). Near-greedy sampling (temperature 1e-6) makes two ranks' rollouts the one-process vLLM run's,
 so losses, gradient norms and final weights match it within the HF parity tests' 1e-5."""
 
 import pytest
@@ -19,6 +19,8 @@ SETTINGS = ["teacher.model=toylab:v2-teacher", "student.model=toylab:v2-student-
             "rollout.vllm_enforce_eager=true", "rollout.vllm_max_model_len=256"]
 CASES = {"fsdp2-full": ("train.strategy=fsdp2",),
          "ddp-lora": ("train.strategy=ddp", "student.lora.enabled=true", "student.lora.r=4"),
+         # the adapters are DTensor shards: gathered whole, then saved for the engine
+         "fsdp2-lora": ("train.strategy=fsdp2", "student.lora.enabled=true", "student.lora.r=4"),
          # two engines on every rank: the student's and the teacher's, both joined to the ranks' group
          "ddp-full-vllm-teacher": ("train.strategy=ddp", "teacher.backend=vllm", "objective.top_k=16")}
 
