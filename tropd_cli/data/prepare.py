@@ -24,7 +24,6 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from tropd_cli.data.rows import (
     template_reads_thinking,
     tokenizer_fingerprint,
 )
-from tropd_cli.engine.vllm_engine import vllm_missing
+from tropd_cli.engine.vllm_engine import vllm_absent
 from tropd_cli.errors import TropdError
 from tropd_cli.files import OwnedFolder, atomic_write_text, check_output_path, writing
 from tropd_cli.models import load_tokenizer
@@ -94,8 +93,9 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
     if request.teacher_drafts and drafted_by == "server" and not config.teacher.url:
         raise TropdError("--backend server asks the teacher's server for the drafts: set teacher.url "
                          "(--set teacher.url=http://HOST:PORT)")
-    if request.teacher_drafts and drafted_by == "vllm" and find_spec("vllm") is None:
-        raise TropdError(vllm_missing("--backend vllm" if request.backend else "teacher.backend=vllm"))
+    missing = vllm_absent("--backend vllm" if request.backend else "teacher.backend=vllm")
+    if request.teacher_drafts and drafted_by == "vllm" and missing:
+        raise TropdError(missing)
     if request.out is None and not request.dry_run:
         raise TropdError("pass --out DIR for the prepared folder (or --dry-run to only look)")
     out = request.out

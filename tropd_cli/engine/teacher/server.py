@@ -339,12 +339,12 @@ def start_server(command: list[str]) -> None:
     installed), so that a signal to it (Ctrl-C, a supervisor's SIGTERM) reaches the server and none is left
     running behind a stopped tropd."""
     import sys
-    from importlib.util import find_spec
 
-    if find_spec("vllm") is None:
-        from tropd_cli.engine.vllm_engine import vllm_missing
+    from tropd_cli.engine.vllm_engine import vllm_absent
 
-        raise TropdError(vllm_missing("tropd serve-teacher --start"))
+    missing = vllm_absent("tropd serve-teacher --start")
+    if missing:
+        raise TropdError(missing)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *command[1:]])
