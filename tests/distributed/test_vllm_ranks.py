@@ -1,7 +1,8 @@
 """vLLM on every rank (the vLLM lane): under `--nproc 2` each gloo rank holds its own vLLM engine, samples its own
 prompts and takes the new weights after every update (a full student's gathered whole from its FSDP2 shards, a LoRA
-student's adapter, under DDP or gathered from its FSDP2 shards). Near-greedy sampling (temperature 1e-6) makes two ranks' rollouts the one-process vLLM run's,
-so losses, gradient norms and final weights match it within the HF parity tests' 1e-5."""
+student's adapter, under DDP or gathered from its FSDP2 shards). Near-greedy sampling (temperature 1e-6) makes two
+ranks' rollouts the one-process vLLM run's, so losses, gradient norms and final weights match it within the HF parity
+tests' 1e-5."""
 
 import pytest
 import torch
