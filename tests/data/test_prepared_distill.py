@@ -252,6 +252,31 @@ def test_drafts_from_a_served_teacher_equal_the_teacher_loaded_here_and_never_lo
     assert there == here  # the same responses: the fingerprint covers every shard's bytes
 
 
+def test_vllm_drafts_with_an_engine_too_short_for_the_prompts_stop_in_one_line_before_it_starts(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """rollout.vllm_max_model_len must hold the longest prompt to draft plus rollout.max_new_tokens: one line naming
+    the length needed, before the engine starts or any shard is written (the prompts are prepared and kept)."""
+    from tropd_cli.data import drafts
+    from tropd_cli.data import prepare as prepare_module
+    from tropd_cli.engine.teacher import sampling
+
+    monkeypatch.setattr(prepare_module, "vllm_absent", lambda setting: None)  # as if vLLM were installed
+    monkeypatch.setattr(sampling, "teacher_sampler", lambda *a, **k: pytest.fail("the engine started"))
+    assert prepare(tmp_path / "all", *DRAFTS) == 0
+    longest = max(len(json.loads(line)["prompt_ids"]) for line in (tmp_path / "all" / "train.jsonl").open())
+    new = load_config("toylab", DRAFTS).rollout.max_new_tokens
+    argv = ["prepare", "--preset", "toylab", "--data", "toylab", "--out", str(tmp_path / "o"), "--teacher-drafts",
+            "--backend", "vllm", *[arg for setting in [*DRAFTS, f"rollout.vllm_max_model_len={longest + new - 1}"]
+                                   for arg in ("--set", setting)]]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: rollout.vllm_max_model_len={longest + new - 1} is too short for the longest training prompt "
+        f"({longest} tokens) plus rollout.max_new_tokens={new}; raise it to at least {longest + new}, or null for "
+        "the model's own maximum")
+    assert (tmp_path / "o" / "train.jsonl").is_file() and not (tmp_path / "o" / drafts.DRAFTS).exists()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--backend", "tgi", "--teacher-drafts"], "error: --backend must be hf, vllm or server, got 'tgi'"),
     (["--backend", "vllm"], "error: --backend chooses what samples the teacher drafts; add --teacher-drafts"),

@@ -122,6 +122,13 @@ def _generate(config: RunConfig, folder: PreparedFolder, chunks: list[list[dict[
     from tropd_cli.engine.teacher.sampling import teacher_sampler
 
     tokenizer = load_tokenizer(config.student.model, config.student.trust_remote_code)
+    if backend_kind == "vllm":  # the engine's length against every prompt still to draft, before it starts
+        from tropd_cli.preflight.pairs import engine_length_check
+
+        longest = max((len(row["prompt_ids"]) for k in missing for row in chunks[k]), default=0)
+        too_short = engine_length_check(config, longest, None).error
+        if too_short:
+            raise TropdError(too_short)
     device = pick_device(config.train.device)
     teacher = None
     if backend_kind == "hf":
