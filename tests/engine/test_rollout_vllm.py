@@ -82,6 +82,11 @@ def test_a_prompt_that_does_not_fit_the_engine_with_its_new_tokens_is_one_line_b
                                 "max_model_len of 256 (rollout.vllm_max_model_len, or the model's own maximum when "
                                 "that is null); allow at least 257, or fewer new tokens")
     assert len(backend.generate([[5] * 240], 1, params, generator_seed=0).response_ids[0]) <= 16
+    evaluating = VLLMRolloutBackend(str(vllm_pair_dir / "student"), None, [EOS], llm=engine, setting="--backend vllm")
+    with pytest.raises(TropdError) as error:  # `tropd evaluate`: its engine runs at the model's own length
+        evaluating.generate([[5] * 241], 1, params, generator_seed=0)
+    assert str(error.value) == ("a prompt of 241 tokens plus 16 new tokens does not fit the vLLM engine's "
+                                "max_model_len of 256, the model's own maximum; pass --max-new-tokens 15 or fewer")
 
 
 def test_sampling_is_seeded_and_reports_the_samplers_logprobs_close_to_the_trainers(engine, vllm_pair_dir,

@@ -66,6 +66,7 @@ class VLLMRolloutBackend:
         options = options or EngineOptions()
         self.eos_token_ids = list(eos_token_ids)
         self.llm = llm if llm is not None else start_engine(model_path, options, setting)
+        self.evaluates = setting == "--backend vllm"  # `tropd evaluate`'s engine: the model's own length
         self.adapter_dir = Path(tempfile.mkdtemp(prefix="tropd-adapter-")) if adapter else None
         self.lora_request: Any = None
         if adapter_path is not None:  # a frozen model's saved adapter, loaded by the first request that names it
@@ -137,11 +138,16 @@ class VLLMRolloutBackend:
         its own error and stops a response at the limit, shorter than HF generate would let it run."""
         limit = self.llm.model_config.max_model_len
         longest = max(map(len, prompt_ids), default=0)
-        if longest + max_new_tokens > limit:
-            raise TropdError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit the vLLM "
-                             f"engine's max_model_len of {limit} (rollout.vllm_max_model_len, or the model's own "
-                             f"maximum when that is null); allow at least {longest + max_new_tokens}, or fewer new "
-                             "tokens")
+        if longest + max_new_tokens <= limit:
+            return
+        what = f"a prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit the vLLM engine's " \
+               f"max_model_len of {limit}"
+        if self.evaluates:
+            raise TropdError(f"{what}, the model's own maximum; " + (
+                f"pass --max-new-tokens {limit - longest} or fewer" if longest < limit else
+                "the prompt alone is too long for the model"))
+        raise TropdError(f"{what} (rollout.vllm_max_model_len, or the model's own maximum when that is null); allow "
+                         f"at least {longest + max_new_tokens}, or fewer new tokens")
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
                  generator_seed: int) -> Rollouts:
