@@ -52,6 +52,7 @@ from tropd_cli.checkpoints import (
 )
 from tropd_cli.config import RunConfig, dotted, load_config_file, to_yaml
 from tropd_cli.engine import distributed
+from tropd_cli.engine.rollout import student_eval_sampler
 from tropd_cli.engine.run import teacher_loaded_here, wire
 from tropd_cli.engine.strategy import SingleDevice
 from tropd_cli.environment import describe
@@ -347,9 +348,8 @@ class DistillLoop:
 
     @property
     def student_sampler(self) -> str:
-        """What samples the student's held-out answers: its vLLM engine (which holds the trained weights), else
-        HF generate on the student itself (also for a QLoRA student, whose engine runs the unquantized base)."""
-        return "vllm" if self.config.rollout.backend == "vllm" and self.config.student.quantization == "none" else "hf"
+        """What samples the student's held-out answers (`student_eval_sampler`): its vLLM engine or HF generate."""
+        return student_eval_sampler(self.config)
 
     def measure(self) -> dict[str, float]:
         """The student's held-out metrics, sampled by the run's rollout backend (a vLLM engine holds the weights of

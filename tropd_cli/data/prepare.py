@@ -93,9 +93,10 @@ def prepare(config: RunConfig, request: PrepareRequest, preset: str = "PRESET",
     if request.teacher_drafts and drafted_by == "server" and not config.teacher.url:
         raise TropdError("--backend server asks the teacher's server for the drafts: set teacher.url "
                          "(--set teacher.url=http://HOST:PORT)")
-    missing = vllm_absent("--backend vllm" if request.backend else "teacher.backend=vllm")
-    if request.teacher_drafts and drafted_by == "vllm" and missing:
-        raise TropdError(missing)
+    if request.teacher_drafts and drafted_by == "vllm":
+        missing = vllm_absent("--backend vllm" if request.backend else "teacher.backend=vllm")
+        if missing:
+            raise TropdError(missing)
     if request.out is None and not request.dry_run:
         raise TropdError("pass --out DIR for the prepared folder (or --dry-run to only look)")
     out = request.out

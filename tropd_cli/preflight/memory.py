@@ -272,15 +272,16 @@ def gathered_student_row(student: torch.nn.Module, config: RunConfig, student_we
     generates; with a vLLM engine (which generates from its own copy) only what each sync hands it: a LoRA student's
     adapters, together, or a full student's tensors one at a time (the largest). A QLoRA student's held-out answers
     come from HF generate (its engine runs the unquantized base), on the whole student."""
+    from tropd_cli.engine.rollout import student_eval_sampler
+
     s = config.student
-    hf_generates = config.rollout.backend != "vllm" or (s.quantization != "none" and config.eval.problems > 0)
-    if hf_generates:
+    if config.rollout.backend != "vllm" or (config.eval.problems > 0 and student_eval_sampler(config) == "hf"):
         return "student weights gathered whole while generating", student_weights
     if s.lora.enabled:
         return "student's LoRA adapters gathered whole at each engine sync", trainable_bytes
-    element = torch.tensor([], dtype=DTYPES[s.dtype]).element_size()
     largest = max(p.numel() for p in student.parameters())
-    return "student's largest tensor gathered whole at each engine sync (one at a time)", largest * element
+    return ("student's largest tensor gathered whole at each engine sync (one at a time)",
+            largest * DTYPES[s.dtype].itemsize)
 
 
 def gib(size: float) -> str:

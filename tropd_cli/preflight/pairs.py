@@ -193,10 +193,12 @@ def engine_prompts(config: RunConfig) -> tuple[bool, bool]:
     """Whether an in-process vLLM engine generates from the training prompts (the student's rollouts, the teacher's
     samples) and from the held-out prompts (the student's answers, unless a QLoRA student's, which HF generates; the
     teacher's with eval.teacher)."""
-    student, teacher = config.rollout.backend == "vllm", config.teacher.backend == "vllm"
+    from tropd_cli.engine.rollout import student_eval_sampler
+
+    teacher = config.teacher.backend == "vllm"
     held_out = config.eval.problems > 0 and (
-        (student and config.student.quantization == "none") or (teacher and config.eval.teacher))
-    return student or teacher, held_out
+        student_eval_sampler(config) == "vllm" or (teacher and config.eval.teacher))
+    return config.rollout.backend == "vllm" or teacher, held_out
 
 
 def engine_length_check(config: RunConfig, longest_training: int, longest_held_out: int | None) -> Check:
@@ -233,8 +235,9 @@ def backends_check(config: RunConfig, teacher_tokenizer: PreTrainedTokenizerBase
         return Check("backends", detail, error=f"objective.name={spec.name} needs the teacher's {', '.join(missing)}, "
                      f"which teacher.backend={teacher} cannot return; use teacher.backend=hf"), None
     for setting in (f"rollout.backend={rollout}", f"teacher.backend={teacher}"):
-        if setting.endswith("=vllm") and vllm_absent(setting):
-            return Check("backends", detail, error=vllm_absent(setting)), model
+        missing_vllm = vllm_absent(setting) if setting.endswith("=vllm") else None
+        if missing_vllm:
+            return Check("backends", detail, error=missing_vllm), model
     if teacher == "server":
         from tropd_cli.engine.teacher.server import ServerClient, api_key_from, check_server, teacher_names
 

@@ -274,8 +274,9 @@ _FORM_PATTERNS = (
 )
 
 
-# v3's "+" forms, told apart by their first word (V3_LINE_FORMS["+"] order); its "-" lines are v2's infix form 0
-_V3_PLUS = re.compile(r"^(step|compute) (\d+)\+(\d+)=(\d+)$")
+# v3's "+" forms, told apart by their first word (in V3_LINE_FORMS["+"] order); its "-" lines are v2's infix form 0
+_V3_PLUS_WORDS = tuple(form.split()[0] for form in V3_LINE_FORMS["+"])
+_V3_PLUS = re.compile(rf"^({'|'.join(_V3_PLUS_WORDS)}) (\d+)\+(\d+)=(\d+)$")
 
 
 @dataclass
@@ -299,7 +300,7 @@ class ScratchpadProfile:
             line = line.replace(SLIP_TOKEN, "")
             v3 = _V3_PLUS.match(line)
             if v3 is not None:
-                self.v3_forms[v3.group(1) == "compute"] += 1
+                self.v3_forms[_V3_PLUS_WORDS.index(v3.group(1))] += 1
                 previous = int(v3.group(4))
                 continue
             for pattern, kind in _FORM_PATTERNS:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tropd_cli.engine.vllm_engine import EngineOptions
 
 __all__ = ["HFGenerateBackend", "RolloutBackend", "Rollouts", "SamplingParams", "cut_at_eos",
-           "make_rollout_backend"]
+           "make_rollout_backend", "student_eval_sampler"]
 
 
 def make_rollout_backend(kind: str, model: torch.nn.Module | None, pad_token_id: int, eos_token_ids: list[int],
@@ -41,3 +41,10 @@ def make_rollout_backend(kind: str, model: torch.nn.Module | None, pad_token_id:
         return VLLMRolloutBackend(model_path, model, eos_token_ids, options, adapter=adapter, llm=llm, setting=setting)
     raise ValueError(f"unknown rollout backend {kind!r}")
 
+
+
+def student_eval_sampler(config: Any) -> str:
+    """What samples a run's student for its held-out answers: its vLLM engine (which holds the weights of the last
+    update), else HF generate on the student itself (also for a QLoRA student, whose engine runs the unquantized
+    base)."""
+    return "vllm" if config.rollout.backend == "vllm" and config.student.quantization == "none" else "hf"
